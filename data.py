@@ -1,0 +1,115 @@
+"""
+Token shards on disk, and the loader that streams them into training batches.
+
+A shard is a flat array of token ids behind a 256-byte header:
+    bytes 0..7    magic b"MTLMTOKS"
+    bytes 8..11   format version (uint32, little-endian), currently 1
+    bytes 12..15  bytes per token (uint32): 2 for uint16, 4 for uint32
+    bytes 16..23  number of tokens (uint64)
+    bytes 24..255 zero
+then the tokens, little-endian. Documents are separated by the tokenizer's end-of-text id.
+A directory of shards (train_000000.bin, ..., val_000000.bin, ...) plus meta.json is a dataset.
+"""
+import glob
+import json
+import os
+import struct
+
+import numpy as np
+import torch
+
+MAGIC = b"MTLMTOKS"
+VERSION = 1
+HEADER_BYTES = 256
+DTYPES = {2: np.uint16, 4: np.uint32}
+
+
+def write_shard(path, tokens):
+    """Write a shard atomically: under a temporary name, renamed only once complete."""
+    tokens = np.asarray(tokens)
+    if tokens.dtype not in (np.uint16, np.uint32):
+        raise ValueError(f"shard tokens must be uint16 or uint32, got {tokens.dtype}")
+    header = MAGIC + struct.pack("<IIQ", VERSION, tokens.dtype.itemsize, len(tokens))
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(header.ljust(HEADER_BYTES, b"\0"))
+        f.write(tokens.astype(tokens.dtype.newbyteorder("<"), copy=False).tobytes())
+    os.replace(tmp, path)
+
+
+def read_shard(path):
+    """Memory-map a shard's tokens (no copy); checks the header against the file size."""
+    with open(path, "rb") as f:
+        header = f.read(HEADER_BYTES)
+    if len(header) < HEADER_BYTES or header[:8] != MAGIC:
+        raise ValueError(f"{path} is not a token shard (bad magic); re-run prepare_data.py")
+    version, itemsize, n = struct.unpack("<IIQ", header[8:24])
+    if version != VERSION or itemsize not in DTYPES:
+        raise ValueError(f"{path}: unsupported shard version {version} / token size {itemsize}")
+    expected = HEADER_BYTES + n * itemsize
+    if os.path.getsize(path) != expected:
+        raise ValueError(f"{path} is truncated or corrupt: {os.path.getsize(path)} bytes, header says {expected}")
+    return np.memmap(path, dtype=np.dtype(DTYPES[itemsize]).newbyteorder("<"), mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+def load_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no dataset at {data_dir!r} ({path} missing): run prepare_data.py first")
+    with open(path) as f:
+        return json.load(f)
+
+
+def shard_paths(data_dir, split):
+    paths = sorted(glob.glob(os.path.join(data_dir, f"{split}_*.bin")))
+    if not paths:
+        raise FileNotFoundError(f"no {split}_*.bin shards in {data_dir!r}: run prepare_data.py first")
+    return paths
+
+
+class ShardLoader:
+    """
+    Reads (x, y) batches of shape (B, T) sequentially through the shards of a split.
+
+    Under DDP each step consumes world_size consecutive windows of B*T tokens and rank r takes the r-th,
+    so the ranks see disjoint data. The position (shard, offset, epoch) is plain ints: state_dict()
+    goes into the checkpoint and load_state_dict() resumes exactly where the run stopped.
+    A window never crosses a shard boundary; the unused tail of a shard is skipped.
+    """
+
+    def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, device="cpu"):
+        self.paths = shard_paths(data_dir, split)
+        self.B, self.T, self.rank, self.world_size, self.device = batch_size, block_size, rank, world_size, device
+        self.window = batch_size * block_size
+        self.step_tokens = self.window * world_size + 1  # +1: the target of the last position
+        sizes = [len(read_shard(p)) for p in self.paths]
+        if max(sizes) < self.step_tokens:
+            raise ValueError(f"{split} split of {data_dir!r} has at most {max(sizes)} tokens in a shard, fewer than one "
+                             f"step needs ({self.step_tokens} = batch_size*block_size*world_size+1): lower batch_size/block_size")
+        self.shard, self.offset, self.epoch = 0, 0, 0
+        self.tokens = read_shard(self.paths[0])
+
+    def state_dict(self):
+        return {"shard": self.shard, "offset": self.offset, "epoch": self.epoch}
+
+    def load_state_dict(self, state):
+        self.shard, self.offset, self.epoch = state["shard"], state["offset"], state["epoch"]
+        self.tokens = read_shard(self.paths[self.shard])
+
+    def reset(self):
+        self.load_state_dict({"shard": 0, "offset": 0, "epoch": 0})
+
+    def next_batch(self):
+        while self.offset + self.step_tokens > len(self.tokens):  # move on to the next shard with room
+            self.shard += 1
+            if self.shard == len(self.paths):
+                self.shard, self.epoch = 0, self.epoch + 1
+            self.offset = 0
+            self.tokens = read_shard(self.paths[self.shard])
+        start = self.offset + self.rank * self.window
+        buf = torch.from_numpy(self.tokens[start:start + self.window + 1].astype(np.int64))
+        self.offset += self.window * self.world_size
+        x, y = buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+        if self.device.startswith("cuda"):
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
