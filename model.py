@@ -1,0 +1,280 @@
+"""
+A Llama-style decoder in one file, written to be read top to bottom.
+
+    tokens -> embedding -> n_layer x [ x + Attention(RMSNorm(x)); x + SwiGLU(RMSNorm(x)) ] -> RMSNorm -> lm_head
+
+References: Llama (Touvron et al., 2023), RMSNorm (Zhang & Sennrich, 2019), SwiGLU (Shazeer, 2020),
+RoPE (Su et al., 2021), grouped-query attention (Ainslie et al., 2023).
+
+Parameter names and conventions match transformers' LlamaForCausalLM one to one (RoPE in the
+"rotate half" layout, RMSNorm computed in fp32, no biases), so a state dict moves between the two
+unchanged: export_hf.py and hf: imports are a copy, not a translation.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # FlashAttention 2 (Dao, 2023), used when installed and on CUDA; never required
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50304       # GPT-2's 50257 rounded up to a multiple of 64 for fast matmuls
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int = 12           # < n_head: grouped-query attention; each K/V head serves n_head/n_kv_head queries
+    n_embd: int = 768
+    intermediate_size: int = 2048 # SwiGLU hidden width; Llama's ~8/3 * n_embd keeps the MLP at 2/3 of 4x's params x 3 matrices
+    block_size: int = 1024        # longest sequence the model is trained on (RoPE itself has no hard limit)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False  # share the input embedding with lm_head (saves vocab_size*n_embd params)
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must divide by n_head ({self.n_head}), "
+                             f"and n_head by n_kv_head ({self.n_kv_head})")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError("head_dim must be even for RoPE")
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight. No mean subtraction, no bias: cheaper than LayerNorm and as good (Zhang & Sennrich)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalize in fp32 even under bf16 autocast: the mean of squares loses precision in bf16
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cache(head_dim, max_len, theta, device=None):
+    """cos and sin of position * frequency, each (max_len, head_dim), for the rotate-half layout."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    freqs = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)  # pairs are (i, i + head_dim/2), not adjacent (i, i+1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each (x_i, x_{i+d/2}) pair by its position's angle. x: (B, H, T, D); cos/sin: (T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, preallocated so decoding never reallocates."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        head_dim = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # number of positions filled
+        self.max_len = max_len
+
+    def update(self, layer, k, v):
+        """Store this step's k, v for one layer; return all keys and values up to now."""
+        T = k.size(2)
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if flash_attn_func is not None and q.is_cuda and kv_cache is None and q.dtype in (torch.bfloat16, torch.float16):
+            # flash-attn takes (B, T, H, D) and handles GQA itself; RoPE is applied in that layout
+            q = apply_rope(q.transpose(1, 2), cos, sin).transpose(1, 2)
+            k = apply_rope(k.transpose(1, 2), cos, sin).transpose(1, 2)
+            y = flash_attn_func(q, k, v, causal=True)
+            return self.o_proj(y.reshape(B, T, -1))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        start = 0
+        if kv_cache is not None:
+            start = kv_cache.pos
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        if start == 0:  # training, or the first chunk of a prompt: plain causal attention
+            mask, causal = None, True
+        elif T == 1:    # one new token attends to everything cached
+            mask, causal = None, False
+        else:           # a chunk after a cached prefix: query i sees keys up to start + i
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            causal = False
+        # SDPA picks the FlashAttention / memory-efficient kernel on GPU; enable_gqa shares K/V heads without copies
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). The gate lets each hidden unit switch itself off smoothly."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: each sublayer reads a normalized copy and adds its output to the stream."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LLaMA(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
+            layers=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            norm=RMSNorm(config.n_embd, config.norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # RoPE tables are derived, not learned: a non-persistent buffer stays out of the state dict.
+        # 2x block_size leaves room for generation past the training length.
+        cos, sin = rope_cache(config.n_embd // config.n_head, 2 * config.block_size, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2's scheme: every projection that writes into the residual stream (o_proj, down_proj) gets
+        # std 0.02/sqrt(2*n_layer), so the stream's variance does not grow with depth at init.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        # N(0, 0.02) for every matrix, as GPT-2 and transformers' Llama (initializer_range=0.02); norms start at 1
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        """idx: (B, T) token ids. Returns logits (B, T, vocab), and the mean cross-entropy if targets are given.
+        With a kv_cache, idx holds only the new tokens and the cache supplies the past."""
+        B, T = idx.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.rope_cos.size(0):
+            raise ValueError(f"sequence of {start + T} tokens is longer than this model's RoPE table ({self.rope_cos.size(0)})")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        x = self.model.embed_tokens(idx)
+        for block in self.model.layers:
+            x = block(x, cos, sin, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        logits = self.lm_head(self.model.norm(x))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    # --- accounting ---------------------------------------------------------------------------
+    def num_params(self, non_embedding=False):
+        """Parameter count; non_embedding leaves out the token embedding (and an untied lm_head),
+        the convention of Kaplan et al. (2020) for scaling laws."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.model.embed_tokens.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token: 6 per weight (forward 2, backward 4) plus attention's score and value
+        matmuls, 12 * n_layer * n_embd * T (PaLM, Chowdhery et al. 2022, appendix B). The embedding lookup
+        is not a matmul, so it is left out; the lm_head is one."""
+        c = self.config
+        T = seq_len or c.block_size
+        n_matmul = self.num_params() - self.model.embed_tokens.weight.numel() * (not c.tie_embeddings)
+        return 6 * n_matmul + 12 * c.n_layer * c.n_embd * T
+
+    # --- optimization -------------------------------------------------------------------------
+    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on matrices only: norms' gains have no reason to shrink toward zero."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = device_type == "cuda"  # one kernel for the whole update instead of a loop over tensors
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+    # --- generation ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eot_id=None, generator=None):
+        """Yield new token ids (a (B,) tensor per step) after the prompt idx (B, T), using a KV cache:
+        the prompt is encoded once, then each step feeds only the newest token.
+        temperature 0 is greedy; top_k keeps the k likeliest; top_p keeps the smallest set whose mass
+        reaches p (nucleus sampling, Holtzman et al. 2019). Stops early when every row emitted eot_id."""
+        B, T = idx.shape
+        param = next(self.parameters())
+        cache = KVCache(self.config, B, T + max_new_tokens, idx.device, param.dtype)
+        logits, _ = self(idx, kv_cache=cache)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            next_id = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
+            yield next_id
+            if eot_id is not None:
+                done |= next_id == eot_id
+                if done.all():
+                    return
+            logits, _ = self(next_id[:, None], kv_cache=cache)
+
+
+def sample_next(logits, temperature, top_k=None, top_p=None, generator=None):
+    """One token id per row from (B, vocab) logits."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # drop a token once the mass before it reaches p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
