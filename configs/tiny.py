@@ -1,0 +1,24 @@
+# A tiny model for CPU: the README demo and the tests. ~3M non-embedding parameters.
+# On 2 CPU cores (bf16 autocast) the demo's 600 steps take about 4 minutes.
+out_dir = "out/tiny"
+data_dir = "data/pydocs"
+device = "cpu"
+dtype = "bfloat16"          # this CPU has AVX-512 BF16: bf16 matmuls run several times faster than fp32
+compile = False
+batch_size = 16
+block_size = 256
+gradient_accumulation_steps = 1
+n_layer = 4
+n_head = 4
+n_kv_head = 4
+n_embd = 256
+intermediate_size = 688     # ~8/3 * n_embd, rounded to a multiple of 16
+learning_rate = 2e-3        # small models tolerate (and need) a larger step
+min_lr = 2e-4
+max_iters = 600
+lr_decay_iters = 600
+warmup_iters = 50
+eval_interval = 100
+eval_iters = 20
+log_interval = 20
+peak_flops = 2.8e12         # bf16 matmul peak measured on the 2-core dev machine (AMX); set your own for MFU
