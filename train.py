@@ -198,6 +198,10 @@ if init_from == "resume":
     torch.set_rng_state(ckpt["rng"]["torch"])
     if device_type == "cuda" and ckpt["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+elif ckpt is not None and ckpt.get("loader") and ckpt.get("config", {}).get("data_dir") == data_dir:
+    # a new phase on the same data continues the stream where the last phase stopped: no token is seen twice
+    train_loader.load_state_dict(ckpt["loader"])
+    log(f"continuing {data_dir} at shard {train_loader.shard}, token {train_loader.offset:,}")
 ckpt = None  # free memory
 
 raw_model = model  # the module whose state dict we save: never the compiled or DDP wrapper

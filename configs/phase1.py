@@ -1,0 +1,33 @@
+# Phase 1 of the MTLM1-200M recipe: the ~85M non-embedding base model, sized for GPUs.
+#   python prepare_data.py --preset reference --max_tokens 9_000_000_000
+#   torchrun --standalone --nproc_per_node=8 train.py configs/phase1.py
+# 12 layers x 768 (Llama proportions: SwiGLU width 8/3 * 768 = 2048, head_dim 64), GPT-2 tokenizer.
+# Parameters: 85.0M non-embedding + 38.6M tied embedding (50304 x 768) = 123.6M.
+out_dir = "out/phase1"
+data_dir = "data/reference"
+n_layer = 12
+n_head = 12
+n_kv_head = 12
+n_embd = 768
+intermediate_size = 2048
+tie_embeddings = True        # as small Llamas do (SmolLM, TinyLlama's 1.1B does not): the embedding is 30% of this model
+rope_theta = 10000.0
+block_size = 2048
+# 16 x 2048 x 16 = 524,288 tokens per step (GPT-3 small used 0.5M); on 8 GPUs that is 2 micro-steps each
+batch_size = 16
+gradient_accumulation_steps = 16
+# 9,537 steps = 5.0B tokens, ~60 tokens per non-embedding parameter
+max_iters = 9537
+lr_decay_iters = 9537
+warmup_iters = 700
+learning_rate = 6e-4         # GPT-3 small's peak LR at this size (Brown et al., 2020, table 2.1)
+min_lr = 6e-5
+weight_decay = 0.1
+grad_clip = 1.0
+eval_interval = 500
+eval_iters = 100
+dtype = "bfloat16"
+compile = True
+keep_last = 3
+wandb_log = False
+wandb_run_name = "phase1"

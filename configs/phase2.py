@@ -1,0 +1,26 @@
+# Phase 2 of the MTLM1-200M recipe: the 24-layer model grown from phase 1, trained on for 3.5B tokens.
+#   python stack.py --src out/phase1 --out out/stacked.pt --method stack --factor 2
+#   torchrun --standalone --nproc_per_node=8 train.py configs/phase2.py
+# 24 layers x 768: 170.0M non-embedding + 38.6M tied embedding = 208.6M parameters.
+# The architecture comes from the stacked checkpoint; only training settings live here.
+out_dir = "out/phase2"
+data_dir = "data/reference"  # the same data: training continues where phase 1's loader stopped
+init_from = "out/stacked.pt"
+block_size = 2048
+batch_size = 8               # twice the depth: half the micro-batch per GPU, twice the accumulation
+gradient_accumulation_steps = 32
+# 6,676 steps x 524,288 tokens = 3.5B tokens, as the reference model
+max_iters = 6676
+lr_decay_iters = 6676
+warmup_iters = 500           # a fresh AdamW needs its own warmup: its moments start at zero
+learning_rate = 3e-4         # lower than phase 1: the copied layers start from trained weights
+min_lr = 3e-5
+weight_decay = 0.1
+grad_clip = 1.0
+eval_interval = 500
+eval_iters = 100
+dtype = "bfloat16"
+compile = True
+keep_last = 3
+wandb_log = False
+wandb_run_name = "phase2"
