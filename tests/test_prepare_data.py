@@ -82,6 +82,19 @@ def test_round_trip(tmp_path, dtype, itemsize):
     assert "--dtype" in meta["command"] and meta["command"].startswith("python prepare_data.py")
 
 
+def test_deterministic(tmp_path):
+    """Same input and seed, same bytes: the split and the BPE depend on nothing else."""
+    src = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    metas = [prepare(tmp_path / d, "--sources", src, "--tokenizer", "bpe", "--vocab_size", 300, "--val_fraction", 0.3)
+             for d in ("one", "two")]
+    assert metas[0]["shards"] == metas[1]["shards"]
+    for f in ["tokenizer.tiktoken", *metas[0]["shards"]["train"], *metas[0]["shards"]["val"]]:
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes()
+    other = prepare(tmp_path / "three", "--sources", src, "--tokenizer", "bpe", "--vocab_size", 300, "--val_fraction", 0.3,
+                    "--seed", 7)
+    assert other["sources"][0]["docs"] != metas[0]["sources"][0]["docs"]  # the seed does pick the split
+
+
 def test_txt_and_parquet_sources(tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
