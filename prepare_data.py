@@ -39,11 +39,11 @@ META_VERSION = 1
 # Vocab sizes of the tiktoken encodings, known up front so that a dtype that is too small fails before a download
 TIKTOKEN_VOCAB = {"gpt2": 50257, "r50k_base": 50257, "cl100k_base": 100277, "o200k_base": 200019}
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-# The reference model (a ~200M Llama trained on these four corpora) did not publish its mixing ratio, so this
-# one is our choice: FineWeb-Edu leads because educational filtering is what lifts small models on knowledge and
-# reasoning benchmarks (FineWeb paper, 2024); plain FineWeb keeps breadth of web style; Cosmopedia's synthetic
-# textbooks help but are repetitive, so they get less; Wikipedia is high quality but small (~5B tokens), 10%.
-# At 9B tokens no share exceeds what its subset holds (10B, 10B, 28B, ~5B tokens).
+# The reference model did not publish the ratio in which it mixed these four corpora, so these weights are our
+# choice: FineWeb-Edu leads because educational filtering is what lifts small models on knowledge and reasoning
+# benchmarks (FineWeb paper, 2024); plain FineWeb keeps the breadth of the web; Cosmopedia's synthetic textbooks
+# help but are repetitive, so they get less; Wikipedia is high quality but small, 10%.
+# At 9B tokens no share exceeds what its subset holds (~10B, ~28B, ~10B, ~5B tokens).
 PRESETS = {"reference": ["hf:HuggingFaceFW/fineweb-edu:sample-10BT@0.4", "hf:HuggingFaceTB/smollm-corpus:cosmopedia-v2@0.2",
                          "hf:HuggingFaceFW/fineweb:sample-10BT@0.3", "hf:wikimedia/wikipedia:20231101.en@0.1"]}
 
@@ -76,8 +76,11 @@ def pydocs_documents():
             if path in seen:
                 continue
             seen.add(path)
-            with open(path, "rb") as f:
-                tree = ast.parse(f.read())
+            try:
+                with open(path, "rb") as f:
+                    tree = ast.parse(f.read())
+            except (SyntaxError, ValueError):  # deliberately broken sample files exist in some Python versions
+                continue
             for node in ast.walk(tree):
                 if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                     doc = ast.get_docstring(node)
@@ -90,12 +93,15 @@ def pydocs_documents():
 # Sources: parse a spec, then open it as an iterator of document strings
 
 def parse_source(spec):
-    weight = None
     head, _, tail = spec.rpartition("@")
-    if head and re.fullmatch(r"[0-9.eE+-]+", tail):
-        spec, weight = head, float(tail)
-        if not weight > 0:
-            raise SystemExit(f"source {spec!r}: weight must be > 0, got {tail}")
+    try:
+        weight = float(tail) if head else None
+    except ValueError:  # an @ that is part of a path
+        weight = None
+    if weight is not None:
+        spec = head
+        if not 0 < weight < float("inf"):
+            raise SystemExit(f"source {spec!r}: weight must be a positive number, got {tail}")
     src = {"spec": spec, "weight": weight}
     if spec == "pydocs":
         return src | {"kind": "pydocs", "name": "pydocs"}
@@ -229,7 +235,7 @@ def main(argv=None):
                                 epilog="SPEC: pydocs | PATH/DIR/GLOB of .txt .jsonl .json .parquet | hf:org/name[:config], each optionally @WEIGHT")
     p.add_argument("--sources", nargs="+", metavar="SPEC", help="what to read (default: pydocs)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named blend instead of --sources (reference: 4 hub corpora, needs --max_tokens)")
-    p.add_argument("--max_tokens", type=int, metavar="N", help="token budget over train+val, shared by weight (default: read everything)")
+    p.add_argument("--max_tokens", type=int, metavar="N", help="token budget over train+val, shared by weight (equally without weights; default: read everything)")
     p.add_argument("--out_dir", help="default: data/<preset or source name>, data/mix for several sources")
     p.add_argument("--tokenizer", choices=["bpe", *TIKTOKEN_VOCAB], help="default: bpe for pydocs, gpt2 otherwise")
     p.add_argument("--vocab_size", type=int, default=4096, metavar="N", help="for --tokenizer bpe (default: %(default)s)")
@@ -294,6 +300,7 @@ def main(argv=None):
             except Exception as e:
                 raise SystemExit(f"cannot load tiktoken encoding {kind!r} ({type(e).__name__}: {e}); "
                                  "offline it needs a cache in TIKTOKEN_CACHE_DIR") from e
+        assert dtype == "uint32" or tok.vocab_size <= 2**16, (kind, tok.vocab_size)  # TIKTOKEN_VOCAB is out of date
 
         # --- stream, mix, encode, write
         log(f"encoding {', '.join(s['spec'] for s in sources)} with {kind} (vocab {tok.vocab_size}) into {out_dir}")

@@ -181,6 +181,11 @@ def test_pydocs_default_source(tmp_path):
     assert meta["val_fraction"] == 0.05
 
 
+def test_tiktoken_table_covers_the_tokenizer_names():
+    import tokenizer
+    assert set(prepare_data.TIKTOKEN_VOCAB) == set(tokenizer.TIKTOKEN_NAMES)
+
+
 def gpt2_available():
     try:
         Tokenizer.from_tiktoken("gpt2")
@@ -224,13 +229,15 @@ def bad_cases(tmp):
         "vocab too large for dtype": ([good, "--tokenizer", "cl100k_base", "--dtype", "uint16"], "does not fit --dtype uint16"),
         "bpe vocab too large for dtype": ([good, "--tokenizer", "bpe", "--vocab_size", "70000", "--dtype", "uint16"], "does not fit"),
         "weights without budget": ([f"{good}@0.5", f"{good}@0.5", *bpe], "--max_tokens"),
+        "zero weight": ([f"{good}@0", f"{good}@1", "--max_tokens", "100", *bpe], "weight must be a positive number"),
         "empty val split": ([write_jsonl(tmp / "one.jsonl", ["only one document"]), *bpe], "no documents for val"),
     }
 
 
 @pytest.mark.parametrize("case", ["empty corpus", "missing file", "glob without match", "unreadable file",
                                   "missing column mid-run", "unknown source", "unknown extension", "vocab too large for dtype",
-                                  "bpe vocab too large for dtype", "weights without budget", "empty val split"])
+                                  "bpe vocab too large for dtype", "weights without budget", "zero weight",
+                                  "empty val split"])
 def test_bad_input_fails_cleanly(tmp_path, case, monkeypatch):
     args, message = bad_cases(tmp_path)[case]
     out = tmp_path / "out"
