@@ -19,6 +19,6 @@ max_iters = 600
 lr_decay_iters = 600
 warmup_iters = 50
 eval_interval = 100
-eval_iters = 20
+eval_iters = 5             # 5 x 16 x 256 = 20k tokens: all of pydocs' val split
 log_interval = 20
 peak_flops = 2.8e12         # bf16 matmul peak measured on the 2-core dev machine (AMX); set your own for MFU
