@@ -266,9 +266,9 @@ def model_args_from_hf(cfg, where):
     # RoPE: transformers 5 writes rope_parameters {rope_theta, rope_type}; older configs rope_theta + rope_scaling
     rope = dict(cfg.get("rope_parameters") or {})
     scaling = cfg.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        refuse(f"RoPE scaling {rope_type!r} (only the default, unscaled RoPE is implemented)")
+    for rope_type in (rope.get("rope_type"), scaling.get("rope_type") or scaling.get("type")):
+        if rope_type not in (None, "default"):
+            refuse(f"RoPE scaling {rope_type!r} (only the default, unscaled RoPE is implemented)")
     return dict(vocab_size=cfg["vocab_size"], n_layer=cfg["num_hidden_layers"], n_head=heads,
                 n_kv_head=cfg.get("num_key_value_heads") or heads, n_embd=hidden,
                 intermediate_size=cfg["intermediate_size"], block_size=cfg.get("max_position_embeddings", 2048),
