@@ -311,24 +311,20 @@ def test_bos_comes_from_the_tokenizers_own_template(tmp_path, bpe_export):
 
 
 def test_train_from_hf_import(tmp_path, pydocs_data, bpe_export):
-    """init_from='hf:DIR' continues training an imported model on data in its own tokenizer, and refuses data
-    tokenized otherwise."""
-    import numpy as np
+    """init_from='hf:DIR' continues training an imported model on data prepared with its own tokenizer
+    (prepare_data.py --tokenizer hf:DIR), and refuses data tokenized otherwise."""
     import pydoc_data.topics
-    from data import write_shard
+    import prepare_data
     # the architecture comes from the checkpoint: TINY's model keys must go
     args = [a for a in TINY if a.split("=")[0] not in {"--n_layer", "--n_head", "--n_kv_head", "--n_embd", "--intermediate_size"}]
     proc = run_script("train.py", *args, f"--data_dir={pydocs_data}", f"--out_dir={tmp_path / 'refused'}",
                       f"--init_from=hf:{bpe_export}", "--max_iters=1", check=False)
     assert proc.returncode != 0 and "different tokenizer" in proc.stderr
-    tok = Tokenizer(export_hf.tokenizer_spec_from_hf(str(bpe_export)))  # the imported model's own tokenizer
+    docs = tmp_path / "docs.jsonl"  # pydoc topics, tokenized with the imported model's own tokenizer
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in list(pydoc_data.topics.topics.values())[:40]))
     data = tmp_path / "data"
-    data.mkdir()
-    docs = list(pydoc_data.topics.topics.values())
-    for split, part in (("val", docs[:40]), ("train", docs[40:200])):
-        write_shard(str(data / f"{split}_000000.bin"),
-                    np.array([i for ids in tok.encode_batch(part) for i in ids + [tok.eot_id]], dtype=np.uint16))
-    (data / "meta.json").write_text(json.dumps({"tokenizer": tok.save(str(data)), "vocab_size": tok.vocab_size, "eot_id": tok.eot_id}))
+    prepare_data.main(["--sources", str(docs), "--tokenizer", f"hf:{bpe_export}", "--val_fraction", "0.2", "--out_dir", str(data)])
+    assert Tokenizer.load(str(data)).spec() == checkpoint.load(f"hf:{bpe_export}")["tokenizer"]
     run_script("train.py", *args, f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", f"--init_from=hf:{bpe_export}",
                "--max_iters=2", "--eval_interval=2")
     ckpt = checkpoint.load(str(tmp_path / "out"))
