@@ -125,8 +125,8 @@ def model_card(ckpt, repo, eval_results=None):
     lines = [
         "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [llama, mtlm]", "---", "",
         f"# {os.path.basename(repo.rstrip('/'))}", "",
-        "A Llama-architecture language model trained with mtlm (a nanoGPT-style trainer; models grow by "
-        "layer stacking). It is a standard `llama` model: transformers loads it without `trust_remote_code`.", "",
+        "A Llama-architecture language model exported by mtlm (a nanoGPT-style trainer whose models grow by layer "
+        "stacking). It is a standard `llama` model: transformers loads it without `trust_remote_code`.", "",
         "## Architecture", "",
         "| | |", "|---|---|",
         f"| parameters | {model.num_params():,} ({model.num_params(non_embedding=True):,} non-embedding) |",
@@ -215,6 +215,11 @@ def export(ckpt, out, dtype="float32", eval_results=None, force=False, repo=None
         write_json("tokenizer_config.json", tokenizer_config(tokenizer, hf_tok, a["block_size"]))
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card(ckpt, repo or out, eval_results))
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in os.listdir(tmp):  # mkdtemp (and safetensors) make private files: give them the usual modes
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
         if os.path.exists(out):  # replaced (--force, or empty): move the old one aside, then swap
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
             os.replace(out, os.path.join(old, "x"))
@@ -228,17 +233,29 @@ def export(ckpt, out, dtype="float32", eval_results=None, force=False, repo=None
     return out
 
 
-def push_to_hub(folder, repo):
-    """Upload the exported folder as one commit. Needs a token (huggingface-cli login, or HF_TOKEN) and network."""
+def check_hub(repo):
+    """Fail before any work when the push cannot happen: a malformed repo id, or no token."""
     import huggingface_hub
+    from huggingface_hub.utils import validate_repo_id
+    try:
+        validate_repo_id(repo)
+    except ValueError as e:
+        raise ValueError(f"--push_to_hub {repo!r}: {e}") from None
     if huggingface_hub.get_token() is None:
         raise RuntimeError("no Hugging Face token: run `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN")
+
+
+def push_to_hub(folder, repo):
+    """Upload the exported folder as one commit. Needs a token (hf auth login, or HF_TOKEN) and network."""
+    import huggingface_hub
+    check_hub(repo)
     try:
         huggingface_hub.create_repo(repo, repo_type="model", exist_ok=True)
         info = huggingface_hub.upload_folder(repo_id=repo, folder_path=folder, repo_type="model",
                                              commit_message="Upload mtlm export (export_hf.py)")
     except Exception as e:  # network, auth, permissions: all end the same way, with the cause shown
-        raise RuntimeError(f"push to https://huggingface.co/{repo} failed ({type(e).__name__}: {e})") from None
+        raise RuntimeError(f"push to https://huggingface.co/{repo} failed ({type(e).__name__}: {e}); "
+                           f"the export in {folder} is complete: upload it later with `hf upload {repo} {folder}`") from None
     return info
 
 
@@ -363,6 +380,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     import checkpoint
     try:
+        if args.push_to_hub:
+            check_hub(args.push_to_hub)
         eval_results = read_eval(args.eval) if args.eval else None
         ckpt = checkpoint.load(args.ckpt)
         out = export(ckpt, args.out, args.dtype, eval_results, args.force, args.push_to_hub)

@@ -201,6 +201,9 @@ def test_push_to_hub_fails_clearly_without_token(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)  # as on a machine never logged in
     with pytest.raises(RuntimeError, match="no Hugging Face token"):
         export_hf.push_to_hub(str(tmp_path), "user/model")
+    with pytest.raises(SystemExit, match="Repo id must be"):  # checked before any export work
+        export_hf.main(["--ckpt", "x", "--out", str(tmp_path / "o"), "--push_to_hub", "not a//repo"])
+    assert not os.path.exists(tmp_path / "o")
 
 
 # --- import of models written by transformers -------------------------------------------------
