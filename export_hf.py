@@ -52,8 +52,8 @@ def hf_tokenizer(tokenizer):
 
         def extract_vocab_merges_from_model(self, _):
             vocab, merges = super().extract_vocab_merges_from_model(None)
-            # special tokens join the vocab under their own ids (cl100k's are not contiguous), so that
-            # add_special_tokens below finds them instead of appending new ids
+            # special tokens join the vocab under their own ids (cl100k's are not contiguous), so that the
+            # converter's add_special_tokens finds them instead of appending new ids
             return vocab | enc._special_tokens, merges
 
     return Converter(pattern=enc._pat_str, extra_special_tokens=enc._special_tokens).converted()
@@ -388,7 +388,7 @@ def main(argv=None):
         print(f"wrote {out}", file=sys.stderr)
         if args.push_to_hub:
             print(push_to_hub(out, args.push_to_hub))
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # missing files, an existing --out, bad models, no network
         sys.exit(f"error: {e}")
     print(out)
 
