@@ -141,12 +141,13 @@ def model_card(ckpt, repo, eval_results=None):
         "## Training", "",
         f"Tokens trained: {trained:,}" + (" (in this repository's runs; an imported model's pretraining is not counted)"
                                         if any(e.get("event") == "import" for e in history) else "") + ".", "",
-        "Data: " + (", ".join(f"`{d}`" for d in data) if data else "not recorded") + ".", "",
+        "Data: " + (", ".join(f"`{d}`" + data_sources(d) for d in data) if data else "not recorded") + ".", "",
     ]
     if history:
         lines += ["### History (oldest first)", "", "| # | event | details |", "|---|---|---|"]
         for i, e in enumerate(history):
-            details = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in e.items() if k != "event")
+            details = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) or (isinstance(v, int) and v >= 10**7) else f"{k}={v}"
+                                for k, v in e.items() if k != "event")
             lines.append(f"| {i} | {e.get('event', '?')} | {details} |")
         lines.append("")
     if eval_results:
@@ -171,6 +172,17 @@ def model_card(ckpt, repo, eval_results=None):
         "```", "",
     ]
     return "\n".join(lines)
+
+
+def data_sources(data_dir):
+    """' (source specs and weights)' from a prepared data dir's meta.json, when it is still on this machine."""
+    try:
+        with open(os.path.join(data_dir, "meta.json")) as f:
+            meta = json.load(f)
+        return " (" + ", ".join(f"{s['spec']} {s['weight']:.0%}" for s in meta["sources"]) + \
+            f"; {sum(meta['tokens'].values()):,} tokens)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def read_eval(path):

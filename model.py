@@ -94,7 +94,7 @@ class KVCache:
 
 class Linear(nn.Linear):
     """A bias-free nn.Linear with a fast path for decoding one token in bf16 on CPU: PyTorch's
-    matrix-vector kernel streams bf16 weights ~1.4-2x faster than the matmul path does for a single
+    matrix-vector kernel streams bf16 weights ~1.3-2x faster than the matmul path does for a single
     row (bench_decode.py). Same parameter, same name: the state dict does not change."""
 
     def __init__(self, in_features, out_features):
