@@ -206,9 +206,9 @@ def test_push_to_hub_fails_clearly_without_token(tmp_path, monkeypatch):
 
 # --- import of models written by transformers -------------------------------------------------
 
-def hf_dir(tmp_path, tok_json_from, tie=False, n_kv=2, theta=250.0, **overrides):
+def hf_dir(tmp_path, tok_json_from, tie=False, n_kv=2, theta=250.0, vocab_size=640, **overrides):
     """A tiny LlamaForCausalLM saved by transformers, with a tokenizer.json."""
-    cfg = transformers.LlamaConfig(vocab_size=640, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=n_kv, max_position_embeddings=128,
                                    rope_theta=theta, rms_norm_eps=1e-5, tie_word_embeddings=tie, bos_token_id=None,
                                    eos_token_id=599)
@@ -330,3 +330,31 @@ def test_train_from_hf_import(tmp_path, pydocs_data, bpe_export):
                "--max_iters=2", "--eval_interval=2")
     ckpt = checkpoint.load(str(tmp_path / "out"))
     assert [e["event"] for e in ckpt["history"]] == ["import", "train"] and ckpt["iter_num"] == 2
+
+
+def test_sentencepiece_style_import_samples_like_transformers(tmp_path):
+    """A Llama-2 / TinyLlama-style tokenizer (Metaspace, BOS from its template): sample.py prepends the BOS and
+    prints the same text as transformers' greedy generate, spaces included."""
+    import pydoc_data.topics
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tk = HFTokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")  # drops the first token's space
+    tk.train_from_iterator(pydoc_data.topics.topics.values(), trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"]))
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    tk.save(str(tok_dir / "tokenizer.json"))
+    d, ref = hf_dir(tmp_path, tok_dir, vocab_size=tk.get_vocab_size())  # every id it can emit decodes
+    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+                                                         "eos_token": "</s>", "unk_token": "<unk>"}))
+    _, ours, _ = checkpoint.load_model(f"hf:{d}")
+    assert ours.bos_id == 1
+    hf_tok = transformers.AutoTokenizer.from_pretrained(d)
+    prompt = "def f(x):"  # its greedy continuation starts with a word: "▁\"__"
+    ids = hf_tok(prompt, return_tensors="pt").input_ids
+    assert ids[0].tolist() == [1] + ours.encode(prompt)
+    out = ref.generate(ids, max_new_tokens=16, do_sample=False)[0]
+    assert hf_tok.convert_ids_to_tokens(int(out[ids.size(1)])).startswith("▁")  # decoded alone, it would lose its space
+    proc = run_script("sample.py", "--ckpt", f"hf:{d}", "--prompt", prompt, "--temperature", "0", "--max_new_tokens", "16")
+    assert proc.stdout == hf_tok.decode(out, skip_special_tokens=True) + "\n"
