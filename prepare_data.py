@@ -237,7 +237,8 @@ def main(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named blend instead of --sources (reference: 4 hub corpora, needs --max_tokens)")
     p.add_argument("--max_tokens", type=int, metavar="N", help="token budget over train+val, shared by weight (equally without weights; default: read everything)")
     p.add_argument("--out_dir", help="default: data/<preset or source name>, data/mix for several sources")
-    p.add_argument("--tokenizer", choices=["bpe", *TIKTOKEN_VOCAB], help="default: bpe for pydocs, gpt2 otherwise")
+    p.add_argument("--tokenizer", metavar="NAME", help=f"bpe, {', '.join(TIKTOKEN_VOCAB)}, or hf:DIR (a Hugging Face model's own "
+                   "tokenizer.json, to continue training that model); default: bpe for pydocs, gpt2 otherwise")
     p.add_argument("--vocab_size", type=int, default=4096, metavar="N", help="for --tokenizer bpe (default: %(default)s)")
     p.add_argument("--bpe_train_chars", type=int, default=200_000_000, metavar="N",
                    help="at most this many characters of train text (mixed by weight) to train the BPE on (default: %(default)s)")
@@ -266,7 +267,16 @@ def main(argv=None):
     if not 0 < val_fraction < 1:
         raise SystemExit(f"--val_fraction must be between 0 and 1, got {val_fraction}")
     kind = args.tokenizer or ("bpe" if only_pydocs else "gpt2")
-    vocab_size = args.vocab_size if kind == "bpe" else TIKTOKEN_VOCAB[kind]
+    hf_tok = None
+    if kind.startswith("hf:"):
+        from export_hf import tokenizer_spec_from_hf
+        try:
+            hf_tok = Tokenizer(tokenizer_spec_from_hf(kind[3:]))
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"--tokenizer {kind}: {e}")
+    elif kind not in ("bpe", *TIKTOKEN_VOCAB):
+        raise SystemExit(f"unknown --tokenizer {kind!r}: choose bpe, {', '.join(TIKTOKEN_VOCAB)} or hf:DIR")
+    vocab_size = args.vocab_size if kind == "bpe" else hf_tok.vocab_size if hf_tok else TIKTOKEN_VOCAB[kind]
     if kind == "bpe" and vocab_size < 258:
         raise SystemExit(f"--vocab_size {vocab_size} is too small: a byte-level BPE needs 256 byte tokens + <|endoftext|>")
     dtype = args.dtype if args.dtype != "auto" else ("uint16" if vocab_size <= 2**16 else "uint32")
@@ -294,6 +304,8 @@ def main(argv=None):
             if tok.vocab_size < vocab_size:
                 log(f"warning: the text only supports {tok.vocab_size - 257} merges: vocab is {tok.vocab_size}, not {vocab_size}")
             del texts
+        elif hf_tok:
+            tok = hf_tok
         else:
             try:
                 tok = Tokenizer.from_tiktoken(kind)

@@ -52,18 +52,21 @@ def main(argv=None):
             print("\n" + "-" * 40, flush=True)
         sys.stdout.write(prompt)
         t0, new_ids, printed = time.perf_counter(), [], ""
+        # the continuation is decoded after the prompt, not alone: sentencepiece-style tokenizers (Llama 2,
+        # TinyLlama) strip the leading space of a sequence, which would glue the first new word to the prompt
+        prefix = tokenizer.decode(ids)
         for step in model.generate(torch.tensor([ids], device=args.device), args.max_new_tokens, args.temperature,
                                    args.top_k, args.top_p, eot_id=tokenizer.eot_id, generator=generator):
             if int(step[0]) == tokenizer.eot_id:  # end of text ends the sample; it is not printed
                 break
             new_ids.append(int(step[0]))
             # a byte-level token can stop inside a multi-byte character: print only complete text
-            text = tokenizer.decode(new_ids)
+            text = tokenizer.decode(ids + new_ids)[len(prefix):]
             if not text.endswith("\ufffd"):
                 sys.stdout.write(text[len(printed):])
                 sys.stdout.flush()
                 printed = text
-        sys.stdout.write(tokenizer.decode(new_ids)[len(printed):])
+        sys.stdout.write(tokenizer.decode(ids + new_ids)[len(prefix):][len(printed):])
         print(flush=True)
         dt = time.perf_counter() - t0
         print(f"[{len(new_ids)} tokens in {dt:.2f}s, {len(new_ids) / dt:.1f} tok/s]", file=sys.stderr)

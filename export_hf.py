@@ -1,0 +1,409 @@
+"""
+Hugging Face interop: export a checkpoint as a standard `llama` model directory, and import one back.
+
+    python export_hf.py --ckpt out/phase2 --out hf/mtlm1-200m [--dtype bfloat16] [--eval results.json]
+    python export_hf.py --ckpt out/phase2 --out hf/mtlm1-200m --push_to_hub user/mtlm1-200m
+
+The export is plain LlamaForCausalLM: transformers loads it without trust_remote_code, and so does every
+tool that reads Llama checkpoints (vLLM, llama.cpp's convert_hf_to_gguf.py). model.py already uses
+transformers' parameter names, so the weights are a copy; the work is in the files around them:
+config.json, generation_config.json, a tokenizer.json converted from our tiktoken ranks, a model card.
+
+The import (`hf:DIR` wherever a checkpoint is named; checkpoint.load calls import_hf) reads a Llama-family
+directory (Llama, TinyLlama, SmolLM2, ...) into our checkpoint format, refusing what model.py cannot run.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+
+import torch
+
+from model import LLaMA, ModelConfig
+from tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# -----------------------------------------------------------------------------------------------
+# Tokenizer: tiktoken ranks -> a byte-level BPE tokenizer.json
+
+def hf_tokenizer(tokenizer):
+    """A `tokenizers.Tokenizer` that encodes every text as `tokenizer` does (special-token strings aside:
+    HF matches them in text, our encode treats them as plain text).
+
+    tiktoken keeps only ranks (byte string -> id); a HF BPE also needs the merge list. transformers'
+    TikTokenConverter recovers it from the ranks (each token is a merge of two lower-ranked tokens), spells
+    the vocab in GPT-2's byte-to-unicode alphabet, and splits words with the encoding's own regex (GPT-2's
+    for gpt2, GPT-4's for our rustbpe BPE), so the pieces are tiktoken's exactly."""
+    if tokenizer.kind == "hf":
+        return tokenizer.enc
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    enc = tokenizer.enc
+
+    class Converter(TikTokenConverter):
+        # the library reads ranks from a file through tiktoken's loader, which caches every path it reads
+        # in TIKTOKEN_CACHE_DIR (a stale entry would silently give another tokenizer): hand them over instead
+        def load_tiktoken_bpe(self, _):
+            return enc._mergeable_ranks
+
+        def extract_vocab_merges_from_model(self, _):
+            vocab, merges = super().extract_vocab_merges_from_model(None)
+            # special tokens join the vocab under their own ids (cl100k's are not contiguous), so that the
+            # converter's add_special_tokens finds them instead of appending new ids
+            return vocab | enc._special_tokens, merges
+
+    return Converter(pattern=enc._pat_str, extra_special_tokens=enc._special_tokens).converted()
+
+
+def tokenizer_config(tokenizer, hf_tok, max_len):
+    """tokenizer_config.json: the class to load (the generic fast tokenizer, not Llama's sentencepiece one)
+    and the special tokens by name. Our models never saw a BOS, so none is added unless the model brought one."""
+    def name(i):
+        return hf_tok.id_to_token(i) if i is not None else None
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(tokenizer.bos_id),
+            "eos_token": name(tokenizer.eot_id), "add_bos_token": tokenizer.bos_id is not None,
+            "add_eos_token": False, "model_max_length": max_len, "clean_up_tokenization_spaces": False}
+
+
+# -----------------------------------------------------------------------------------------------
+# Model: config.json and weights
+
+def hf_config(model_args, tokenizer, dtype):
+    a = ModelConfig(**model_args)
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": a.vocab_size,
+        "hidden_size": a.n_embd,
+        "intermediate_size": a.intermediate_size,
+        "num_hidden_layers": a.n_layer,
+        "num_attention_heads": a.n_head,
+        "num_key_value_heads": a.n_kv_head,
+        "head_dim": a.n_embd // a.n_head,
+        "hidden_act": "silu",
+        "max_position_embeddings": a.block_size,
+        "rms_norm_eps": a.norm_eps,
+        # transformers >= 5 reads rope_parameters; older versions and other tools read rope_theta
+        "rope_theta": a.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta},
+        "tie_word_embeddings": a.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eot_id,
+        "use_cache": True,
+        "dtype": dtype, "torch_dtype": dtype,  # the key was renamed in transformers 5
+    }
+
+
+def export_weights(state_dict, tie, dtype):
+    """Our state dict is LlamaForCausalLM's. A tied lm_head is the embedding itself: transformers leaves
+    it out of the file (safetensors cannot hold two names for one tensor) and ties it again on load."""
+    return {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in state_dict.items()
+            if not (tie and k == "lm_head.weight")}
+
+
+# -----------------------------------------------------------------------------------------------
+# Model card
+
+def model_card(ckpt, repo, eval_results=None):
+    a = ModelConfig(**ckpt["model_args"])
+    with torch.device("meta"):
+        model = LLaMA(a)
+    history = ckpt.get("history") or []
+    trained = sum(e.get("tokens") or 0 for e in history if e.get("event") == "train")
+    data = list(dict.fromkeys(e["data_dir"] for e in history if e.get("data_dir")))
+    tok = ckpt["tokenizer"]
+    tok_name = {"tiktoken": f"tiktoken `{tok.get('name')}`", "bpe": f"byte-level BPE trained with rustbpe (`{tok.get('name')}`)",
+                "hf": "the imported model's own tokenizer.json"}[tok["kind"]]
+    lines = [
+        "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [llama, mtlm]", "---", "",
+        f"# {os.path.basename(repo.rstrip('/'))}", "",
+        "A Llama-architecture language model exported by mtlm (a nanoGPT-style trainer whose models grow by layer "
+        "stacking). It is a standard `llama` model: transformers loads it without `trust_remote_code`.", "",
+        "## Architecture", "",
+        "| | |", "|---|---|",
+        f"| parameters | {model.num_params():,} ({model.num_params(non_embedding=True):,} non-embedding) |",
+        f"| layers | {a.n_layer} |",
+        f"| hidden size | {a.n_embd} |",
+        f"| attention heads | {a.n_head} query, {a.n_kv_head} key/value (head dim {a.n_embd // a.n_head}) |",
+        f"| MLP | SwiGLU, {a.intermediate_size} hidden |",
+        f"| normalization | RMSNorm (pre-norm), eps {a.norm_eps:g} |",
+        f"| position | RoPE, theta {a.rope_theta:g}; trained context {a.block_size} |",
+        f"| vocabulary | {a.vocab_size} ({tok_name}) |",
+        f"| tied embeddings | {'yes' if a.tie_embeddings else 'no'} |", "",
+        "## Training", "",
+        f"Tokens trained: {trained:,}" + (" (in this repository's runs; an imported model's pretraining is not counted)"
+                                        if any(e.get("event") == "import" for e in history) else "") + ".", "",
+        "Data: " + (", ".join(f"`{d}`" + data_sources(d) for d in data) if data else "not recorded") + ".", "",
+    ]
+    if history:
+        lines += ["### History (oldest first)", "", "| # | event | details |", "|---|---|---|"]
+        for i, e in enumerate(history):
+            details = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) or (isinstance(v, int) and v >= 10**7) else f"{k}={v}"
+                                for k, v in e.items() if k != "event")
+            lines.append(f"| {i} | {e.get('event', '?')} | {details} |")
+        lines.append("")
+    if eval_results:
+        lines += ["## Evaluation (zero-shot, log-likelihood multiple choice)", "", "| task | metric | value | stderr | n |",
+                  "|---|---|---|---|---|"]
+        for task, metrics in sorted(eval_results.items()):
+            for metric, value in metrics.items():
+                if metric.endswith("_stderr") or metric == "n" or not isinstance(value, (int, float)):
+                    continue
+                err = metrics.get(f"{metric}_stderr")
+                lines.append(f"| {task} | {metric} | {value:.4f} | {'' if err is None else f'{err:.4f}'} | {metrics.get('n', '')} |")
+        lines.append("")
+    lines += [
+        "## Usage", "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
+        'ids = tokenizer("The for statement", return_tensors="pt").input_ids',
+        "out = model.generate(ids, max_new_tokens=50, do_sample=False)",
+        "print(tokenizer.decode(out[0]))",
+        "```", "",
+    ]
+    return "\n".join(lines)
+
+
+def data_sources(data_dir):
+    """' (source specs and weights)' from a prepared data dir's meta.json, when it is still on this machine."""
+    try:
+        with open(os.path.join(data_dir, "meta.json")) as f:
+            meta = json.load(f)
+        return " (" + ", ".join(f"{s['spec']} {s['weight']:.0%}" for s in meta["sources"]) + \
+            f"; {sum(meta['tokens'].values()):,} tokens)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+def read_eval(path):
+    """An eval_mc.py results file: {"results": {task: {metric: value, metric_stderr: value, "n": count}}, ...}."""
+    try:
+        with open(path) as f:
+            results = json.load(f)["results"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read eval results {path!r} (expected JSON with a 'results' object): {e}") from None
+    if not isinstance(results, dict) or not all(isinstance(m, dict) for m in results.values()):
+        raise ValueError(f"{path!r}: 'results' must map each task to a {{metric: value}} object")
+    return results
+
+
+# -----------------------------------------------------------------------------------------------
+# Export
+
+def export(ckpt, out, dtype="float32", eval_results=None, force=False, repo=None):
+    """Write the HF directory `out` atomically: everything goes into a temp dir beside it, renamed at the end."""
+    from safetensors.torch import save_file
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)) and not force:
+        raise FileExistsError(f"{out} exists and is not empty: pass --force to replace it")
+    tokenizer = Tokenizer(ckpt["tokenizer"])
+    a = ckpt["model_args"]
+    if tokenizer.vocab_size > a["vocab_size"]:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {a['vocab_size']}")
+    hf_tok = hf_tokenizer(tokenizer)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
+    try:
+        def write_json(name, obj):
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(obj, f, indent=2)
+                f.write("\n")
+        write_json("config.json", hf_config(a, tokenizer, dtype))
+        gen = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.eot_id}
+        write_json("generation_config.json", {k: v for k, v in gen.items() if v is not None})
+        save_file(export_weights(ckpt["model"], a.get("tie_embeddings", False), dtype),
+                  os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        hf_tok.save(os.path.join(tmp, "tokenizer.json"))
+        write_json("tokenizer_config.json", tokenizer_config(tokenizer, hf_tok, a["block_size"]))
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(model_card(ckpt, repo or out, eval_results))
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in os.listdir(tmp):  # mkdtemp (and safetensors) make private files: give them the usual modes
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        if os.path.exists(out):  # replaced (--force, or empty): move the old one aside, then swap
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+            os.replace(out, os.path.join(old, "x"))
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def check_hub(repo):
+    """Fail before any work when the push cannot happen: a malformed repo id, or no token."""
+    import huggingface_hub
+    from huggingface_hub.utils import validate_repo_id
+    try:
+        validate_repo_id(repo)
+    except ValueError as e:
+        raise ValueError(f"--push_to_hub {repo!r}: {e}") from None
+    if huggingface_hub.get_token() is None:
+        raise RuntimeError("no Hugging Face token: run `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN")
+
+
+def push_to_hub(folder, repo):
+    """Upload the exported folder as one commit. Needs a token (hf auth login, or HF_TOKEN) and network."""
+    import huggingface_hub
+    check_hub(repo)
+    try:
+        huggingface_hub.create_repo(repo, repo_type="model", exist_ok=True)
+        info = huggingface_hub.upload_folder(repo_id=repo, folder_path=folder, repo_type="model",
+                                             commit_message="Upload mtlm export (export_hf.py)")
+    except Exception as e:  # network, auth, permissions: all end the same way, with the cause shown
+        raise RuntimeError(f"push to https://huggingface.co/{repo} failed ({type(e).__name__}: {e}); "
+                           f"the export in {folder} is complete: upload it later with `hf upload {repo} {folder}`") from None
+    return info
+
+
+# -----------------------------------------------------------------------------------------------
+# Import: a Hugging Face Llama-family directory -> our checkpoint dict
+
+def model_args_from_hf(cfg, where):
+    """Map config.json onto ModelConfig, refusing every feature model.py does not implement.
+    Missing keys take LlamaConfig's defaults."""
+    def refuse(why):
+        raise ValueError(f"{where}: unsupported model: {why}; model.py implements the plain Llama architecture")
+    if cfg.get("model_type") != "llama":
+        refuse(f"model_type is {cfg.get('model_type')!r}, not 'llama'")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        refuse("it has biases (attention_bias/mlp_bias)")
+    if cfg.get("hidden_act", "silu") != "silu":
+        refuse(f"hidden_act is {cfg['hidden_act']!r}, not 'silu'")
+    if any(cfg.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok")):
+        refuse("it is a mixture of experts")
+    if cfg.get("sliding_window") is not None:
+        refuse(f"it uses sliding-window attention ({cfg['sliding_window']})")
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    if cfg.get("head_dim") not in (None, hidden // heads) or hidden % heads:
+        refuse(f"head_dim {cfg.get('head_dim')} is not hidden_size/num_attention_heads ({hidden}/{heads})")
+    # RoPE: transformers 5 writes rope_parameters {rope_theta, rope_type}; older configs rope_theta + rope_scaling
+    rope = dict(cfg.get("rope_parameters") or {})
+    scaling = cfg.get("rope_scaling") or {}
+    for rope_type in (rope.get("rope_type"), scaling.get("rope_type") or scaling.get("type")):
+        if rope_type not in (None, "default"):
+            refuse(f"RoPE scaling {rope_type!r} (only the default, unscaled RoPE is implemented)")
+    return dict(vocab_size=cfg["vocab_size"], n_layer=cfg["num_hidden_layers"], n_head=heads,
+                n_kv_head=cfg.get("num_key_value_heads") or heads, n_embd=hidden,
+                intermediate_size=cfg["intermediate_size"], block_size=cfg.get("max_position_embeddings", 2048),
+                rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+                norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+
+
+def read_weights(d):
+    """All tensors of a HF model dir: model.safetensors, sharded safetensors (index), else pytorch_model.bin."""
+    from safetensors.torch import load_file
+    for index, loader in (("model.safetensors.index.json", load_file),
+                          ("pytorch_model.bin.index.json", lambda p: torch.load(p, map_location="cpu", weights_only=True))):
+        if os.path.exists(os.path.join(d, index)):
+            with open(os.path.join(d, index)) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            return {k: v for s in shards for k, v in loader(os.path.join(d, s)).items()}
+    if os.path.exists(os.path.join(d, "model.safetensors")):
+        return load_file(os.path.join(d, "model.safetensors"))
+    if os.path.exists(os.path.join(d, "pytorch_model.bin")):
+        # weights_only: a pickle from the internet must not run code
+        return torch.load(os.path.join(d, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{d}: no weights (expected model.safetensors, model.safetensors.index.json or pytorch_model.bin)")
+
+
+def tokenizer_spec_from_hf(d):
+    """Our "hf" tokenizer spec for a model dir: its tokenizer.json, its end-of-sequence id (what generate stops
+    at), and the BOS id only if its tokenizer prepends one (Llama 2, TinyLlama do; SmolLM2 does not)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    path = os.path.join(d, "tokenizer.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{d}: no tokenizer.json (a fast tokenizer is needed; if it has only tokenizer.model, "
+                                "save one with transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))")
+    with open(path) as f:
+        text = f.read()
+    tok = HFTokenizer.from_str(text)
+    with_specials, plain = tok.encode("a").ids, tok.encode("a", add_special_tokens=False).ids
+    bos = with_specials[0] if len(with_specials) > len(plain) and with_specials[1:] == plain[:len(with_specials) - 1] else None
+    eos = None
+    for name in ("generation_config.json", "config.json"):
+        if eos is None and os.path.exists(os.path.join(d, name)):
+            with open(os.path.join(d, name)) as f:
+                eos = json.load(f).get("eos_token_id")
+    if isinstance(eos, list):  # several stop tokens (Llama 3 instruct): our sampler stops at one, the first
+        eos = eos[0] if eos else None
+    return {"kind": "hf", "tokenizer_json": text, "bos_token_id": bos, "eos_token_id": eos}
+
+
+def import_hf(d):
+    """A checkpoint dict (see checkpoint.py) holding the model of a Hugging Face Llama-family directory."""
+    if not os.path.isdir(d):
+        raise FileNotFoundError(f"hf:{d}: not a directory")
+    if not os.path.exists(os.path.join(d, "config.json")):
+        raise FileNotFoundError(f"hf:{d}: no config.json (not a Hugging Face model directory)")
+    with open(os.path.join(d, "config.json")) as f:
+        cfg = json.load(f)
+    model_args = model_args_from_hf(cfg, f"hf:{d}")
+    with torch.device("meta"):  # shapes only: nothing allocated
+        expected = LLaMA(ModelConfig(**model_args)).state_dict()
+    weights = {k: v for k, v in read_weights(d).items() if not k.endswith("rotary_emb.inv_freq")}  # derived, not learned
+    if model_args["tie_embeddings"]:
+        weights["lm_head.weight"] = weights.get("model.embed_tokens.weight")  # one tensor under both names, as in LLaMA
+    missing = [k for k in expected if weights.get(k) is None]
+    unexpected = [k for k in weights if k not in expected]
+    wrong = [f"{k} {tuple(weights[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
+             if k not in missing and weights[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"hf:{d}: weights do not match its config: " + "; ".join(
+            f"{what}: {', '.join(ks[:4])}{' ...' if len(ks) > 4 else ''}"
+            for what, ks in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if ks))
+    tokenizer = tokenizer_spec_from_hf(d)
+    # fp32 master weights, like a checkpoint from train.py (a bf16 hub file trains badly in bf16)
+    state = {k: v.float() for k, v in weights.items()}
+    if model_args["tie_embeddings"]:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    source = f"hf:{os.path.abspath(d)}"
+    return dict(model=state, model_args=model_args, tokenizer=tokenizer, optimizer=None, iter_num=0, config={},
+                loader=None, rng=None, best_val_loss=math.inf, tokens_seen=0,
+                history=[dict(event="import", source=source, name=cfg.get("_name_or_path") or os.path.basename(os.path.abspath(d)),
+                              architectures=",".join(cfg.get("architectures") or []))])
+
+
+# -----------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\nThe export")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint file, out_dir, or hf:DIR")
+    p.add_argument("--out", required=True, help="the directory to write (must not exist or be empty, unless --force)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights on disk (default: %(default)s)")
+    p.add_argument("--eval", metavar="JSON", help="eval_mc.py results to put in the model card")
+    p.add_argument("--push_to_hub", metavar="REPO", help="also upload the directory to the hub as REPO (user/name)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    args = p.parse_args(argv)
+    import checkpoint
+    try:
+        if args.push_to_hub:
+            check_hub(args.push_to_hub)
+        eval_results = read_eval(args.eval) if args.eval else None
+        ckpt = checkpoint.load(args.ckpt)
+        out = export(ckpt, args.out, args.dtype, eval_results, args.force, args.push_to_hub)
+        print(f"wrote {out}", file=sys.stderr)
+        if args.push_to_hub:
+            print(push_to_hub(out, args.push_to_hub))
+    except (OSError, ValueError, RuntimeError) as e:  # missing files, an existing --out, bad models, no network
+        sys.exit(f"error: {e}")
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
