@@ -233,14 +233,16 @@ def build_requests(task, docs, raw, pool, num_fewshot):
 
 # ----------------------------------------------------------------------------------------------
 # Models: ours (checkpoint.load_model) or any transformers causal LM (hf:DIR), behind one small interface:
-#   encode(texts) -> ids without special tokens;  bos: the id the tokenizer prepends by default, or None
-#   prefix_id: lm-eval's token for an empty context;  max_len;  logits(prefix, rows, tails)
+#   encode(texts) -> ids without special tokens; bos: the id the tokenizer prepends by default, or None;
+#   prefix_id: lm-eval's token for an empty context; max_len;
+#   new_cache(batch, length); run(ids, cache, keep) runs ids after the cache (extending it) and returns the
+#   logits at the positions keep (or nothing); select(cache, rows) gives row i of the result cache row rows[i].
 
 
 class OurLM:
-    def __init__(self, name, dtype):
-        self.model, self.tok, _ = checkpoint.load_model(name, "cpu", dtype)
-        self.max_len = self.model.config.block_size
+    def __init__(self, name, dtype, device):
+        self.model, self.tok, _ = checkpoint.load_model(name, device, dtype)
+        self.device, self.dtype, self.max_len = device, dtype, self.model.config.block_size
         bos = self.tok.bos_id
         # an hf tokenizer.json says in its post-processor whether BOS goes first; tiktoken/bpe never add one
         self.bos = bos if self.tok.kind == "hf" and bos is not None and self.tok.enc.encode("a").ids[:1] == [bos] else None
@@ -249,22 +251,28 @@ class OurLM:
     def encode(self, texts):
         return self.tok.encode_batch(texts)
 
-    def logits(self, prefix, rows, tails):
-        """Logits of tails (C, T), each row continuing prefix[rows[c]] (prefix: (E, L), or None)."""
+    def new_cache(self, batch, length):
         from model import KVCache
-        if prefix is None:
-            return self.model(tails)[0]
-        cache = KVCache(self.model.config, prefix.size(0), prefix.size(1) + tails.size(1), "cpu", self.model.lm_head.weight.dtype)
-        self.model(prefix, kv_cache=cache)
-        cache.k, cache.v = cache.k[:, rows], cache.v[:, rows]  # each choice gets its own copy of its context
-        return self.model(tails, kv_cache=cache)[0]
+        return KVCache(self.model.config, batch, length, self.device, self.dtype)
+
+    def run(self, ids, cache, keep=None):
+        logits = self.model(ids, kv_cache=cache)[0]
+        return logits[keep] if keep is not None else None
+
+    def select(self, cache, rows):
+        cache.k, cache.v = cache.k[:, rows], cache.v[:, rows]
+        return cache
 
 
 class HFLM:
-    def __init__(self, path, dtype):
+    def __init__(self, path, dtype, device):
+        import inspect
         from transformers import AutoModelForCausalLM, AutoTokenizer
         self.tok = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.body = self.model.get_decoder()  # the transformer without lm_head: contexts need no logits
+        self.cache_kw = "cache" if "cache" in inspect.signature(self.body.forward).parameters else "past_key_values"
+        self.device = device
         bos = self.tok.bos_token_id
         self.bos = bos if bos is not None and self.tok("a")["input_ids"][:1] == [bos] else None
         self.prefix_id = bos if bos is not None else self.tok.eos_token_id
@@ -273,16 +281,21 @@ class HFLM:
     def encode(self, texts):
         return self.tok(list(texts), add_special_tokens=False)["input_ids"]
 
-    def logits(self, prefix, rows, tails):
-        if prefix is None:
-            return self.model(input_ids=tails).logits
-        cache = self.model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
+    def new_cache(self, batch, length):
+        from transformers import DynamicCache
+        return DynamicCache(config=self.model.config)
+
+    def run(self, ids, cache, keep=None):
+        h = self.body(input_ids=ids, use_cache=True, **{self.cache_kw: cache}).last_hidden_state
+        return self.model.lm_head(h[keep]) if keep is not None else None
+
+    def select(self, cache, rows):
         cache.batch_select_indices(rows)
-        return self.model(input_ids=tails, past_key_values=cache).logits
+        return cache
 
 
-def load_lm(name, dtype):
-    return HFLM(name[3:], dtype) if name.startswith("hf:") else OurLM(name, dtype)
+def load_lm(name, dtype, device="cpu"):
+    return HFLM(name[3:], dtype, device) if name.startswith("hf:") else OurLM(name, dtype, device)
 
 
 def tokenize_pairs(lm, pairs, bos):
@@ -313,9 +326,9 @@ def tokenize_pairs(lm, pairs, bos):
 @torch.inference_mode()
 def score(lm, pairs, batch_size, progress=True):
     """Sum of log p(continuation | context) for each (context ids, continuation ids) pair.
-    Pairs are grouped by context; a batch holds groups whose context lengths are equal, so the context
-    minus its last token runs once as (E, L) and each choice continues it from the cache with
-    [last context token] + continuation[:-1] as input and the continuation as target."""
+    Pairs are grouped by context; a batch holds groups whose context lengths are equal, so the contexts
+    minus their last token run once as (E, L) with no padding, and each choice continues its context
+    from a copy of the cache with [last context token] + continuation[:-1] as input."""
     groups = defaultdict(set)
     for ctx, cont in pairs:
         groups[ctx].add(cont)
@@ -329,7 +342,7 @@ def score(lm, pairs, batch_size, progress=True):
         cur.append(ctx)
     batches += [cur] if cur else []
     result = {}
-    bar = tqdm(total=len(pairs), desc="scoring", unit="pair", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=sum(map(len, groups.values())), desc="scoring", unit="pair", disable=not progress, file=sys.stderr)
     for ctxs in batches:
         rows, tails, targets = [], [], []
         for e, ctx in enumerate(ctxs):
@@ -337,13 +350,27 @@ def score(lm, pairs, batch_size, progress=True):
                 rows.append(e)
                 tails.append((ctx[-1],) + cont[:-1])
                 targets.append(cont)
-        T = max(map(len, tails))
-        x = torch.tensor([list(t) + [0] * (T - len(t)) for t in tails])  # right padding never reaches a real token
-        prefix = torch.tensor([list(c[:-1]) for c in ctxs]) if len(ctxs[0]) > 1 else None
-        logits = lm.logits(prefix, torch.tensor(rows), x)
-        for i, (ctx, cont) in enumerate(zip((ctxs[r] for r in rows), targets)):
-            logp = torch.log_softmax(logits[i, :len(cont)].float(), dim=-1)
-            result[(ctx, cont)] = logp.gather(-1, torch.tensor(cont)[:, None]).sum().item()
+        T, L = max(map(len, tails)), len(ctxs[0]) - 1
+        x = torch.tensor([list(t) + [0] * (T - len(t)) for t in tails], device=lm.device)  # right padding: seen by no real token
+        keep = torch.tensor([[j < len(t) for j in range(T)] for t in tails], device=lm.device)
+        # three stages: the tokens all contexts share (truthfulqa's preamble) once, then each context's rest
+        # once, then every choice from a copy of its context's cache
+        P = len(os.path.commonprefix([c[:-1] for c in ctxs]))
+        prefix = torch.tensor([list(c[:-1]) for c in ctxs], device=lm.device, dtype=torch.long).view(len(ctxs), L)
+        cache = lm.new_cache(1, L + T)
+        if P:
+            lm.run(prefix[:1, :P], cache)
+        cache = lm.select(cache, torch.zeros(len(ctxs), dtype=torch.long, device=lm.device))
+        if L > P:
+            lm.run(prefix[:, P:], cache)
+        cache = lm.select(cache, torch.tensor(rows, device=lm.device))
+        logits = lm.run(x, cache, keep).float()
+        y = torch.tensor([i for t in targets for i in t], device=lm.device)
+        logp = logits.gather(1, y[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+        row_of = torch.tensor([r for r, t in enumerate(targets) for _ in t], device=lm.device)
+        sums = torch.zeros(len(targets), device=lm.device, dtype=torch.float64).index_add_(0, row_of, logp.double())
+        for ctx_i, cont, ll in zip(rows, targets, sums.tolist()):
+            result[(ctxs[ctx_i], cont)] = ll
         bar.update(len(rows))
     bar.close()
     return [result[p] for p in pairs]
@@ -392,9 +419,9 @@ def task_results(task, docs, lls):
     return res, samples
 
 
-def evaluate(lm, tasks, data_dir=None, limit=None, num_fewshot=0, batch_size=32, bos=None, progress=True):
-    """{"results": ..., "samples": ...} for the given tasks. bos: None = the tokenizer's convention."""
-    bos_id = lm.bos if bos is None else (lm.prefix_id if bos else None)
+def prepare(tasks, data_dir=None, limit=None, num_fewshot=0):
+    """Load and format every task's rows; returns (docs per task, all (context, continuation) pairs,
+    each doc's slice of the pairs per task)."""
     docs, pairs, spans = {}, [], {}
     for task in tasks:
         _, _, split, fewshot_split, *_ = TASKS[task]
@@ -402,22 +429,25 @@ def evaluate(lm, tasks, data_dir=None, limit=None, num_fewshot=0, batch_size=32,
         docs[task] = format_rows(task, raw)
         pool = None
         if num_fewshot:
-            if fewshot_split == split:
-                pool_raw = load_rows(task, split, data_dir)
-            else:
-                pool_raw = load_rows(task, fewshot_split, data_dir)
+            pool_raw = load_rows(task, fewshot_split, data_dir)
             pool = (format_rows(task, pool_raw), [r for r, _ in pool_raw])
-            if len(pool[0]) < num_fewshot + 1:
+            if len(pool[0]) <= num_fewshot:
                 raise ValueError(f"{task}: {num_fewshot}-shot needs more than {len(pool[0])} examples in its {fewshot_split} split")
-        reqs = build_requests(task, docs[task], [r for r, _ in raw], pool, num_fewshot)
         spans[task] = []
-        for r in reqs:
+        for r in build_requests(task, docs[task], [r for r, _ in raw], pool, num_fewshot):
             spans[task].append((len(pairs), len(pairs) + len(r)))
             pairs += r
+    return docs, pairs, spans
+
+
+def evaluate(lm, prepared, batch_size=32, bos=None, progress=True):
+    """{"results": ..., "samples": ...} for prepare()'s output. bos: None = the tokenizer's convention."""
+    docs, pairs, spans = prepared
+    bos_id = lm.bos if bos is None else (lm.prefix_id if bos else None)
     print(f"{sum(map(len, docs.values()))} examples, {len(pairs)} (context, continuation) pairs", file=sys.stderr)
     lls = score(lm, tokenize_pairs(lm, pairs, bos_id), batch_size, progress)
     out = {"results": {}, "samples": {}}
-    for task in tasks:
+    for task in docs:
         out["results"][task], out["samples"][task] = task_results(task, docs[task], [lls[a:b] for a, b in spans[task]])
     return out
 
@@ -441,6 +471,7 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=32, help="continuations per forward pass")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="bfloat16: ~3x faster on CPUs with AMX, scores move by about one stderr or less")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--bos", default="auto", choices=["auto", "on", "off"], help="prepend BOS: auto = as the tokenizer does by default")
     p.add_argument("--out", default=None, help="write results and per-example log-likelihoods to this JSON file")
     p.add_argument("--no_progress", action="store_true")
@@ -452,13 +483,13 @@ def main(argv=None):
     if args.limit is not None and args.limit < 1 or args.num_fewshot < 0 or args.batch_size < 1:
         p.error("need --limit >= 1, --num_fewshot >= 0 and --batch_size >= 1")
 
-    t0 = time.time()
     try:
-        lm = load_lm(args.ckpt, getattr(torch, args.dtype))
+        prepared = prepare(tasks, args.data_dir, args.limit, args.num_fewshot)  # bad data fails before the model loads
+        t0 = time.time()
+        lm = load_lm(args.ckpt, getattr(torch, args.dtype), args.device)
         print(f"loaded {args.ckpt} in {time.time() - t0:.1f}s", file=sys.stderr)
         t1 = time.time()
-        out = evaluate(lm, tasks, args.data_dir, args.limit, args.num_fewshot, args.batch_size,
-                       {"auto": None, "on": True, "off": False}[args.bos], not args.no_progress)
+        out = evaluate(lm, prepared, args.batch_size, {"auto": None, "on": True, "off": False}[args.bos], not args.no_progress)
     except (FileNotFoundError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
