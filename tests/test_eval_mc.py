@@ -348,9 +348,8 @@ def test_loglikelihoods_match_reference_both_model_formats(models, data_dir, tmp
     got_hf, table = run_eval(tmp_path, capsys, "--ckpt", "hf:" + hf_dir, "--data_dir", data_dir, "--tasks", ",".join(tasks), "--batch_size", "3")
     got_ours, _ = run_eval(tmp_path, capsys, "--ckpt", ours, "--data_dir", data_dir, "--tasks", ",".join(tasks))
     pairs = all_pairs(data_dir, tasks)
+    ref = iter(reference_ll(hf_dir, [p for task in tasks for doc in pairs[task] for p in doc]))
     for task in tasks:
-        flat = [p for doc in pairs[task] for p in doc]
-        ref = iter(reference_ll(hf_dir, flat))
         for s_hf, s_ours, doc in zip(got_hf["samples"][task], got_ours["samples"][task], pairs[task]):
             want = [next(ref) for _ in doc]
             assert s_hf["loglikelihoods"] == pytest.approx(want, abs=2e-4), task
