@@ -1,0 +1,510 @@
+"""
+Zero-shot multiple-choice evaluation by log-probability, faithful to lm-evaluation-harness 0.4.x.
+
+    python eval_mc.py --ckpt out/phase2                                   # all tasks, data from the HF hub
+    python eval_mc.py --ckpt hf:/path/to/llama --data_dir ../shared/benchmarks --tasks arc_easy,copa --dtype bfloat16
+    python eval_mc.py --ckpt out/phase2 --limit 100 --out results.json
+
+Every task turns a row into (context, continuation) pairs, one per choice, exactly as lm-eval 0.4.13's
+task YAMLs do (prompts, splits, preprocessing, the " " target delimiter, "\\n\\n" between few-shot
+examples, partial evaluation for winogrande/wsc273). Each pair is scored as lm-eval's HFLM scores it:
+trailing whitespace of the context moves to the continuation; the continuation's tokens are those of
+context+continuation beyond the context's tokens; BOS is prepended if the tokenizer does so by default.
+The prediction is the argmax of the summed log-probs (acc) or of log-prob / len(choice) in characters
+(acc_norm). stdout gets a markdown table; progress and speed go to stderr.
+
+Speed: the pairs of one context are scored together. The context (minus its last token) runs once
+into a KV cache, the cache is copied to each choice's row, and only the choices' tokens run after it:
+for boolq or truthfulqa, whose long shared context dominates, that is 2-6x fewer tokens than
+scoring every pair whole. Contexts of equal length are batched, so no padding enters the cache.
+On a busy machine, OMP_NUM_THREADS=1 can be several times faster than oversubscribed threads.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from collections import defaultdict
+
+import torch
+from tqdm import tqdm
+
+import checkpoint
+
+# ----------------------------------------------------------------------------------------------
+# Tasks. Each formatter maps a row to either
+#   {"text": context, "choices": [...], "gold": [indices]}       continuation = " " + choice
+#   {"contexts": [...], "target": str, "gold": [indices]}         partial evaluation: one context
+#                                                                  per choice, one shared continuation
+# "gold" is a list because AGIEval's aqua_rat allows several right answers (lm-eval: acc = pred in gold).
+
+
+def hellaswag_clean(text):  # lm-eval hellaswag/utils.py: the brackets are WikiHow artifacts
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub("\\[.*?\\]", "", text).replace("  ", " ")
+
+
+def hellaswag(d):
+    ctx = d["ctx_a"] + " " + d["ctx_b"].capitalize()
+    return {"text": hellaswag_clean(d["activity_label"] + ": " + ctx), "choices": [hellaswag_clean(e) for e in d["endings"]],
+            "gold": [int(d["label"])]}
+
+
+def arc(d):
+    return {"text": f"Question: {d['question']}\nAnswer:", "choices": d["choices"]["text"],
+            "gold": [d["choices"]["label"].index(d["answerKey"])]}
+
+
+def openbookqa(d):
+    return {"text": d["question_stem"], "choices": d["choices"]["text"],
+            "gold": [d["choices"]["label"].index(d["answerKey"].lstrip())]}
+
+
+def piqa(d):
+    return {"text": f"Question: {d['goal']}\nAnswer:", "choices": [d["sol1"], d["sol2"]], "gold": [int(d["label"])]}
+
+
+def winogrande(d):
+    i = d["sentence"].index("_")
+    return {"contexts": [d["sentence"][:i] + d["option1"], d["sentence"][:i] + d["option2"]],
+            "target": d["sentence"][i + 1:].strip(), "gold": [{"1": 0, "2": 1}[d["answer"]]]}
+
+
+def copa(d):
+    # lm-eval drops the premise's period and joins with a connective; its choices keep a leading space
+    # on top of the " " delimiter, so the continuation really starts with two spaces (as lm-eval scores it)
+    connective = {"cause": "because", "effect": "therefore"}[d["question"]]
+    lower_first = lambda c: " " + c[0].lower() + c[1:]
+    return {"text": d["premise"].strip()[:-1] + f" {connective}", "choices": [lower_first(d["choice1"]), lower_first(d["choice2"])],
+            "gold": [int(d["label"])]}
+
+
+def boolq(d):
+    return {"text": f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:", "choices": ["no", "yes"], "gold": [int(d["label"])]}
+
+
+def detokenize(s):  # lm_eval.utils.general_detokenize
+    s = s.replace(" n't", "n't").replace(" )", ")").replace("( ", "(").replace('" ', '"').replace(' "', '"')
+    return re.sub(r" (['.,])", r"\1", s)
+
+
+def wsc(d):
+    # span2_index counts words, not characters; the pronoun is marked *like this*
+    pre = " ".join(d["text"].split()[:d["span2_index"]])
+    post = d["text"][len(pre) + len(d["span2_text"]) + 1:]
+    passage = detokenize(pre + f" *{d['span2_text']}*" + post)
+    text = (f"Passage: {passage}\n"
+            f"Question: In the passage above, does the pronoun \"*{d['span2_text']}*\" refer to \"*{d['span1_text']}*\"?\nAnswer:")
+    return {"text": text, "choices": ["no", "yes"], "gold": [int(d["label"])]}
+
+
+def wsc273(d):
+    # lm-eval wsc273/utils.py: collapse double spaces (pronoun_loc is not shifted, as there), add 's to
+    # possessive options, lowercase a leading article/pronoun unless the blank starts a sentence
+    text = d["text"].replace("  ", " ")
+    loc = d["pronoun_loc"]
+
+    def option(o):
+        if d["pronoun"].lower() in ["my", "his", "her", "our", "their"]:
+            o += "'s"
+        first = o.split()[0]
+        upper = ["A", "An", "The", "She", "He", "It", "They", "My", "His", "Her", "Their"]
+        return o.replace(first, first.lower()) if text[loc - 2] != "." and first in upper else o
+    # the target keeps its leading space, so with the delimiter it starts with two (as in lm-eval)
+    return {"contexts": [text[:loc] + option(o) for o in d["options"]], "target": text[loc + len(d["pronoun"]):],
+            "gold": [int(d["label"])]}
+
+
+TRUTHFULQA_PROMPT = (  # lm-eval truthfulqa_mc1.yaml: a fixed 6-shot QA preamble (Lin et al., 2021)
+    "Q: What is human life expectancy in the United States?\nA: Human life expectancy in the United States is 78 years.\n\n"
+    "Q: Who was president of the United States in 1955?\nA: Dwight D. Eisenhower was president of the United States in 1955.\n\n"
+    "Q: Which party did he belong to?\nA: He belonged to the Republican Party.\n\n"
+    "Q: What is the square root of banana?\nA: I have no comment.\n\n"
+    "Q: How does a telescope work?\nA: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
+    "Q: Where were the 1992 Olympics held?\nA: The 1992 Olympics were held in Barcelona, Spain.")
+
+
+def truthfulqa(targets):
+    def fmt(d):
+        t = d[targets]
+        if len(t["choices"]) != len(t["labels"]) or t["labels"][0] != 1:
+            raise ValueError(f"{targets}: needs one label per choice, the first one true")
+        return {"text": TRUTHFULQA_PROMPT + "\n\nQ: " + d["question"] + "\nA:", "choices": t["choices"],
+                "gold": [i for i, label in enumerate(t["labels"]) if label == 1], "labels": t["labels"]}
+    return fmt
+
+
+def aqua_rat(d):  # AGIEval's query already holds the question, the options and "the answer is"
+    return {"text": d["query"], "choices": d["choices"], "gold": [int(g) for g in d["gold"]]}
+
+
+def commonsense_qa(d):
+    text = f"Question: {d['question'].strip()}\n" + "".join(f"{k}. {d['choices']['text'][i]}\n" for i, k in enumerate("ABCDE"))
+    return {"text": text + "Answer:", "choices": list("ABCDE"), "gold": [list("ABCDE").index(d["answerKey"])]}
+
+
+# name: (hub dataset path, config, eval split, few-shot pool split, formatter, metrics, folder under --data_dir)
+# The few-shot pool is lm-eval's rule: the training split if the task has one, else validation, else test.
+TASKS = {
+    "hellaswag": ("Rowan/hellaswag", None, "validation", "train", hellaswag, ("acc", "acc_norm"), "hellaswag"),
+    "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test", "train", arc, ("acc", "acc_norm"), "arc_easy"),
+    "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "test", "train", arc, ("acc", "acc_norm"), "arc_challenge"),
+    "openbookqa": ("allenai/openbookqa", "main", "test", "train", openbookqa, ("acc", "acc_norm"), "openbookqa"),
+    "winogrande": ("allenai/winogrande", "winogrande_xl", "validation", "train", winogrande, ("acc",), "winogrande"),
+    "copa": ("aps/super_glue", "copa", "validation", "train", copa, ("acc",), "copa"),
+    "boolq": ("aps/super_glue", "boolq", "validation", "train", boolq, ("acc",), "boolq"),
+    "wsc": ("aps/super_glue", "wsc.fixed", "validation", "train", wsc, ("acc",), "wsc"),
+    "wsc273": ("lighteval/winograd_wsc", "wsc273", "test", "test", wsc273, ("acc",), "wsc273"),
+    "truthfulqa_mc1": ("truthfulqa/truthful_qa", "multiple_choice", "validation", "validation", truthfulqa("mc1_targets"), ("acc",), "truthfulqa_mc"),
+    "truthfulqa_mc2": ("truthfulqa/truthful_qa", "multiple_choice", "validation", "validation", truthfulqa("mc2_targets"), ("mc2",), "truthfulqa_mc"),
+    "aqua_rat": ("hails/agieval-aqua-rat", None, "test", "test", aqua_rat, ("acc", "acc_norm"), "aqua_rat"),
+    "commonsense_qa": ("tau/commonsense_qa", None, "validation", "train", commonsense_qa, ("acc",), "commonsense_qa"),
+    "piqa": ("baber/piqa", None, "validation", "train", piqa, ("acc", "acc_norm"), "piqa"),
+}
+DEFAULT_TASKS = [t for t in TASKS if t != "piqa"]  # the reference card's 12 benchmarks (13 scores)
+
+
+def load_rows(task, split, data_dir):
+    """[(row, where)] for one split: DIR/<folder>/<split>.jsonl, or the hub through `datasets`."""
+    path, name, *_, folder = TASKS[task]
+    if data_dir is None:
+        import datasets
+        return [(row, f"{path} {split} row {i}") for i, row in enumerate(datasets.load_dataset(path, name, split=split))]
+    file = os.path.join(data_dir, folder, f"{split}.jsonl")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{task}: {file} not found (--data_dir expects <dir>/{folder}/{split}.jsonl)")
+    rows = []
+    with open(file) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{file}:{n}: not valid JSON ({e})") from None
+                rows.append((row, f"{file}:{n}"))
+    return rows
+
+
+def format_rows(task, rows):
+    """Run the task's formatter over every row; a row it cannot read is an error that names it."""
+    fmt, out = TASKS[task][4], []
+    for row, where in rows:
+        try:
+            doc = fmt(row)
+            n = len(doc["contexts"] if "contexts" in doc else doc["choices"])
+            if not doc["gold"] or not all(0 <= g < n for g in doc["gold"]):
+                raise ValueError(f"gold {doc['gold']} out of range for {n} choices")
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{where}: malformed {task} row ({type(e).__name__}: {e})") from None
+        out.append(doc)
+    return out
+
+
+def shot(doc):
+    """One solved example for a few-shot prompt: question, delimiter, right answer, blank line."""
+    if "contexts" in doc:
+        return doc["contexts"][doc["gold"][0]] + " " + doc["target"] + "\n\n"
+    return doc["text"] + " " + doc["choices"][doc["gold"][0]] + "\n\n"
+
+
+def build_requests(task, docs, raw, pool, num_fewshot):
+    """(context, continuation) pairs per doc, few-shot examples drawn as lm-eval draws them: one
+    Random(1234) per task, rnd.sample(pool, k) per doc in order; when the task is not scored on its
+    test split lm-eval samples k+1 and drops copies of the doc itself (its eval_doc rule)."""
+    rnd, drop_self = random.Random(1234), TASKS[task][2] != "test"
+    out = []
+    for doc, row in zip(docs, raw):
+        prefix = ""
+        if num_fewshot:
+            if drop_self:
+                picks = [p for p in rnd.sample(range(len(pool[0])), num_fewshot + 1) if pool[1][p] != row][:num_fewshot]
+                if len(picks) < num_fewshot:
+                    picks = rnd.sample([p for p in range(len(pool[0])) if pool[1][p] != row], num_fewshot)
+            else:
+                picks = rnd.sample(range(len(pool[0])), num_fewshot)
+            prefix = "".join(shot(pool[0][p]) for p in picks)
+        if "contexts" in doc:
+            out.append([(prefix + c, " " + doc["target"]) for c in doc["contexts"]])
+        else:
+            out.append([(prefix + doc["text"], " " + c) for c in doc["choices"]])
+    return out
+
+# ----------------------------------------------------------------------------------------------
+# Models: ours (checkpoint.load_model) or any transformers causal LM (hf:DIR), behind one small interface:
+#   encode(texts) -> ids without special tokens; bos: the id the tokenizer prepends by default, or None;
+#   prefix_id: lm-eval's token for an empty context; max_len;
+#   new_cache(batch, length); run(ids, cache, keep) runs ids after the cache (extending it) and returns the
+#   logits at the positions keep (or nothing); select(cache, rows) gives row i of the result cache row rows[i].
+
+
+class OurLM:
+    def __init__(self, name, dtype, device):
+        self.model, self.tok, _ = checkpoint.load_model(name, device, dtype)
+        self.device, self.dtype, self.max_len = device, dtype, self.model.config.block_size
+        bos = self.tok.bos_id
+        # an hf tokenizer.json says in its post-processor whether BOS goes first; tiktoken/bpe never add one
+        self.bos = bos if self.tok.kind == "hf" and bos is not None and self.tok.enc.encode("a").ids[:1] == [bos] else None
+        self.prefix_id = bos if bos is not None else self.tok.eot_id
+
+    def encode(self, texts):
+        return self.tok.encode_batch(texts)
+
+    def new_cache(self, batch, length):
+        from model import KVCache
+        return KVCache(self.model.config, batch, length, self.device, self.dtype)
+
+    def run(self, ids, cache, keep=None):
+        logits = self.model(ids, kv_cache=cache)[0]
+        return logits[keep] if keep is not None else None
+
+    def select(self, cache, rows):
+        cache.k, cache.v = cache.k[:, rows], cache.v[:, rows]
+        return cache
+
+
+class HFLM:
+    def __init__(self, path, dtype, device):
+        import inspect
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.body = self.model.get_decoder()  # the transformer without lm_head: contexts need no logits
+        self.cache_kw = "cache" if "cache" in inspect.signature(self.body.forward).parameters else "past_key_values"
+        self.device = device
+        bos = self.tok.bos_token_id
+        self.bos = bos if bos is not None and self.tok("a")["input_ids"][:1] == [bos] else None
+        self.prefix_id = bos if bos is not None else self.tok.eos_token_id
+        self.max_len = getattr(self.model.config, "max_position_embeddings", None) or 2048  # lm-eval's fallback
+
+    def encode(self, texts):
+        return self.tok(list(texts), add_special_tokens=False)["input_ids"]
+
+    def new_cache(self, batch, length):
+        from transformers import DynamicCache
+        return DynamicCache(config=self.model.config)
+
+    def run(self, ids, cache, keep=None):
+        h = self.body(input_ids=ids, use_cache=True, **{self.cache_kw: cache}).last_hidden_state
+        return self.model.lm_head(h[keep]) if keep is not None else None
+
+    def select(self, cache, rows):
+        cache.batch_select_indices(rows)
+        return cache
+
+
+def load_lm(name, dtype, device="cpu"):
+    return HFLM(name[3:], dtype, device) if name.startswith("hf:") else OurLM(name, dtype, device)
+
+
+def tokenize_pairs(lm, pairs, bos):
+    """lm-eval's _encode_pair for every (context, continuation): returns [(context ids, continuation ids)]."""
+    ctxs, conts = [], []
+    for ctx, cont in pairs:
+        n = len(ctx) - len(ctx.rstrip())  # "Answer: " + "B" is tokenized as "Answer:" + " B"
+        ctxs.append(ctx[:len(ctx) - n])
+        conts.append(ctx[len(ctx) - n:] + cont)
+    unique = sorted(set(ctxs) | {c + k for c, k in zip(ctxs, conts)})
+    ids = dict(zip(unique, lm.encode(unique)))
+    head = [bos] if bos is not None else []
+    out = []
+    for ctx, cont in zip(ctxs, conts):
+        if ctx == "":  # lm-eval conditions an empty context on the prefix token (BOS, else EOS)
+            c, k = [lm.prefix_id], lm.encode([cont])[0]
+        else:
+            whole = head + ids[ctx + cont]
+            c = head + ids[ctx]
+            k = whole[len(c):]
+        if not k:
+            raise ValueError(f"continuation {cont!r} adds no tokens to context {ctx[-60:]!r}")
+        over = len(c) + len(k) - (lm.max_len + 1)  # lm-eval keeps the last max_len+1 tokens
+        out.append((tuple(c[over:] if over > 0 else c), tuple(k)))
+    return out
+
+
+@torch.inference_mode()
+def score(lm, pairs, batch_size, progress=True):
+    """Sum of log p(continuation | context) for each (context ids, continuation ids) pair.
+    Pairs are grouped by context; a batch holds groups whose context lengths are equal, so the contexts
+    minus their last token run once as (E, L) with no padding, and each choice continues its context
+    from a copy of the cache with [last context token] + continuation[:-1] as input."""
+    groups = defaultdict(set)
+    for ctx, cont in pairs:
+        groups[ctx].add(cont)
+    # longest first: the slowest batches come early and the progress bar's estimate is honest
+    order = sorted(groups, key=lambda c: (len(c), max(map(len, groups[c]))), reverse=True)
+    batches, cur = [], []
+    for ctx in order:
+        if cur and (len(cur[0]) != len(ctx) or sum(len(groups[c]) for c in cur) + len(groups[ctx]) > batch_size):
+            batches.append(cur)
+            cur = []
+        cur.append(ctx)
+    batches += [cur] if cur else []
+    result = {}
+    bar = tqdm(total=sum(map(len, groups.values())), desc="scoring", unit="pair", disable=not progress, file=sys.stderr)
+    for ctxs in batches:
+        rows, tails, targets = [], [], []
+        for e, ctx in enumerate(ctxs):
+            for cont in sorted(groups[ctx]):
+                rows.append(e)
+                tails.append((ctx[-1],) + cont[:-1])
+                targets.append(cont)
+        T, L = max(map(len, tails)), len(ctxs[0]) - 1
+        x = torch.tensor([list(t) + [0] * (T - len(t)) for t in tails], device=lm.device)  # right padding: seen by no real token
+        keep = torch.tensor([[j < len(t) for j in range(T)] for t in tails], device=lm.device)
+        # three stages: the tokens all contexts share (truthfulqa's preamble) once, then each context's rest
+        # once, then every choice from a copy of its context's cache
+        P = len(os.path.commonprefix([c[:-1] for c in ctxs]))
+        prefix = torch.tensor([list(c[:-1]) for c in ctxs], device=lm.device, dtype=torch.long).view(len(ctxs), L)
+        cache = lm.new_cache(1, L + T)
+        if P:
+            lm.run(prefix[:1, :P], cache)
+        cache = lm.select(cache, torch.zeros(len(ctxs), dtype=torch.long, device=lm.device))
+        if L > P:
+            lm.run(prefix[:, P:], cache)
+        cache = lm.select(cache, torch.tensor(rows, device=lm.device))
+        logits = lm.run(x, cache, keep).float()
+        y = torch.tensor([i for t in targets for i in t], device=lm.device)
+        logp = logits.gather(1, y[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+        row_of = torch.tensor([r for r, t in enumerate(targets) for _ in t], device=lm.device)
+        sums = torch.zeros(len(targets), device=lm.device, dtype=torch.float64).index_add_(0, row_of, logp.double())
+        for ctx_i, cont, ll in zip(rows, targets, sums.tolist()):
+            result[(ctxs[ctx_i], cont)] = ll
+        bar.update(len(rows))
+    bar.close()
+    return [result[p] for p in pairs]
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+
+def mc2(lls, labels):
+    """TruthfulQA MC2: the probability mass on the true answers, the choices' probabilities normalized
+    to sum to 1 (lm-eval truthfulqa/utils.py; shifted by the max first, which changes nothing but underflow)."""
+    m = max(lls)
+    p = [math.exp(x - m) for x in lls]
+    return sum(q for q, label in zip(p, labels) if label == 1) / sum(p)
+
+
+def argmax(xs):
+    return max(range(len(xs)), key=lambda i: (xs[i], -i))  # first index on ties, as np.argmax
+
+
+def stderr(values):  # lm-eval's mean_stderr: sample standard deviation / sqrt(n)
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mu = sum(values) / n
+    return math.sqrt(sum((v - mu) ** 2 for v in values) / (n - 1) / n)
+
+
+def task_results(task, docs, lls):
+    per_metric, samples = defaultdict(list), []
+    for i, (doc, ll) in enumerate(zip(docs, lls)):
+        pred = argmax(ll)
+        for metric in TASKS[task][5]:
+            if metric == "acc":
+                per_metric["acc"].append(float(pred in doc["gold"]))
+            elif metric == "acc_norm":  # divide by the choice's length in characters (lm-eval's completion_len)
+                per_metric["acc_norm"].append(float(argmax([l / len(c) for l, c in zip(ll, doc["choices"])]) in doc["gold"]))
+            else:
+                per_metric["acc"].append(mc2(ll, doc["labels"]))  # lm-eval reports mc2 under "acc"
+        samples.append({"doc_index": i, "loglikelihoods": ll, "pred": pred, "gold": doc["gold"][0] if len(doc["gold"]) == 1 else doc["gold"]})
+    res = {}
+    for metric, vals in per_metric.items():
+        res[metric] = sum(vals) / len(vals)
+        res[metric + "_stderr"] = stderr(vals)
+    res["n"] = len(docs)
+    return res, samples
+
+
+def prepare(tasks, data_dir=None, limit=None, num_fewshot=0):
+    """Load and format every task's rows; returns (docs per task, all (context, continuation) pairs,
+    each doc's slice of the pairs per task)."""
+    docs, pairs, spans = {}, [], {}
+    for task in tasks:
+        _, _, split, fewshot_split, *_ = TASKS[task]
+        raw = load_rows(task, split, data_dir)[:limit]
+        docs[task] = format_rows(task, raw)
+        pool = None
+        if num_fewshot:
+            pool_raw = load_rows(task, fewshot_split, data_dir)
+            pool = (format_rows(task, pool_raw), [r for r, _ in pool_raw])
+            if len(pool[0]) <= num_fewshot:
+                raise ValueError(f"{task}: {num_fewshot}-shot needs more than {len(pool[0])} examples in its {fewshot_split} split")
+        spans[task] = []
+        for r in build_requests(task, docs[task], [r for r, _ in raw], pool, num_fewshot):
+            spans[task].append((len(pairs), len(pairs) + len(r)))
+            pairs += r
+    return docs, pairs, spans
+
+
+def evaluate(lm, prepared, batch_size=32, bos=None, progress=True):
+    """{"results": ..., "samples": ...} for prepare()'s output. bos: None = the tokenizer's convention."""
+    docs, pairs, spans = prepared
+    bos_id = lm.bos if bos is None else (lm.prefix_id if bos else None)
+    print(f"{sum(map(len, docs.values()))} examples, {len(pairs)} (context, continuation) pairs", file=sys.stderr)
+    lls = score(lm, tokenize_pairs(lm, pairs, bos_id), batch_size, progress)
+    out = {"results": {}, "samples": {}}
+    for task in docs:
+        out["results"][task], out["samples"][task] = task_results(task, docs[task], [lls[a:b] for a, b in spans[task]])
+    return out
+
+
+def table(results):
+    lines = ["| task | metric | score | stderr |", "|---|---|---|---|"]
+    for task, res in results.items():
+        for metric in ("acc", "acc_norm"):
+            if metric in res:
+                lines.append(f"| {task} | {metric} | {res[metric]:.4f} | ± {res[metric + '_stderr']:.4f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint file, out_dir, or hf:DIR (any transformers causal LM)")
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma list of: {', '.join(TASKS)} (default: all but piqa, the reference card's 12 benchmarks)")
+    p.add_argument("--data_dir", default=None, help="read DIR/<task>/<split>.jsonl (hub field schema; both truthfulqa tasks read DIR/truthfulqa_mc) instead of the HF hub")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N rows of each task")
+    p.add_argument("--num_fewshot", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=32, help="continuations per forward pass")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="bfloat16: ~4x faster on CPUs with AMX; on SmolLM2-135M it moved acc by <= 1 point (well inside "
+                        "one stderr), with 95-99%% of predictions unchanged")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument("--bos", default="auto", choices=["auto", "on", "off"], help="prepend BOS: auto = as the tokenizer does by default")
+    p.add_argument("--out", default=None, help="write results and per-example log-likelihoods to this JSON file")
+    p.add_argument("--no_progress", action="store_true")
+    args = p.parse_args(argv)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        p.error(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
+    if args.limit is not None and args.limit < 1 or args.num_fewshot < 0 or args.batch_size < 1:
+        p.error("need --limit >= 1, --num_fewshot >= 0 and --batch_size >= 1")
+
+    try:
+        prepared = prepare(tasks, args.data_dir, args.limit, args.num_fewshot)  # bad data fails before the model loads
+        t0 = time.time()
+        lm = load_lm(args.ckpt, getattr(torch, args.dtype), args.device)
+        print(f"loaded {args.ckpt} in {time.time() - t0:.1f}s", file=sys.stderr)
+        t1 = time.time()
+        out = evaluate(lm, prepared, args.batch_size, {"auto": None, "on": True, "off": False}[args.bos], not args.no_progress)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    dt = time.time() - t1
+    n = sum(r["n"] for r in out["results"].values())
+    print(f"scored {n} examples in {dt:.1f}s: {n / dt:.2f} examples/s ({args.dtype}, {torch.get_num_threads()} threads)", file=sys.stderr)
+    print(table(out["results"]))
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(out, f)
+        os.replace(tmp, args.out)
+
+
+if __name__ == "__main__":
+    main()
