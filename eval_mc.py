@@ -2,7 +2,7 @@
 Zero-shot multiple-choice evaluation by log-probability, faithful to lm-evaluation-harness 0.4.x.
 
     python eval_mc.py --ckpt out/phase2                                   # all tasks, data from the HF hub
-    python eval_mc.py --ckpt hf:/path/to/llama --data_dir ../shared/benchmarks --tasks arc_easy,copa --dtype bfloat16
+    python eval_mc.py --ckpt hf:/path/to/llama --data_dir path/to/benchmarks --tasks arc_easy,copa --dtype bfloat16
     python eval_mc.py --ckpt out/phase2 --limit 100 --out results.json
 
 Every task turns a row into (context, continuation) pairs, one per choice, exactly as lm-eval 0.4.13's

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 # A few real rows per task (hellaswag's are made up to exercise its cleaning: [title], [step], double spaces).
-# truthfulqa mc1/mc2 read one folder, truthfulqa_mc, as in ../shared/benchmarks.
+# truthfulqa mc1/mc2 read one folder, truthfulqa_mc, as lm-eval names that dataset.
 ROWS = {
     'arc_easy': [
         {"id": "MCAS_2003_5_3", "question": "What causes sound?", "choices": {"text": ["sunlight", "vibrations", "x-rays", "pitch"], "label": ["A", "B", "C", "D"]}, "answerKey": "B"},
