@@ -9,6 +9,8 @@ The runs share one training-FLOPs budget, and the base model's FLOPs count towar
                 one L model (4 layers, configs/tiny.py) trained for --base_iters steps, grown by stack.py with each
                 operator (dus with m = 1: 4 -> 6 layers) and trained on with configs/tiny_stack.py until the budget
                 is spent. The budget is the base's FLOPs plus --grown_iters steps of the 8-layer model.
+    no growth   the control: the L model trained on with configs/tiny_stack.py, unchanged, to the same budget.
+                Growth beats scratch partly because a smaller model learns faster early on; this run shows how much.
 FLOPs are train.py's own count (metrics.jsonl: tokens seen x model.flops_per_token, PaLM's formula).
 The score is Du et al.'s (NeurIPS 2024): the FLOPs each run needs to reach scratch's final val loss, and
 speedup = FLOPs_scratch / FLOPs_growth - 1 (linear interpolation between evaluations).
@@ -46,12 +48,15 @@ def finished(out_dir, iters):
 
 
 def run(args, wall, name):
-    """Run one script in a fresh interpreter, its log going to study/<name>.log; time it."""
+    """Run one script in a fresh interpreter, its log going to study/<name>.log; time it (wall_times.json keeps
+    the times across invocations, so a resumed study still reports what every run took)."""
     log(f"[{time.strftime('%H:%M:%S')}] {name}: python {' '.join(args)}")
     t0 = time.perf_counter()
     with open(os.path.join(STUDY, f"{name}.log"), "w") as logfile:
         proc = subprocess.run([sys.executable, *args], stdout=logfile, stderr=subprocess.STDOUT)
     wall[name] = wall.get(name, 0.0) + time.perf_counter() - t0
+    with open(os.path.join(STUDY, "wall_times.json"), "w") as f:
+        json.dump(wall, f, indent=1)
     if proc.returncode != 0:
         sys.exit(f"error: {name} failed (exit {proc.returncode}); see {STUDY}/{name}.log")
 
@@ -74,10 +79,12 @@ def flops_per_token(n_layer):
 
 def flops_to_reach(curve, target):
     """First FLOPs at which a (flops, loss) curve gets down to target, interpolated; None if it never does."""
+    if curve[0][1] <= target:
+        return curve[0][0]
     for (f0, l0), (f1, l1) in zip(curve, curve[1:]):
-        if l1 <= target:
-            return f1 if l0 <= target or l0 == l1 else f0 + (f1 - f0) * (l0 - target) / (l0 - l1)
-    return curve[0][0] if curve and curve[0][1] <= target else None
+        if l1 <= target:  # l0 > target >= l1
+            return f0 + (f1 - f0) * (l0 - target) / (l0 - l1)
+    return None
 
 
 if __name__ == "__main__":
@@ -95,7 +102,8 @@ if __name__ == "__main__":
         VOCAB = 64 * -(-json.load(f)["vocab_size"] // 64)  # as train.py pads it
     os.makedirs(STUDY, exist_ok=True)
     tokens_per_step = 16 * 256  # configs/tiny.py and configs/tiny_stack.py: batch 16 x block 256, no accumulation
-    wall, t_start = {}, time.perf_counter()
+    wall_path = os.path.join(STUDY, "wall_times.json")
+    wall = json.load(open(wall_path)) if os.path.exists(wall_path) else {}
 
     # the base, then the budget it implies
     train(wall, "base", "configs/tiny.py", args.base_iters)
@@ -109,7 +117,7 @@ if __name__ == "__main__":
     train(wall, "scratch", "configs/tiny.py", scratch_iters, "--n_layer=8")
 
     # each operator: grow the base, train on for what is left of the budget
-    depth = {"stack": 8, "interleave": 8, "zero": 8, "dus": 6}
+    depth = {"scratch": 8, "stack": 8, "interleave": 8, "zero": 8, "dus": 6, "no_growth": 4}
     for method in METHODS:
         grown_ckpt = os.path.join(STUDY, f"{method}.pt")
         iters = round((budget - base_flops) / (tokens_per_step * flops_per_token(depth[method])))
@@ -117,26 +125,25 @@ if __name__ == "__main__":
             run(["stack.py", f"--src={STUDY}/base", f"--out={grown_ckpt}", f"--method={method}", "--force"]
                 + (["--drop=1"] if method == "dus" else []), wall, f"stack_{method}")
         train(wall, method, "configs/tiny_stack.py", iters, f"--init_from={grown_ckpt}")
+    iters = round((budget - base_flops) / (tokens_per_step * flops_per_token(4)))
+    train(wall, "no_growth", "configs/tiny_stack.py", iters, f"--init_from={STUDY}/base")
 
     # -- score ---------------------------------------------------------------------------------------------------
     curves = {"scratch": [(f, l) for _, f, l in evals(os.path.join(STUDY, "scratch"))]}
-    for method in METHODS:
-        curves[method] = [(base_flops + f, l) for _, f, l in evals(os.path.join(STUDY, method))]
+    for name in METHODS + ["no_growth"]:
+        curves[name] = [(base_flops + f, l) for _, f, l in evals(os.path.join(STUDY, name))]
     target = curves["scratch"][-1][1]
     flops_scratch = flops_to_reach(curves["scratch"], target)
     rows = ["| run | layers | final val loss | FLOPs to reach scratch's final loss | speedup |", "|---|---|---|---|---|"]
     for name, curve in curves.items():
         reach = flops_to_reach(curve, target)
         speedup = f"{flops_scratch / reach - 1:+.0%}" if reach else "< 0 (not reached within the budget)"
-        layers = 8 if name == "scratch" else depth[name]
-        rows.append(f"| {name} | {layers} | {curve[-1][1]:.4f} | {f'{reach:.3g}' if reach else 'not reached'} | "
+        rows.append(f"| {name} | {depth[name]} | {curve[-1][1]:.4f} | {f'{reach:.3g}' if reach else 'not reached'} | "
                     f"{'(reference)' if name == 'scratch' else speedup} |")
-    total = time.perf_counter() - t_start
     summary = (f"Budget {budget:.3g} training FLOPs: base 4 layers x {args.base_iters} steps ({base_flops:.3g} FLOPs), "
                f"grown runs to the budget (8 layers: {args.grown_iters} steps), scratch 8 layers x {scratch_iters} steps; "
                f"{tokens_per_step:,} tokens per step on data/pydocs.\n"
-               f"Wall time of the runs this invocation made: {sum(wall.values()):.0f} s "
-               f"({', '.join(f'{k} {v:.0f}' for k, v in wall.items())}); whole script {total:.0f} s.")
+               f"Wall time of the runs, summed: {sum(wall.values()):.0f} s ({', '.join(f'{k} {v:.0f}' for k, v in wall.items())}).")
     table = "\n".join(rows) + "\n\n" + summary + "\n"
     with open(os.path.join(STUDY, "growth_study.md"), "w") as f:
         f.write("# Growth vs scratch at equal training FLOPs\n\n" + table)
@@ -148,12 +155,12 @@ if __name__ == "__main__":
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     ax.plot([f for _, f, _ in base], [l for *_, l in base], color="0.5", ls="--", label="base (4 layers)")
     ax.plot(*zip(*curves["scratch"]), color="black", lw=2, label="scratch (8 layers)")
-    for method in METHODS:
-        ax.plot(*zip(*curves[method]), label=f"{method} ({depth[method]} layers)")
+    for name in METHODS + ["no_growth"]:
+        ax.plot(*zip(*curves[name]), label=f"{name} ({depth[name]} layers)", ls=":" if name == "no_growth" else "-")
     ax.axhline(target, color="black", lw=0.5, ls=":")
     ax.set_xlabel("training FLOPs (base included)")
     ax.set_ylabel("val loss")
-    ax.set_ylim(target - 0.5, target + 1.5)
+    ax.set_ylim(min(l for curve in curves.values() for _, l in curve) - 0.1, target + 1.5)  # the early drop is off the top
     ax.set_title("Growth vs scratch at equal FLOPs (tiny, pydocs)")
     ax.legend()
     fig.tight_layout()
