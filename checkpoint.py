@@ -51,11 +51,7 @@ def load(name, map_location="cpu"):
 def save(ckpt, out_dir, keep_last=0):
     """Write out_dir/ckpt.pt atomically (temp file, then rename): a crash mid-write leaves the previous
     checkpoint intact. keep_last > 0 also keeps ckpt_<iter>.pt copies of the last k saves."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "ckpt.pt")
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    path = write(ckpt, os.path.join(out_dir, "ckpt.pt"))
     if keep_last > 0:
         numbered = os.path.join(out_dir, f"ckpt_{ckpt['iter_num']:07d}.pt")
         if os.path.exists(numbered):
@@ -63,6 +59,15 @@ def save(ckpt, out_dir, keep_last=0):
         os.link(path, numbered)  # a hard link: no second copy on disk
         for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_[0-9]*.pt")))[:-keep_last]:
             os.remove(old)
+    return path
+
+
+def write(ckpt, path):
+    """Write one checkpoint file atomically (temp file, then rename), creating its directory."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
     return path
 
 

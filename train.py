@@ -202,6 +202,14 @@ elif ckpt is not None and ckpt.get("loader") and ckpt.get("config", {}).get("dat
     # a new phase on the same data continues the stream where the last phase stopped: no token is seen twice
     train_loader.load_state_dict(ckpt["loader"])
     log(f"continuing {data_dir} at shard {train_loader.shard}, token {train_loader.offset:,}")
+if init_from != "resume" and ckpt is not None and ckpt.get("optimizer") and history and history[-1].get("optim") == "copy":
+    # stack.py --optim copy grew the AdamW moments with the model: keep them, but this phase's own lr, betas and
+    # weight decay (load_state_dict would also restore the old phase's group settings)
+    carried, params = ckpt["optimizer"]["state"], [p for group in optimizer.param_groups for p in group["params"]]
+    if any(i >= len(params) or s["exp_avg"].shape != params[i].shape for i, s in carried.items()):
+        raise SystemExit(f"the optimizer state in {init_from} does not fit the model's parameters")
+    optimizer.load_state_dict(dict(optimizer.state_dict(), state=carried))
+    log(f"AdamW moments carried over from {init_from} (stack.py --optim copy)")
 ckpt = None  # free memory
 
 raw_model = model  # the module whose state dict we save: never the compiled or DDP wrapper

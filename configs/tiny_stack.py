@@ -1,0 +1,23 @@
+# Phase 2 of the tiny CPU recipe: the 4-layer tiny model grown to 8 layers, trained on for 250 steps.
+#   python train.py configs/tiny.py
+#   python stack.py --src out/tiny --out out/tiny_stacked.pt
+#   python train.py configs/tiny_stack.py
+# The architecture comes from the stacked checkpoint; only training settings live here.
+out_dir = "out/tiny_stack"
+data_dir = "data/pydocs"    # the same data: the loader continues where phase 1 stopped
+init_from = "out/tiny_stacked.pt"
+device = "cpu"
+dtype = "bfloat16"
+compile = False
+batch_size = 16
+block_size = 256
+gradient_accumulation_steps = 1
+learning_rate = 1e-3        # half of phase 1's peak, as phase2.py halves phase1.py's: the copies start trained
+min_lr = 1e-4
+max_iters = 250
+lr_decay_iters = 250
+warmup_iters = 25           # a fresh AdamW needs its own warmup: its moments start at zero
+eval_interval = 50
+eval_iters = 5
+log_interval = 20
+peak_flops = 2.8e12
