@@ -1,4 +1,4 @@
-# Phase 2 of the tiny CPU recipe: the 4-layer tiny model grown to 8 layers, trained on for 250 steps.
+# Phase 2 of the tiny CPU recipe: the 4-layer tiny model grown to 8 layers, trained on for 200 steps.
 #   python train.py configs/tiny.py
 #   python stack.py --src out/tiny --out out/tiny_stacked.pt
 #   python train.py configs/tiny_stack.py
@@ -14,8 +14,8 @@ block_size = 256
 gradient_accumulation_steps = 1
 learning_rate = 1e-3        # half of phase 1's peak, as phase2.py halves phase1.py's: the copies start trained
 min_lr = 1e-4
-max_iters = 250
-lr_decay_iters = 250
+max_iters = 200
+lr_decay_iters = 200
 warmup_iters = 25           # a fresh AdamW needs its own warmup: its moments start at zero
 eval_interval = 50
 eval_iters = 5
