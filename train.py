@@ -156,10 +156,13 @@ log(f"tokens per optimizer step: {tokens_per_step:,} ({world_size} processes x {
 
 # -----------------------------------------------------------------------------------------------
 # Data and tokenizer
-meta = load_meta(data_dir)
-tokenizer = load_tokenizer(data_dir)
-train_loader = ShardLoader(data_dir, "train", batch_size, block_size, rank, world_size, device)
-val_loader = ShardLoader(data_dir, "val", batch_size, block_size, rank, world_size, device)
+try:
+    meta = load_meta(data_dir)
+    tokenizer = load_tokenizer(data_dir)
+    train_loader = ShardLoader(data_dir, "train", batch_size, block_size, rank, world_size, device)
+    val_loader = ShardLoader(data_dir, "val", batch_size, block_size, rank, world_size, device)
+except (OSError, ValueError) as e:  # no dataset, a damaged one, ids outside its vocabulary: one line naming the file
+    raise SystemExit(f"error: {e}")
 
 # -----------------------------------------------------------------------------------------------
 # Model: from scratch, resumed, or a new phase from another checkpoint
@@ -263,8 +266,9 @@ def save_checkpoint(val_loss):
                 history=history + [phase])
     try:
         path = checkpoint.save(ckpt, out_dir, keep_last)
-    except OSError as e:  # a full disk says so in one line; the previous checkpoint is intact
-        raise SystemExit(f"error: {e}")
+    except OSError as e:  # a full disk says so in one line (on its own, not after the progress bar); the last checkpoint is intact
+        log(f"error: {e}")
+        raise SystemExit(1)
     log(f"saved {path}")
 
 
