@@ -5,9 +5,9 @@ Train a Llama-style model on prepared token shards.
     python train.py configs/phase1.py --max_iters=100       # any config key can be overridden
     torchrun --standalone --nproc_per_node=8 train.py configs/phase1.py   # DDP
 
-The story: read the config -> set up devices (and DDP) -> open the data -> build or load the model ->
-AdamW + warmup/cosine -> loop { eval + checkpoint, forward/backward with gradient accumulation, clip,
-step, log } -> final eval + checkpoint.
+The story: read the config -> set up devices (and DDP), lock out_dir against a second run -> open the data
+(data.py) -> build or load the model (checkpoint.py) -> AdamW + warmup/cosine -> loop { eval + checkpoint,
+forward/backward with gradient accumulation, clip, step, log } -> final eval + checkpoint.
 """
 import ast
 import math
