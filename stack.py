@@ -56,8 +56,9 @@ def layer_map(method, n_layer, factor, drop):
         return [i % n_layer for i in range(factor * n_layer)]
     if method in ("interleave", "zero"):
         return [i // factor for i in range(factor * n_layer)]
-    if method == "dus":  # copy c keeps layers [drop, n_layer - drop), except the first copy its start, the last its end
-        return [i for c in range(factor) for i in range(drop if c > 0 else 0, n_layer - drop if c < factor - 1 else n_layer)]
+    if method == "dus":  # each copy keeps layers [drop, n_layer - drop), except the first copy its start, the last its end
+        return [i for copy in range(factor)
+                for i in range(drop if copy > 0 else 0, n_layer - drop if copy < factor - 1 else n_layer)]
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -153,7 +154,8 @@ def val_batches(ckpt, args):
     return [loader.next_batch() for _ in range(n)], f"{n} val batches of {batch_size} x {block_size} from {data_dir}"
 
 
-def main(argv=None):
+def parse_args(argv):
+    """The arguments, with every check that needs no file done first, so that a refusal writes nothing."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", default="out/phase1", help="source checkpoint: a file, an out_dir, or hf:DIR (default: %(default)s)")
     p.add_argument("--out", default="out/stacked.pt",
@@ -168,83 +170,97 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for the val loss only")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     args = p.parse_args(argv)
-
-    # every check before any work, so that a refusal writes nothing
     try:
-        factor = int(args.factor)
+        args.factor = int(args.factor)
     except ValueError:
         p.error(f"--factor must be an integer >= 2, got {args.factor!r}")
-    if factor < 2:
-        p.error(f"--factor must be an integer >= 2, got {factor}: the model must grow")
+    if args.factor < 2:
+        p.error(f"--factor must be an integer >= 2, got {args.factor}: the model must grow")
     if args.drop is not None and args.method != "dus":
         p.error(f"--drop applies to --method dus only, not {args.method}")
     if args.noise < 0 or not math.isfinite(args.noise):
         p.error(f"--noise must be >= 0, got {args.noise}")
     if args.eval_iters is not None and args.eval_iters < 1:
         p.error(f"--eval_iters must be >= 1, got {args.eval_iters}")
-    out_path = args.out if args.out.endswith(".pt") else os.path.join(args.out, "ckpt.pt")
-    if os.path.exists(out_path) and not args.force:
-        sys.exit(f"error: {out_path} already exists; pass --force to overwrite it")
-    recipe = args.src == p.get_default("src") and args.out == p.get_default("out")  # `python stack.py`: the recipe's step
+    args.out_path = args.out if args.out.endswith(".pt") else os.path.join(args.out, "ckpt.pt")
+    if os.path.exists(args.out_path) and not args.force:
+        sys.exit(f"error: {args.out_path} already exists; pass --force to overwrite it")
+    args.recipe = args.src == p.get_default("src") and args.out == p.get_default("out")  # `python stack.py`
+    return args
+
+
+def load_source(args):
+    """The source checkpoint, and m, the layers dus drops on each side of a seam (checked against its depth)."""
     try:
         ckpt = checkpoint.load(args.src)
     except (FileNotFoundError, ValueError, ImportError) as e:
-        sys.exit(f"error: {e}" + ("; train phase 1 first (train.py configs/phase1.py), or name a source with --src" if recipe else ""))
-    log(f"growing {args.src} into {out_path}" + (" (the recipe's step: configs/phase2.py starts from it)" if recipe else ""))
-    src_args = ckpt["model_args"]
-    n_layer = src_args["n_layer"]
+        sys.exit(f"error: {e}" + ("; train phase 1 first (train.py configs/phase1.py), or name a source with --src"
+                                  if args.recipe else ""))
+    log(f"growing {args.src} into {args.out_path}" + (" (the recipe's step: configs/phase2.py starts from it)" if args.recipe else ""))
+    n_layer = ckpt["model_args"]["n_layer"]
     drop = args.drop if args.drop is not None else (max(1, n_layer // 4) if args.method == "dus" else 0)
-    if args.method == "dus":
-        # m < L/2 keeps the grown model deeper than the source (gL - 2m(g-1) > L) and leaves the middle copies a layer
-        if not 1 <= drop <= (n_layer - 1) // 2:
-            sys.exit(f"error: --drop m must be between 1 and {(n_layer - 1) // 2} (m < L/2) for dus on {n_layer} layers, "
-                     f"got {drop}" + ("" if n_layer > 2 else ": a model this shallow cannot be depth-up-scaled"))
+    # m < L/2 keeps the grown model deeper than the source (gL - 2m(g-1) > L) and leaves the middle copies a layer
+    if args.method == "dus" and not 1 <= drop <= (n_layer - 1) // 2:
+        sys.exit(f"error: --drop m must be between 1 and {(n_layer - 1) // 2} (m < L/2) for dus on {n_layer} layers, "
+                 f"got {drop}" + ("" if n_layer > 2 else ": a model this shallow cannot be depth-up-scaled"))
+    return ckpt, drop
+
+
+def compare(source, grown, ckpt, args):
+    """{"source": loss, "grown": loss} on the same val batches; {} when the source's data is not at hand."""
+    try:
+        batches, what = val_batches(ckpt, args)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if batches is None:
+        print(f"val loss: skipped, {what}")
+        return {}
+    log(f"val loss on {what} ({args.device})")
+    losses = {}
+    for label, model in (("source", source), ("grown", grown)):
+        losses[label] = val_loss(model.to(args.device).eval(), batches, args.device)
+        model.cpu()
+    print(f"val loss: source {losses['source']:.4f}, grown {losses['grown']:.4f} ({what})")
+    return losses
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ckpt, drop = load_source(args)
 
     # -- grow -------------------------------------------------------------------------------------------------
-    copy_of = layer_map(args.method, n_layer, factor, drop)
+    src_args = ckpt["model_args"]
+    n_layer = src_args["n_layer"]
+    copy_of = layer_map(args.method, n_layer, args.factor, drop)
     new_args = dict(src_args, n_layer=len(copy_of))
     log(f"{args.method}: {n_layer} -> {len(copy_of)} layers; new layer i starts from source layer {copy_of}")
-    grown_state = grow_state_dict(ckpt["model"], copy_of, args.method, args.noise)
     grown = LLaMA(ModelConfig(**new_args))
-    grown.load_state_dict(grown_state)  # strict: the grown dict must be exactly a model of the new depth
-    source = checkpoint.build_model(ckpt)
+    # strict: the grown dict must be exactly a model of the new depth
+    grown.load_state_dict(grow_state_dict(ckpt["model"], copy_of, args.method, args.noise))
     optimizer = None
     if args.optim == "copy":
         if not ckpt.get("optimizer"):
             sys.exit(f"error: --optim copy needs an optimizer state, and {args.src} has none")
         optimizer = grow_optimizer(ckpt["optimizer"], src_args, new_args, copy_of)
-
+    source = checkpoint.build_model(ckpt)
     print(f"source: {n_layer} layers, {source.num_params():,} parameters ({source.num_params(non_embedding=True):,} non-embedding)")
     print(f"grown:  {len(copy_of)} layers, {grown.num_params():,} parameters ({grown.num_params(non_embedding=True):,} non-embedding)")
 
-    # -- compare on the same val batches ------------------------------------------------------------------------
-    try:
-        batches, what = val_batches(ckpt, args)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    losses = {}
-    if batches is None:
-        print(f"val loss: skipped, {what}")
-    else:
-        log(f"val loss on {what} ({args.device})")
-        for label, model in (("source", source), ("grown", grown)):
-            losses[label] = val_loss(model.to(args.device).eval(), batches, args.device)
-            model.cpu()
-        print(f"val loss: source {losses['source']:.4f}, grown {losses['grown']:.4f} ({what})")
+    losses = compare(source, grown, ckpt, args)
 
     # -- write ------------------------------------------------------------------------------------------------
-    entry = dict(event="stack", method=args.method, factor=factor, drop=drop, optim=args.optim, noise=args.noise,
-                 source=args.src, out=out_path, n_layer=[n_layer, len(copy_of)], val_loss_source=losses.get("source"),
+    entry = dict(event="stack", method=args.method, factor=args.factor, drop=drop, optim=args.optim, noise=args.noise,
+                 source=args.src, out=args.out_path, n_layer=[n_layer, len(copy_of)], val_loss_source=losses.get("source"),
                  val_loss=losses.get("grown"))
     grown_ckpt = dict(model=grown.state_dict(), model_args=new_args, tokenizer=ckpt["tokenizer"], optimizer=optimizer,
                       iter_num=0, config=ckpt.get("config") or {}, loader=ckpt.get("loader"),
                       best_val_loss=losses.get("grown", float("inf")), tokens_seen=0, rng=ckpt.get("rng"),
                       history=list(ckpt.get("history", [])) + [entry])
     try:
-        checkpoint.write(grown_ckpt, out_path)
+        checkpoint.write(grown_ckpt, args.out_path)
     except OSError as e:  # a full disk says so in one line, and nothing is left half-written
         sys.exit(f"error: {e}")
-    print(f"wrote {out_path}" + ("; next: python train.py configs/phase2.py" if recipe else ""))
+    print(f"wrote {args.out_path}" + ("; next: python train.py configs/phase2.py" if args.recipe else ""))
 
 
 if __name__ == "__main__":

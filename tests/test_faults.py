@@ -42,7 +42,6 @@ class FullDisk:
 def open_on_full_disk(path, *args, **kwargs):
     f = real_open(path, *args, **kwargs)
     return FullDisk(f) if str(path).endswith("ckpt.pt.tmp") else f
-builtins.open = open_on_full_disk
 """
 
 
@@ -53,7 +52,7 @@ def train(data, out, *extra, check=True):
 def train_on_full_disk(data, out, *extra):
     """train.py in a fresh interpreter whose checkpoint writes hit a full disk."""
     argv = ["train.py", f"--data_dir={data}", f"--out_dir={out}", *TINY, *extra]
-    code = FULL_DISK + f"import runpy, sys\nsys.argv = {argv!r}\nrunpy.run_path('train.py', run_name='__main__')\n"
+    code = FULL_DISK + f"builtins.open = open_on_full_disk\nimport runpy, sys\nsys.argv = {argv!r}\nrunpy.run_path('train.py', run_name='__main__')\n"
     return run_script("-c", code, check=False)
 
 
@@ -90,8 +89,8 @@ def test_checkpoint_save_on_full_disk_in_process(tmp_path, monkeypatch):
     ckpt = {"model": {"w": torch.randn(256, 256)}, "model_args": {}, "iter_num": 1}
     checkpoint.save(ckpt, str(tmp_path))
     namespace = {}
-    exec(FULL_DISK, namespace)  # patches builtins.open for *ckpt.pt.tmp, undone below
-    monkeypatch.setattr("builtins.open", namespace["open_on_full_disk"])
+    exec(FULL_DISK, namespace)
+    monkeypatch.setattr("builtins.open", namespace["open_on_full_disk"])  # for *ckpt.pt.tmp only; undone below
     with pytest.raises(DiskFullError, match=r"disk full while writing .*ckpt.pt: the previous ckpt.pt is intact") as e:
         checkpoint.save(dict(ckpt, iter_num=2), str(tmp_path))
     monkeypatch.undo()
