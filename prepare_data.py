@@ -2,11 +2,12 @@
 Prepare a token dataset: text documents -> tokenizer -> train/val shards + meta.json.
 
     python prepare_data.py                                    # pydocs (offline, ships with Python) -> data/pydocs
+    python prepare_data.py --sources pystdlib --vocab_size 2048   # the stdlib's own source, ~10M tokens -> data/pystdlib
     python prepare_data.py --sources 'notes/*.txt' books.jsonl  # local files, read fully -> data/mix
     python prepare_data.py --sources a.jsonl@0.75 b.parquet@0.25 --max_tokens 1_000_000
     python prepare_data.py --preset reference --max_tokens 9_000_000_000   # the hub blend -> data/reference
 
-A source is `pydocs`, a local .txt/.jsonl/.json/.parquet file (or a directory or glob of them), or a
+A source is a built-in one (`pydocs`, `pystdlib`: text that ships with Python), a local .txt/.jsonl/.json/.parquet file (or a directory or glob of them), or a
 Hugging Face hub dataset `hf:org/name[:config]`, each optionally suffixed `@WEIGHT`. Local files and hub
 datasets go through one code path, datasets.load_dataset(..., streaming=True). Weighted sources are
 interleaved until each has its share of --max_tokens; without a budget every source is read fully.
@@ -90,6 +91,54 @@ def pydocs_documents():
 
 
 # -----------------------------------------------------------------------------------------------
+# pystdlib: the standard library's own source files, tests included (~31 MB on CPython 3.11): real Python and
+# English comments and docstrings, ~20x pydocs, still offline. Returns (documents, provenance for meta.json).
+
+def pystdlib_documents():
+    """Every .py file under the running Python's standard library directory (site-packages excluded), one
+    document per file, in a fixed order: a directory's files sorted by name, then its subdirectories, sorted. Decoding is fixed: the file's PEP 263 coding cookie (UTF-8 by
+    default), with U+FFFD for bytes it cannot decode (a few test files are deliberately malformed); line ends
+    normalised to \\n as Python's own reader does. The same Python version gives the same documents."""
+    import sysconfig
+    import tokenize
+    root = sysconfig.get_path("stdlib")
+    if not root or not os.path.isfile(os.path.join(root, "os.py")):
+        raise SystemExit(f"pystdlib: cannot read the standard library's source files: {root!r} holds no os.py "
+                         "(a zipped or stripped Python install); use another Python, or --sources pydocs")
+    paths = []
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__"))
+        paths += [os.path.join(dirpath, f) for f in sorted(files) if f.endswith(".py")]
+    docs, n_bytes = [], 0
+    for path in paths:
+        with open(path, "rb") as f:
+            raw = f.read()
+        n_bytes += len(raw)
+        try:
+            encoding = tokenize.detect_encoding(iter(raw.splitlines(keepends=True)).__next__)[0]
+            text = raw.decode(encoding)
+        except (SyntaxError, LookupError, UnicodeDecodeError):  # a bad cookie or bytes that contradict it
+            text = raw.decode("utf-8", errors="replace")
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        if text.strip():  # empty __init__.py files would add only a stray end-of-text
+            docs.append(text)
+    if not docs:
+        raise SystemExit(f"pystdlib: no readable .py files under {root!r}")
+    has_tests = os.path.isdir(os.path.join(root, "test"))
+    if not has_tests:
+        log(f"warning: pystdlib: {root} has no test/ package (a distribution that ships it apart, e.g. Debian's "
+            "libpython3.X-testsuite): the corpus is ~2/3 smaller")
+    return docs, {"python": sys.version.split()[0], "implementation": sys.implementation.name, "stdlib": root,
+                  "files": len(paths), "documents": len(docs), "bytes": n_bytes, "tests_included": has_tests,
+                  "license": "PSF-2.0 (Python Software Foundation License; " + os.path.join(root, "LICENSE.txt") + ")"}
+
+
+# Built-in sources: a name usable in --sources, and the function that reads it (-> documents, or documents and
+# provenance recorded in meta.json).
+BUILTIN_SOURCES = {"pydocs": pydocs_documents, "pystdlib": pystdlib_documents}
+
+
+# -----------------------------------------------------------------------------------------------
 # Sources: parse a spec, then open it as an iterator of document strings
 
 def parse_source(spec):
@@ -103,8 +152,8 @@ def parse_source(spec):
         if not 0 < weight < float("inf"):
             raise SystemExit(f"source {spec!r}: weight must be a positive number, got {tail}")
     src = {"spec": spec, "weight": weight}
-    if spec == "pydocs":
-        return src | {"kind": "pydocs", "name": "pydocs"}
+    if spec in BUILTIN_SOURCES:
+        return src | {"kind": "builtin", "name": spec}
     if spec.startswith("hf:"):
         name, _, config = spec[3:].partition(":")
         if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
@@ -119,7 +168,7 @@ def parse_source(spec):
             raise SystemExit(f"source {spec!r}: no .txt/.jsonl/.json/.parquet files match")
         if os.path.splitext(spec)[1] in BUILDERS:
             raise SystemExit(f"source {spec!r}: no such file")
-        raise SystemExit(f"unknown source {spec!r}: expected pydocs, hf:org/name[:config], or a "
+        raise SystemExit(f"unknown source {spec!r}: expected {', '.join(BUILTIN_SOURCES)}, hf:org/name[:config], or a "
                          ".txt/.jsonl/.json/.parquet file, directory or glob (each optionally @WEIGHT)")
     for f in files:
         if os.path.splitext(f)[1] not in BUILDERS:
@@ -147,9 +196,10 @@ def stream_texts(label, text_column, *args, **kwargs):
 
 
 def open_source(src, text_column, seed):
-    if src["kind"] == "pydocs":
-        if "docs" not in src:  # extracted once (~2 s), shuffled so that the per-document split makes iid train/val
-            src["docs"] = pydocs_documents()
+    if src["kind"] == "builtin":
+        if "docs" not in src:  # read once, shuffled so that the per-document split makes iid train/val
+            docs = BUILTIN_SOURCES[src["name"]]()
+            src["docs"], src["provenance"] = docs if isinstance(docs, tuple) else (docs, None)
             random.Random(seed).shuffle(src["docs"])
         return iter(src["docs"])
     if src["kind"] == "hf":
@@ -232,22 +282,22 @@ class ShardWriter:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\nThe story")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="SPEC: pydocs | PATH/DIR/GLOB of .txt .jsonl .json .parquet | hf:org/name[:config], each optionally @WEIGHT")
+                                epilog="SPEC: pydocs | pystdlib | PATH/DIR/GLOB of .txt .jsonl .json .parquet | hf:org/name[:config], each optionally @WEIGHT")
     p.add_argument("--sources", nargs="+", metavar="SPEC", help="what to read (default: pydocs)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named blend instead of --sources (reference: 4 hub corpora, needs --max_tokens)")
     p.add_argument("--max_tokens", type=int, metavar="N", help="token budget over train+val, shared by weight (equally without weights; default: read everything)")
     p.add_argument("--out_dir", help="default: data/<preset or source name>, data/mix for several sources")
     p.add_argument("--tokenizer", metavar="NAME", help=f"bpe, {', '.join(TIKTOKEN_VOCAB)}, or hf:DIR (a Hugging Face model's own "
-                   "tokenizer.json, to continue training that model); default: bpe for pydocs, gpt2 otherwise")
+                   "tokenizer.json, to continue training that model); default: bpe for built-in sources, gpt2 otherwise")
     p.add_argument("--vocab_size", type=int, default=4096, metavar="N", help="for --tokenizer bpe (default: %(default)s)")
     p.add_argument("--bpe_train_chars", type=int, default=200_000_000, metavar="N",
                    help="at most this many characters of train text (mixed by weight) to train the BPE on (default: %(default)s)")
     p.add_argument("--text_column", default="text", help="column holding the text in .jsonl/.json/.parquet and hub rows (default: %(default)s)")
     p.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto", help="auto: uint16 when the vocab fits")
     p.add_argument("--shard_size", type=int, default=100_000_000, metavar="N", help="tokens per shard (default: %(default)s)")
-    p.add_argument("--val_fraction", type=float, metavar="F", help="share of documents for val (default 0.05 for pydocs, whose "
+    p.add_argument("--val_fraction", type=float, metavar="F", help="share of documents for val (default 0.05 for built-in sources: pydocs' "
                    "~600k tokens need 5%% for a steady val loss; 0.005 otherwise, already millions of tokens at scale)")
-    p.add_argument("--seed", type=int, default=1337, help="pydocs shuffle and train/val split (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=1337, help="built-in sources' shuffle and train/val split (default: %(default)s)")
     p.add_argument("--batch_docs", type=int, default=1024, metavar="N", help="documents per encode batch (default: %(default)s)")
     args = p.parse_args(argv)
     t0 = time.time()
@@ -262,11 +312,11 @@ def main(argv=None):
     for flag in ("max_tokens", "shard_size", "batch_docs", "bpe_train_chars"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise SystemExit(f"--{flag} must be positive, got {getattr(args, flag)}")
-    only_pydocs = all(s["kind"] == "pydocs" for s in sources)
-    val_fraction = args.val_fraction if args.val_fraction is not None else (0.05 if only_pydocs else 0.005)
+    only_builtin = all(s["kind"] == "builtin" for s in sources)
+    val_fraction = args.val_fraction if args.val_fraction is not None else (0.05 if only_builtin else 0.005)
     if not 0 < val_fraction < 1:
         raise SystemExit(f"--val_fraction must be between 0 and 1, got {val_fraction}")
-    kind = args.tokenizer or ("bpe" if only_pydocs else "gpt2")
+    kind = args.tokenizer or ("bpe" if only_builtin else "gpt2")
     hf_tok = None
     if kind.startswith("hf:"):
         from export_hf import tokenizer_spec_from_hf
@@ -340,7 +390,8 @@ def main(argv=None):
             "vocab_size": tok.vocab_size,
             "eot_id": tok.eot_id,
             "dtype": dtype,
-            "sources": [{"spec": s["spec"], "weight": w / sum(weights), **c} for s, w, c in zip(sources, weights, counts)],
+            "sources": [{"spec": s["spec"], "weight": w / sum(weights), **c, **({"provenance": s["provenance"]} if s.get("provenance") else {})}
+                        for s, w, c in zip(sources, weights, counts)],
             "tokens": {split: w.tokens for split, w in writers.items()},
             "shards": {split: w.files for split, w in writers.items()},
             "shard_size": args.shard_size,
