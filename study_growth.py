@@ -18,8 +18,8 @@ The growth study at --budget (training FLOPs, the base's included in every grown
     no_growth   the control: the base trained on unchanged, with the same phase-2 recipe, to the same budget.
 Every run keeps its config's recipe, with its step count set by its FLOPs: warmup over the first 10% of the steps
 (as configs/tiny*.py have it), cosine decay to a tenth of the peak at the end. The defaults are sized for 2 CPU cores:
-4 and 8 layers of width 32 with tied embeddings (~0.12M and ~0.17M parameters at vocab 2048), budgets of 1.25e12 to
-1e13 FLOPs (~0.7M to ~5.6M tokens of the 8-layer model, under one epoch of pystdlib).
+4 and 8 layers of width 32 with tied embeddings (~0.12M and ~0.17M parameters at vocab 2048), 8 x 128 tokens per
+step, budgets of 1.25e12 to 5e12 FLOPs (~0.9M to ~3.6M tokens of the 8-layer model, under one epoch of pystdlib).
 The first value of --growth_points, --factors, --optims, --noise and --lr_mults is the main setting: every
 operator runs with it, and with every seed. The other values vary one thing at a time for the first operator,
 with the first seed; --lr_mults also sweeps scratch's peak learning rate, and the grown phase's (that of
@@ -70,11 +70,13 @@ def parse_args(argv=None):
     p.add_argument("--n_embd", type=int, default=32, help="width of both models (default: %(default)s)")
     p.add_argument("--n_head", type=int, default=2)
     p.add_argument("--intermediate_size", type=int, default=88, help="SwiGLU width, ~8/3 n_embd (default: %(default)s)")
-    p.add_argument("--block_size", type=int, default=256)
-    p.add_argument("--batch_size", type=int, default=16)
+    # 1,024 tokens per step: at these budgets a model is limited by its number of steps, and a small batch gives it
+    # 4x the steps of configs/tiny.py's 16 x 256 at the same tokens per second (measured on 2 CPU cores)
+    p.add_argument("--block_size", type=int, default=128)
+    p.add_argument("--batch_size", type=int, default=8)
     # budgets, in training FLOPs
-    p.add_argument("--budget", type=float, default=1e13, help="the growth study's budget (default: %(default)s)")
-    p.add_argument("--crossover_budgets", type=float, nargs="*", default=[1.25e12, 2.5e12, 5e12, 1e13],
+    p.add_argument("--budget", type=float, default=5e12, help="the growth study's budget (default: %(default)s)")
+    p.add_argument("--crossover_budgets", type=float, nargs="*", default=[1.25e12, 2.5e12, 5e12],
                    help="budgets of the small-vs-large scratch runs (none: skip the crossover)")
     # what varies
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
@@ -105,6 +107,11 @@ def parse_args(argv=None):
     for g in args.factors:
         if g < 2 or args.layers % g:
             p.error(f"--factors: {g} must be >= 2 and divide --layers {args.layers}")
+    dus_factors = args.factors if args.operators[0] == "dus" else args.factors[:1] if "dus" in args.operators else []
+    for g in dus_factors:
+        if args.layers // g < 3:
+            p.error(f"dus needs a base of at least 3 layers (it drops one at each seam): --layers {args.layers} / "
+                    f"factor {g} = {args.layers // g}")
     if not all(0 < f < 1 for f in args.growth_points):
         p.error("--growth_points must be fractions strictly between 0 and 1")
     if args.budget <= 0 or any(b <= 0 for b in args.crossover_budgets) or args.jobs < 1:
@@ -226,8 +233,9 @@ def plan(args, vocab):
         return add(train_job(args, vocab, f"scratch_L{n_layer}_b{budget:.3g}_lr{fmt(lr_mult)}_s{seed}", "configs/tiny.py",
                              budget, n_layer, lr_mult, seed), priority)
 
-    # the order runs start in: the crossover, cheapest first; scratch, no_growth and the first operator, seed by seed;
-    # the other operators with the first seed; the variations; the other operators' other seeds
+    # the order runs start in: the crossover, cheapest first, and scratch's LR sweep (both say whether the budget is
+    # in the regime where growth can be judged); scratch, no_growth and the first operator, seed by seed; the other
+    # operators with the first seed; the other variations; the other operators' other seeds
     small = args.layers // args.factors[0]
     crossover = {}
     for budget in sorted(args.crossover_budgets):
@@ -243,7 +251,8 @@ def plan(args, vocab):
     for index, (name, op, v) in enumerate(variants):
         seeds = args.seeds if v == main else args.seeds[:1]
         for k, seed in enumerate(seeds):
-            priority = (3, index) if v != main else (1, k, index) if index < 3 else (2, index) if k == 0 else (4, k, index)
+            priority = ((0, math.inf, index) if name.startswith("scratch_lr") else (3, index) if v != main
+                        else (1, k, index) if index < 3 else (2, index) if k == 0 else (4, k, index))
             if op is None:  # scratch
                 runs.setdefault(name, []).append((scratch(args.layers, args.budget, seed, priority, v["lr"]), seed, None, 0.0))
                 continue
@@ -266,13 +275,21 @@ def plan(args, vocab):
 # -----------------------------------------------------------------------------------------------
 # Running: at most --jobs subprocesses at a time, each job once its dependencies are done
 
+def wall_times(args):
+    """(path, {job name: seconds}): every job's wall time, kept across invocations of a resumed study."""
+    path = os.path.join(args.out_dir, "wall_times.json")
+    if not os.path.exists(path):
+        return path, {}
+    with open(path) as f:
+        return path, json.load(f)
+
+
 def run_jobs(args, jobs, rate):
     todo = sorted((job for job in jobs.values() if not job.done()), key=lambda job: job.priority)
     total = sum(job.flops for job in todo)
     log(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already done; {len(todo)} to run, {total:.3g} FLOPs: "
         f"expected ~{total / rate / 60 / args.jobs:.1f} min with {args.jobs} at a time ({rate:.3g} FLOP/s each, measured)")
-    wall_path = os.path.join(args.out_dir, "wall_times.json")
-    wall = json.load(open(wall_path)) if os.path.exists(wall_path) else {}
+    wall_path, wall = wall_times(args)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     os.makedirs(os.path.join(args.out_dir, "logs"), exist_ok=True)
     t_start, spent, count = time.time(), 0.0, 0
@@ -315,15 +332,16 @@ def run_jobs(args, jobs, rate):
 # -----------------------------------------------------------------------------------------------
 # Results: curves from metrics.jsonl, the JSON, the score
 
-def read_run(args, job, seed, offset):
-    """A finished run as the JSON's seed record; curve = [(flops incl. the base's, val loss)]."""
+def read_run(args, job, seed, offset, wall):
+    """A finished run as the JSON's seed record; curve = [(flops incl. the base's, val loss)]; wall_s: its own
+    wall time (the base's not included)."""
     out_dir = os.path.join(args.out_dir, "runs", job.name)
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         evals = [e for e in map(json.loads, f) if "val_loss" in e]
     ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True, mmap=True)
     return {"seed": seed, "final_val_loss": evals[-1]["val_loss"], "tokens": evals[-1]["tokens"],
             "flops": offset + evals[-1]["flops"], "curve": [[offset + e["flops"], e["val_loss"]] for e in evals],
-            "layers": ckpt["model_args"]["n_layer"], "run": job.name}
+            "layers": ckpt["model_args"]["n_layer"], "run": job.name, "wall_s": wall.get(job.name)}
 
 
 def collect(args, meta, runs, crossover):
@@ -334,13 +352,15 @@ def collect(args, meta, runs, crossover):
                                                          "optims", "noise", "lr_mults", "eval_iters", "device", "dtype")},
                "crossover": {}, "runs": {}}
     results["settings"]["vocab_size"] = meta["vocab_size"]
+    wall = wall_times(args)[1]
+    results["wall_s"] = sum(wall.values())
     for budget, sizes in crossover.items():
-        row = {str(n): [read_run(args, job, seed, 0.0)["final_val_loss"] for job, seed in zip(jobs, args.crossover_seeds) if job.done()]
+        row = {str(n): [read_run(args, job, seed, 0.0, wall)["final_val_loss"] for job, seed in zip(jobs, args.crossover_seeds) if job.done()]
                for n, jobs in sizes.items()}
         if all(row.values()):
             results["crossover"][f"{budget:g}"] = row
     for name, entries in runs.items():
-        seeds = [read_run(args, job, seed, offset) for job, seed, _, offset in entries if job.done()]
+        seeds = [read_run(args, job, seed, offset, wall) for job, seed, _, offset in entries if job.done()]
         if seeds:
             results["runs"][name] = {"layers": seeds[0]["layers"], "growth_point": entries[0][2], "seeds": seeds}
     path = os.path.join(args.out_dir, "growth_study.json")
@@ -397,7 +417,7 @@ def score(results):
 def report(results):
     """The README's tables, as markdown."""
     out = [f"Corpus `{results['corpus']}` ({results['corpus_train_tokens']:,} train tokens); "
-           f"settings {json.dumps(results['settings'])}.", ""]
+           f"settings {json.dumps(results['settings'])}; wall time of all runs, summed: {results['wall_s'] / 60:.0f} min.", ""]
     if results["crossover"]:
         out += ["| budget (FLOPs) | " + " | ".join(f"{n} layers from scratch" for n in next(iter(results["crossover"].values())))
                 + " | winner |", "|---|---|---|---|"]
@@ -408,8 +428,10 @@ def report(results):
             (lo, l_lo), (hi, l_hi) = sorted(means.items(), key=lambda kv: int(kv[0]))
             ranges = {n: (min(v), max(v)) for n, v in row.items()}
             apart = ranges[lo][1] < ranges[hi][0] or ranges[hi][1] < ranges[lo][0]
+            single = all(len(v) == 1 for v in row.values())
             out.append(f"| {float(budget):.3g} | " + " | ".join(cells) + " | "
-                       + (f"{lo if l_lo < l_hi else hi} layers" if apart else "tie (seeds overlap)") + " |")
+                       + (f"{lo if l_lo < l_hi else hi} layers" + (" (1 seed each)" if single else "") if apart
+                          else "tie (seeds overlap)") + " |")
         out.append("")
     rows, target = score(results)
     if rows:

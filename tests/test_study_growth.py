@@ -38,7 +38,8 @@ def test_speedup_only_beyond_the_seed_spread():
 def test_bad_flags_are_refused():
     for flags, message in ((["--factors", "3"], "must be >= 2 and divide --layers 8"),
                            (["--growth_points", "1.0"], "strictly between 0 and 1"),
-                           (["--budget", "0"], "must be positive")):
+                           (["--budget", "0"], "must be positive"),
+                           (["--layers", "4"], "dus needs a base of at least 3 layers")):
         proc = run_script("study_growth.py", *flags, check=False)
         assert proc.returncode != 0 and message in proc.stderr
 
