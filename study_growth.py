@@ -19,7 +19,8 @@ The growth study at --budget (training FLOPs, the base's included in every grown
 Every run keeps its config's recipe, with its step count set by its FLOPs: warmup over the first 10% of the steps
 (as configs/tiny*.py have it), cosine decay to a tenth of the peak at the end. The defaults are sized for 2 CPU cores:
 4 and 8 layers of width 32 with tied embeddings (~0.12M and ~0.17M parameters at vocab 2048), 8 x 128 tokens per
-step, budgets of 1.25e12 to 5e12 FLOPs (~0.9M to ~3.6M tokens of the 8-layer model, under one epoch of pystdlib).
+step, budgets of 1.25e12 to 1e13 FLOPs (~0.9M to ~7.2M tokens of the 8-layer model; the 4-layer one sees at most
+~1.1 epochs of pystdlib).
 The first value of --growth_points, --factors, --optims, --noise and --lr_mults is the main setting: every
 operator runs with it, and with every seed. The other values vary one thing at a time for the first operator,
 with the first seed; --lr_mults also sweeps scratch's peak learning rate, and the grown phase's (that of
@@ -31,7 +32,7 @@ Seeds change the initialization; every run reads the same data in the same order
 
 Runs go to OUT/runs/NAME, logs to OUT/logs/NAME.log. A finished run is never run again and an interrupted one
 resumes from its last checkpoint, so the study continues where it stopped. Results: OUT/growth_study.json
-    {"corpus", "corpus_train_tokens", "budget_flops", "settings", "crossover": {...},
+    {"corpus", "corpus_train_tokens", "budget_flops", "settings", "crossover": {budget: {layers: [seed records]}},
      "runs": {name: {"layers", "growth_point", "seeds": [{"seed", "final_val_loss", "tokens", "flops", "curve"}]}}}
 with flops counted by train.py (tokens x model.flops_per_token, PaLM's formula), and OUT/*.png.
 stdout carries the tables; progress goes to stderr.
@@ -75,8 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--block_size", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=8)
     # budgets, in training FLOPs
-    p.add_argument("--budget", type=float, default=5e12, help="the growth study's budget (default: %(default)s)")
-    p.add_argument("--crossover_budgets", type=float, nargs="*", default=[1.25e12, 2.5e12, 5e12],
+    p.add_argument("--budget", type=float, default=5e12, help="the growth study's budget (default: %(default).3g)")
+    p.add_argument("--crossover_budgets", type=float, nargs="*", default=[1.25e12, 2.5e12, 5e12, 1e13],
                    help="budgets of the small-vs-large scratch runs (none: skip the crossover)")
     # what varies
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
@@ -355,7 +356,7 @@ def collect(args, meta, runs, crossover):
     wall = wall_times(args)[1]
     results["wall_s"] = sum(wall.values())
     for budget, sizes in crossover.items():
-        row = {str(n): [read_run(args, job, seed, 0.0, wall)["final_val_loss"] for job, seed in zip(jobs, args.crossover_seeds) if job.done()]
+        row = {str(n): [read_run(args, job, seed, 0.0, wall) for job, seed in zip(jobs, args.crossover_seeds) if job.done()]
                for n, jobs in sizes.items()}
         if all(row.values()):
             results["crossover"][f"{budget:g}"] = row
@@ -416,15 +417,20 @@ def score(results):
 
 def report(results):
     """The README's tables, as markdown."""
-    out = [f"Corpus `{results['corpus']}` ({results['corpus_train_tokens']:,} train tokens); "
-           f"settings {json.dumps(results['settings'])}; wall time of all runs, summed: {results['wall_s'] / 60:.0f} min.", ""]
+    st = results["settings"]
+    out = [f"Corpus `{results['corpus']}`: {results['corpus_train_tokens']:,} train tokens, vocab {st['vocab_size']}. "
+           f"Target {st['layers']} layers x {st['n_embd']} (SwiGLU {st['intermediate_size']}, {st['n_head']} heads, tied "
+           f"embeddings), {st['batch_size']} x {st['block_size']} tokens per step, {st['dtype']} on {st['device']}. "
+           f"Wall time of all runs, summed: {results['wall_s'] / 60:.0f} min.", ""]
     if results["crossover"]:
-        out += ["| budget (FLOPs) | " + " | ".join(f"{n} layers from scratch" for n in next(iter(results["crossover"].values())))
+        out += ["| budget (FLOPs) | " + " | ".join(f"{n} layers from scratch: val loss (tokens)"
+                                                    for n in next(iter(results["crossover"].values())))
                 + " | winner |", "|---|---|---|---|"]
-        for budget, row in results["crossover"].items():
+        for budget, records in results["crossover"].items():
+            row = {n: [r["final_val_loss"] for r in v] for n, v in records.items()}
             means = {n: sum(v) / len(v) for n, v in row.items()}
             cells = [f"{means[n]:.4f}" + (f" (range {max(v) - min(v):.4f}, {len(v)} seeds)" if len(v) > 1 else "")
-                     for n, v in row.items()]
+                     + f" ({records[n][0]['tokens'] / 1e6:.2f}M)" for n, v in row.items()]
             (lo, l_lo), (hi, l_hi) = sorted(means.items(), key=lambda kv: int(kv[0]))
             ranges = {n: (min(v), max(v)) for n, v in row.items()}
             apart = ranges[lo][1] < ranges[hi][0] or ranges[hi][1] < ranges[lo][0]
@@ -457,7 +463,7 @@ def plot(args, results):
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
         budgets = [float(b) for b in results["crossover"]]
         for n in next(iter(results["crossover"].values())):
-            losses = [results["crossover"][b][n] for b in results["crossover"]]
+            losses = [[r["final_val_loss"] for r in results["crossover"][b][n]] for b in results["crossover"]]
             ax.plot(budgets, [sum(v) / len(v) for v in losses], marker="o", label=f"{n} layers, from scratch")
             ax.scatter([b for b, v in zip(budgets, losses) for _ in v], [x for v in losses for x in v], s=8, color="0.4")
         ax.set_xscale("log")

@@ -66,7 +66,7 @@ def test_quick_study_end_to_end(pydocs_data, tmp_path, capsys):
         if name != "scratch":  # the curve starts where the base stopped
             assert run["growth_point"] == 0.5 and 0.45 * 4e9 < seed["curve"][0][0] < 0.55 * 4e9
     assert list(res["crossover"]) == ["4e+09"] and set(res["crossover"]["4e+09"]) == {"4", "8"}
-    assert res["crossover"]["4e+09"]["8"] == [res["runs"]["scratch"]["seeds"][0]["final_val_loss"]]  # one run, shared
+    assert res["crossover"]["4e+09"]["8"] == res["runs"]["scratch"]["seeds"]  # one run, shared
     assert os.path.getsize(out / "growth_study.png") > 0 and os.path.getsize(out / "crossover.png") > 0
     assert "| scratch | 8 |" in first.stdout and "| stack | 8 | 0.5 | 1 |" in first.stdout
     assert "1 seed: no spread" in first.stdout
