@@ -1,78 +1,375 @@
 """
-Growth vs scratch at equal training FLOPs, on CPU with the tiny configs.
+Should I grow, when, and how? Growth against training the target size from scratch, at equal training FLOPs.
 
-    python prepare_data.py && python study_growth.py          # ~20 min on 2 idle cores -> study/
+    python prepare_data.py --sources pystdlib --vocab_size 2048       # ~10M train tokens, offline -> data/pystdlib
+    python study_growth.py --jobs 2                                   # -> study/growth_study.json, study/*.png
+    python study_growth.py --report > table.md                        # the README's tables from the JSON
+    python study_growth.py --quick --data_dir data/pydocs             # the whole pipeline in a few minutes
 
-The runs share one training-FLOPs budget, and the base model's FLOPs count toward every grown model's:
-    scratch     a 2L model (8 layers) trained from scratch on the whole budget;
-    stack, interleave, dus, zero
-                one L model (4 layers, configs/tiny.py) trained for --base_iters steps, grown by stack.py with each
-                operator (dus with m = 1: 4 -> 6 layers) and trained on with configs/tiny_stack.py until the budget
-                is spent. The budget is the base's FLOPs plus --grown_iters steps of the 8-layer model.
-    no growth   the control: the L model trained on with configs/tiny_stack.py, unchanged, to the same budget.
-                Growth beats scratch partly because a smaller model learns faster early on; this run shows how much.
-FLOPs are train.py's own count (metrics.jsonl: tokens seen x model.flops_per_token, PaLM's formula).
-The score is Du et al.'s (NeurIPS 2024): the FLOPs each run needs to reach scratch's final val loss, and
-speedup = FLOPs_scratch / FLOPs_growth - 1 (linear interpolation between evaluations).
+Growth is a claim about training a model of the target size more cheaply, so the study first checks its regime.
+The crossover: the target (--layers) and the small model (--layers / factor) trained from scratch at each of
+--crossover_budgets. Only at a budget where the large model wins is the target the right size, and only there
+can growth be judged (below it, training the small model on wins, and any grown model looks good).
+The growth study at --budget (training FLOPs, the base's included in every grown model's):
+    scratch     the target trained from scratch on the whole budget, with the tiny recipe (configs/tiny.py);
+    base        the small model trained with its own cosine on a fraction f of the budget (--growth_points);
+    OPERATOR    the base grown by stack.py (stack, interleave, dus, zero; --noise, --optim, --factors) and
+                trained on with configs/tiny_stack.py (fresh warmup and cosine) for the rest of the budget;
+    no_growth   the control: the base trained on unchanged, with the same phase-2 recipe, to the same budget.
+Every run keeps its config's recipe, with its step count set by its FLOPs: warmup over the first 10% of the steps
+(as configs/tiny*.py have it), cosine decay to a tenth of the peak at the end. The defaults are sized for 2 CPU cores:
+4 and 8 layers of width 32 with tied embeddings (~0.12M and ~0.17M parameters at vocab 2048), 8 x 128 tokens per
+step, budgets of 1.25e12 to 1e13 FLOPs (~0.9M to ~7.2M tokens of the 8-layer model; the 4-layer one sees at most
+~1.1 epochs of pystdlib).
+The first value of --growth_points, --factors, --optims, --noise and --lr_mults is the main setting: every
+operator runs with it, and with every seed. The other values vary one thing at a time for the first operator,
+with the first seed; --lr_mults also sweeps scratch's peak learning rate, and the grown phase's (that of
+configs/tiny_stack.py, half of configs/tiny.py's: the copies start trained).
+The score is Du et al.'s (NeurIPS 2024): at scratch's final mean val loss, speedup = FLOPs_scratch / FLOPs_grown - 1,
+read off the mean curves (linear interpolation between evaluations); it is reported only where the seeds of the
+two runs do not overlap (every grown seed ends below every scratch seed), since a smaller gain is noise.
+Seeds change the initialization; every run reads the same data in the same order.
 
-Writes study/growth_study.png (val loss against FLOPs) and study/growth_study.md (the table, also on stdout).
-A run whose out_dir already holds its finished checkpoint is not run again, so an interrupted study resumes.
+Runs go to OUT/runs/NAME, logs to OUT/logs/NAME.log. A finished run is never run again and an interrupted one
+resumes from its last checkpoint, so the study continues where it stopped. Results: OUT/growth_study.json
+    {"corpus", "corpus_train_tokens", "budget_flops", "settings", "crossover": {budget: {layers: [seed records]}},
+     "runs": {name: {"layers", "growth_point", "seeds": [{"seed", "final_val_loss", "tokens", "flops", "curve"}]}}}
+with flops counted by train.py (tokens x model.flops_per_token, PaLM's formula), and OUT/*.png.
+stdout carries the tables; progress goes to stderr.
 """
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import torch
 
-import checkpoint
-from common import log
-from data import load_meta
+from data import load_meta, read_shard, shard_paths
 from model import LLaMA, ModelConfig
 
-METHODS = ["stack", "interleave", "dus", "zero"]
+OPERATORS = ["stack", "interleave", "dus", "zero"]
+# what --quick changes: sizes, budgets and variations small enough that every kind of run finishes in seconds
+QUICK = dict(n_embd=32, n_head=2, intermediate_size=64, layers=8, block_size=32, batch_size=4, eval_iters=2,
+             evals=4, budget=4e9, crossover_budgets=[4e9], operators=["stack"],
+             growth_points=[0.5], factors=[2], optims=["reset"], noise=[0.0], lr_mults=[1.0])
 
 
-def evals(out_dir):
-    """[(iter, flops, val_loss)] from a run's metrics.jsonl."""
-    return [(e["iter"], e["flops"], e["val_loss"]) for e in checkpoint.read_metrics(out_dir) if "val_loss" in e]
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
 
 
-def finished(out_dir, iters):
-    path = os.path.join(out_dir, "ckpt.pt")
-    return os.path.exists(path) and checkpoint.load(path)["iter_num"] == iters
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", default="study")
+    p.add_argument("--data_dir", default="data/pystdlib")
+    # sizes: the target; the small model has layers / factor layers of the same width (tied embeddings)
+    p.add_argument("--layers", type=int, default=8, help="depth of the target model (default: %(default)s)")
+    p.add_argument("--n_embd", type=int, default=32, help="width of both models (default: %(default)s)")
+    p.add_argument("--n_head", type=int, default=2)
+    p.add_argument("--intermediate_size", type=int, default=88, help="SwiGLU width, ~8/3 n_embd (default: %(default)s)")
+    # 1,024 tokens per step: at these budgets a model is limited by its number of steps, and a small batch gives it
+    # 4x the steps of configs/tiny.py's 16 x 256 at the same tokens per second (measured on 2 CPU cores)
+    p.add_argument("--block_size", type=int, default=128)
+    p.add_argument("--batch_size", type=int, default=8)
+    # budgets, in training FLOPs
+    p.add_argument("--budget", type=float, default=5e12, help="the growth study's budget (default: %(default).3g)")
+    p.add_argument("--crossover_budgets", type=float, nargs="*", default=[1.25e12, 2.5e12, 5e12, 1e13],
+                   help="budgets of the small-vs-large scratch runs (none: skip the crossover)")
+    # what varies
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--crossover_seeds", type=int, nargs="+", default=[1], help="seeds of the crossover runs")
+    p.add_argument("--operators", nargs="+", default=OPERATORS, choices=OPERATORS)
+    p.add_argument("--growth_points", type=float, nargs="+", default=[0.5, 0.25, 0.75],
+                   help="fractions of the budget spent on the base before growing")
+    p.add_argument("--factors", type=int, nargs="+", default=[2], help="growth factors g (the base has layers/g layers)")
+    p.add_argument("--optims", nargs="+", default=["reset", "copy"], choices=["reset", "copy"])
+    p.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.2], help="stack.py --noise values")
+    p.add_argument("--lr_mults", type=float, nargs="+", default=[1.0, 0.5, 2.0],
+                   help="multipliers of the configs' peak learning rates (a sweep for scratch and the grown phase)")
+    # how
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu (bf16 autocast is fast "
+                   "only on CPUs with AVX-512 BF16 or AMX; on others it is several times slower than fp32)")
+    p.add_argument("--eval_iters", type=int, default=10, help="val batches per evaluation")
+    p.add_argument("--evals", type=int, default=12, help="evaluations per run: the points of each curve")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, the CPU's threads shared among them")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and budgets: the whole pipeline in minutes (tests)")
+    p.add_argument("--no_run", action="store_true", help="run nothing: JSON, plots and tables from the finished runs")
+    p.add_argument("--report", action="store_true", help="print the markdown tables of OUT/growth_study.json and exit")
+    args = p.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    for g in args.factors:
+        if g < 2 or args.layers % g:
+            p.error(f"--factors: {g} must be >= 2 and divide --layers {args.layers}")
+    dus_factors = args.factors if args.operators[0] == "dus" else args.factors[:1] if "dus" in args.operators else []
+    for g in dus_factors:
+        if args.layers // g < 3:
+            p.error(f"dus needs a base of at least 3 layers (it drops one at each seam): --layers {args.layers} / "
+                    f"factor {g} = {args.layers // g}")
+    if not all(0 < f < 1 for f in args.growth_points):
+        p.error("--growth_points must be fractions strictly between 0 and 1")
+    if args.budget <= 0 or any(b <= 0 for b in args.crossover_budgets) or args.jobs < 1:
+        p.error("budgets and --jobs must be positive")
+    return args
 
 
-def run(args, wall, name):
-    """Run one script in a fresh interpreter, its log going to study/<name>.log; time it (wall_times.json keeps
-    the times across invocations, so a resumed study still reports what every run took)."""
-    log(f"[{time.strftime('%H:%M:%S')}] {name}: python {' '.join(args)}")
-    t0 = time.perf_counter()
-    with open(os.path.join(STUDY, f"{name}.log"), "w") as logfile:
-        proc = subprocess.run([sys.executable, *args], stdout=logfile, stderr=subprocess.STDOUT)
-    wall[name] = wall.get(name, 0.0) + time.perf_counter() - t0
-    with open(os.path.join(STUDY, "wall_times.json"), "w") as f:
-        json.dump(wall, f, indent=1)
-    if proc.returncode != 0:
-        sys.exit(f"error: {name} failed (exit {proc.returncode}); see {STUDY}/{name}.log")
+# -----------------------------------------------------------------------------------------------
+# Model arithmetic: train.py's own FLOPs count, from the shapes alone
+
+def model_args(args, n_layer, vocab):
+    return dict(vocab_size=vocab, n_layer=n_layer, n_head=args.n_head, n_kv_head=args.n_head, n_embd=args.n_embd,
+                intermediate_size=args.intermediate_size, block_size=args.block_size, tie_embeddings=True)
 
 
-def train(wall, name, config, iters, *extra):
-    out_dir = os.path.join(STUDY, name)
-    if finished(out_dir, iters):
-        log(f"{name}: already trained for {iters} steps in {out_dir}")
-        return
-    run(["train.py", config, f"--out_dir={out_dir}", f"--data_dir={DATA}", f"--max_iters={iters}",
-         f"--lr_decay_iters={iters}", f"--eval_interval={EVAL_INTERVAL}", *extra], wall, name)
-
-
-def flops_per_token(n_layer):
-    """Training FLOPs per token of the tiny model at a given depth (train.py counts with the same method)."""
+def flops_per_token(args, n_layer, vocab):
     with torch.device("meta"):  # no memory, no init: only the shapes matter
-        return LLaMA(ModelConfig(vocab_size=VOCAB, n_layer=n_layer, n_head=4, n_kv_head=4, n_embd=256,
-                                 intermediate_size=688, block_size=256)).flops_per_token(256)
+        return LLaMA(ModelConfig(**model_args(args, n_layer, vocab))).flops_per_token(args.block_size)
+
+
+def iters_for(args, flops, n_layer, vocab):
+    return max(1, round(flops / (args.batch_size * args.block_size * flops_per_token(args, n_layer, vocab))))
+
+
+def measure_flops_per_second(args, vocab, threads):
+    """A few training steps of the target model, timed in this process: the rate behind the time estimate."""
+    torch.set_num_threads(threads)
+    model = LLaMA(ModelConfig(**model_args(args, args.layers, vocab))).to(args.device)
+    x = torch.randint(0, vocab, (args.batch_size, args.block_size), device=args.device)
+    autocast = torch.autocast(args.device.split(":")[0], dtype=getattr(torch, args.dtype), enabled=args.dtype != "float32")
+    for step in range(4):
+        if step == 1:  # the first step warms up allocators and kernels
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        with autocast:
+            loss = model(x, x)[1]
+        loss.backward()
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return 3 * args.batch_size * args.block_size * model.flops_per_token(args.block_size) / (time.perf_counter() - t0)
+
+
+# -----------------------------------------------------------------------------------------------
+# The plan: every run a named job with the jobs it needs first
+
+class Job:
+    """One subprocess: a train.py run (out_dir OUT/runs/NAME) or a stack.py growth (OUT/grown/NAME.pt)."""
+
+    def __init__(self, name, flops, deps, argv, done):
+        self.name, self.flops, self.deps, self.argv, self.done = name, flops, deps, argv, done
+
+
+def finished_iters(out_dir):
+    """(iter_num, max_iters) of a run's checkpoint, or None when it has none."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        return None
+    ckpt = torch.load(path, weights_only=True, mmap=True)
+    return ckpt["iter_num"], ckpt["config"]["max_iters"]
+
+
+def config_value(path, key):
+    """A key of a plain-Python config file, read as train.py reads it."""
+    namespace = {}
+    with open(path) as f:
+        exec(f.read(), namespace)
+    return namespace[key]
+
+
+def train_job(args, vocab, name, config, flops, n_layer, lr_mult, seed, init_from=None, deps=()):
+    """A train.py run spending `flops`; n_layer is a number, or a grown checkpoint whose model_args give it."""
+    out_dir = os.path.join(args.out_dir, "runs", name)
+
+    def argv():
+        depth = n_layer if isinstance(n_layer, int) else torch.load(n_layer, weights_only=True, mmap=True)["model_args"]["n_layer"]
+        iters = iters_for(args, flops, depth, vocab)
+        base_lr = config_value(config, "learning_rate")  # the config's own peak, scaled by the sweep
+        state = finished_iters(out_dir)
+        start = "resume" if state and state[1] == iters else init_from or "scratch"  # an interrupted run resumes
+        return ["train.py", config, f"--out_dir={out_dir}", f"--data_dir={args.data_dir}", f"--device={args.device}",
+                f"--dtype={args.dtype}", "--compile=False", f"--block_size={args.block_size}",
+                f"--batch_size={args.batch_size}", "--gradient_accumulation_steps=1", f"--seed={seed}",
+                f"--max_iters={iters}", f"--lr_decay_iters={iters}", f"--warmup_iters={max(1, iters // 10)}",
+                f"--learning_rate={base_lr * lr_mult}", f"--min_lr={base_lr * lr_mult / 10}",
+                f"--eval_interval={max(1, iters // args.evals)}", f"--eval_iters={args.eval_iters}",
+                f"--log_interval={max(1, iters // 20)}", f"--init_from={start}"] + (
+            [f"--n_layer={n_layer}", f"--n_embd={args.n_embd}", f"--n_head={args.n_head}", f"--n_kv_head={args.n_head}",
+             f"--intermediate_size={args.intermediate_size}", "--tie_embeddings=True"] if init_from is None else [])
+
+    def done():
+        state = finished_iters(out_dir)
+        return state is not None and state[0] == state[1]
+    return Job(name, flops, list(deps), argv, done)
+
+
+def grow_job(args, name, base, method, noise, optim, factor):
+    out = os.path.join(args.out_dir, "grown", f"{name}.pt")
+    argv = ["stack.py", f"--src={os.path.join(args.out_dir, 'runs', base.name)}", f"--out={out}", f"--method={method}",
+            f"--factor={factor}", f"--noise={noise}", f"--optim={optim}", f"--device={args.device}", "--force"]
+    if method == "dus":
+        argv.append("--drop=1")  # SOLAR's m = L/4 of a 4-layer base; the smallest seam for any base
+    return Job(f"grow_{name}", 0.0, [base], lambda: argv, lambda: os.path.exists(out)), out
+
+
+def fmt(x):
+    return f"{x:g}"
+
+
+def plan(args, vocab):
+    """All jobs, cheapest first, and the study's run names -> [(job, seed, growth point, flops offset)]."""
+    jobs, runs = {}, {}
+
+    def add(job, priority):
+        job.priority = min(priority, getattr(jobs.get(job.name), "priority", priority))
+        return jobs.setdefault(job.name, job)
+
+    def scratch(n_layer, budget, seed, priority, lr_mult=1.0):
+        return add(train_job(args, vocab, f"scratch_L{n_layer}_b{budget:.3g}_lr{fmt(lr_mult)}_s{seed}", "configs/tiny.py",
+                             budget, n_layer, lr_mult, seed), priority)
+
+    # the order runs start in: the crossover, cheapest first, and scratch's LR sweep (both say whether the budget is
+    # in the regime where growth can be judged); scratch, no_growth and the first operator, seed by seed; the other
+    # operators with the first seed; the other variations; the other operators' other seeds
+    small = args.layers // args.factors[0]
+    crossover = {}
+    for budget in sorted(args.crossover_budgets):
+        crossover[budget] = {n: [scratch(n, budget, s, (0, budget)) for s in args.crossover_seeds] for n in (small, args.layers)}
+    main = dict(point=args.growth_points[0], factor=args.factors[0], optim=args.optims[0], noise=args.noise[0],
+                lr=args.lr_mults[0])
+    first = args.operators[0]
+    variants = [("scratch", None, main), ("no_growth", "none", main)] + [(op, op, main) for op in args.operators]
+    variants += [(f"scratch_lr{fmt(lr)}", None, dict(main, lr=lr)) for lr in args.lr_mults[1:]]
+    for key, values, label in (("point", args.growth_points, "at"), ("factor", args.factors, "g"),
+                               ("optim", args.optims, ""), ("noise", args.noise, "noise"), ("lr", args.lr_mults, "lr")):
+        variants += [(f"{first}_{label}{fmt(v) if label else v}", first, dict(main, **{key: v})) for v in values[1:]]
+    for index, (name, op, v) in enumerate(variants):
+        seeds = args.seeds if v == main else args.seeds[:1]
+        for k, seed in enumerate(seeds):
+            priority = ((0, math.inf, index) if name.startswith("scratch_lr") else (3, index) if v != main
+                        else (1, k, index) if index < 3 else (2, index) if k == 0 else (4, k, index))
+            if op is None:  # scratch
+                runs.setdefault(name, []).append((scratch(args.layers, args.budget, seed, priority, v["lr"]), seed, None, 0.0))
+                continue
+            base_layers, base_flops = args.layers // v["factor"], v["point"] * args.budget
+            base = scratch(base_layers, base_flops, seed, priority)
+            tag = f"{op}_g{v['factor']}_at{fmt(v['point'])}_{v['optim']}_noise{fmt(v['noise'])}_lr{fmt(v['lr'])}_b{args.budget:.3g}_s{seed}"
+            if op == "none":
+                job = train_job(args, vocab, f"nogrowth_L{base_layers}_at{fmt(v['point'])}_lr{fmt(v['lr'])}_b{args.budget:.3g}_s{seed}",
+                                "configs/tiny_stack.py", args.budget - base_flops, base_layers, v["lr"], seed,
+                                init_from=os.path.join(args.out_dir, "runs", base.name), deps=[base])
+            else:
+                grow, grown_ckpt = grow_job(args, tag, base, op, v["noise"], v["optim"], v["factor"])
+                grow = add(grow, priority)
+                job = train_job(args, vocab, tag, "configs/tiny_stack.py", args.budget - base_flops, grown_ckpt,
+                                v["lr"], seed, init_from=grown_ckpt, deps=[grow])
+            runs.setdefault(name, []).append((add(job, priority), seed, v["point"], base_flops))
+    return jobs, runs, crossover
+
+
+# -----------------------------------------------------------------------------------------------
+# Running: at most --jobs subprocesses at a time, each job once its dependencies are done
+
+def wall_times(args):
+    """(path, {job name: seconds}): every job's wall time, kept across invocations of a resumed study."""
+    path = os.path.join(args.out_dir, "wall_times.json")
+    if not os.path.exists(path):
+        return path, {}
+    with open(path) as f:
+        return path, json.load(f)
+
+
+def run_jobs(args, jobs, rate):
+    todo = sorted((job for job in jobs.values() if not job.done()), key=lambda job: job.priority)
+    total = sum(job.flops for job in todo)
+    log(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already done; {len(todo)} to run, {total:.3g} FLOPs: "
+        f"expected ~{total / rate / 60 / args.jobs:.1f} min with {args.jobs} at a time ({rate:.3g} FLOP/s each, measured)")
+    wall_path, wall = wall_times(args)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    os.makedirs(os.path.join(args.out_dir, "logs"), exist_ok=True)
+    t_start, spent, count = time.time(), 0.0, 0
+
+    def run(job):
+        argv = job.argv()
+        t0 = time.perf_counter()
+        with open(os.path.join(args.out_dir, "logs", f"{job.name}.log"), "a") as logfile:
+            logfile.write(f"$ python {' '.join(argv)}\n")
+            logfile.flush()
+            proc = subprocess.run([sys.executable, *argv], stdout=logfile, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        if proc.returncode != 0:
+            raise SystemExit(f"error: {job.name} failed (exit {proc.returncode}); see {args.out_dir}/logs/{job.name}.log")
+        return time.perf_counter() - t0
+
+    pending, running = list(todo), {}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        while pending or running:
+            for job in [j for j in pending if all(d.done() for d in j.deps)][:args.jobs - len(running)]:
+                pending.remove(job)
+                running[pool.submit(run, job)] = job
+            if not running:
+                raise SystemExit(f"error: {', '.join(j.name for j in pending)} wait for jobs that cannot finish")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                job = running.pop(future)
+                seconds = future.result()
+                wall[job.name] = wall.get(job.name, 0.0) + seconds
+                with open(wall_path + ".tmp", "w") as f:
+                    json.dump(wall, f, indent=1)
+                os.replace(wall_path + ".tmp", wall_path)
+                count, spent = count + 1, spent + job.flops
+                left = (total - spent) / max(spent, 1.0) * (time.time() - t_start) if spent else float("nan")
+                log(f"[{time.strftime('%H:%M:%S')}] {count}/{len(todo)} {job.name}: {seconds:.0f} s; "
+                    f"~{left / 60:.0f} min left")
+    return wall
+
+
+# -----------------------------------------------------------------------------------------------
+# Results: curves from metrics.jsonl, the JSON, the score
+
+def read_run(args, job, seed, offset, wall):
+    """A finished run as the JSON's seed record; curve = [(flops incl. the base's, val loss)]; wall_s: its own
+    wall time (the base's not included)."""
+    out_dir = os.path.join(args.out_dir, "runs", job.name)
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        evals = [e for e in map(json.loads, f) if "val_loss" in e]
+    ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True, mmap=True)
+    return {"seed": seed, "final_val_loss": evals[-1]["val_loss"], "tokens": evals[-1]["tokens"],
+            "flops": offset + evals[-1]["flops"], "curve": [[offset + e["flops"], e["val_loss"]] for e in evals],
+            "layers": ckpt["model_args"]["n_layer"], "run": job.name, "wall_s": wall.get(job.name)}
+
+
+def collect(args, meta, runs, crossover):
+    train_tokens = sum(len(read_shard(path)) for path in shard_paths(args.data_dir, "train"))
+    results = {"corpus": args.data_dir, "corpus_train_tokens": train_tokens, "budget_flops": args.budget,
+               "settings": {k: getattr(args, k) for k in ("layers", "n_embd", "n_head", "intermediate_size",
+                                                         "block_size", "batch_size", "seeds", "growth_points", "factors",
+                                                         "optims", "noise", "lr_mults", "eval_iters", "device", "dtype")},
+               "crossover": {}, "runs": {}}
+    results["settings"]["vocab_size"] = meta["vocab_size"]
+    wall = wall_times(args)[1]
+    results["wall_s"] = sum(wall.values())
+    for budget, sizes in crossover.items():
+        row = {str(n): [read_run(args, job, seed, 0.0, wall) for job, seed in zip(jobs, args.crossover_seeds) if job.done()]
+               for n, jobs in sizes.items()}
+        if all(row.values()):
+            results["crossover"][f"{budget:g}"] = row
+    for name, entries in runs.items():
+        seeds = [read_run(args, job, seed, offset, wall) for job, seed, _, offset in entries if job.done()]
+        if seeds:
+            results["runs"][name] = {"layers": seeds[0]["layers"], "growth_point": entries[0][2], "seeds": seeds}
+    path = os.path.join(args.out_dir, "growth_study.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)
+    log(f"wrote {path}")
+    return results
 
 
 def flops_to_reach(curve, target):
@@ -85,82 +382,147 @@ def flops_to_reach(curve, target):
     return None
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default="study")
-    p.add_argument("--data_dir", default="data/pydocs")
-    p.add_argument("--base_iters", type=int, default=200, help="steps of the 4-layer base model")
-    p.add_argument("--grown_iters", type=int, default=100, help="steps of an 8-layer grown model; sets the budget")
-    p.add_argument("--eval_interval", type=int, default=20)
-    args = p.parse_args()
-    STUDY, DATA, EVAL_INTERVAL = args.out_dir, args.data_dir, args.eval_interval
-    try:
-        VOCAB = 64 * -(-load_meta(DATA)["vocab_size"] // 64)  # as train.py pads it
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    os.makedirs(STUDY, exist_ok=True)
-    tokens_per_step = 16 * 256  # configs/tiny.py and configs/tiny_stack.py: batch 16 x block 256, no accumulation
-    wall_path = os.path.join(STUDY, "wall_times.json")
-    wall = json.load(open(wall_path)) if os.path.exists(wall_path) else {}
+def mean_curve(run):
+    """The seeds' curves averaged point by point (the seeds of a run evaluate at the same FLOPs)."""
+    curves = [s["curve"] for s in run["seeds"]]
+    n = min(map(len, curves))
+    return [[curves[0][i][0], sum(c[i][1] for c in curves) / len(curves)] for i in range(n)]
 
-    # the base, then the budget it implies
-    train(wall, "base", "configs/tiny.py", args.base_iters)
-    base = evals(os.path.join(STUDY, "base"))
-    base_flops = base[-1][1]
-    budget = base_flops + args.grown_iters * tokens_per_step * flops_per_token(8)
-    scratch_iters = round(budget / (tokens_per_step * flops_per_token(8)))
-    log(f"budget: {budget:.3g} FLOPs = base {base_flops:.3g} + {args.grown_iters} grown steps = {scratch_iters} scratch steps")
 
-    # scratch: the 8-layer model with the tiny recipe (its warmup, peak lr and cosine) over the whole budget
-    train(wall, "scratch", "configs/tiny.py", scratch_iters, "--n_layer=8")
+def score(results):
+    """Per run: mean and range of the final loss, FLOPs to reach scratch's final mean loss, and the speedup
+    where the seeds separate (None otherwise, with the reason)."""
+    runs = results["runs"]
+    scratch = runs.get("scratch")
+    target = sum(s["final_val_loss"] for s in scratch["seeds"]) / len(scratch["seeds"]) if scratch else None
+    flops_scratch = flops_to_reach(mean_curve(scratch), target) if scratch else None
+    rows = {}
+    for name, run in runs.items():
+        finals = [s["final_val_loss"] for s in run["seeds"]]
+        row = {"mean": sum(finals) / len(finals), "spread": max(finals) - min(finals), "n": len(finals),
+               "reach": None, "speedup": None, "why": ""}
+        if scratch and name != "scratch":
+            row["reach"] = flops_to_reach(mean_curve(run), target)
+            if row["reach"] is None:
+                row["why"] = "does not reach scratch's loss"
+            elif len(finals) < 2 or len(scratch["seeds"]) < 2:
+                row["why"] = "1 seed: no spread to compare with"
+            elif max(finals) >= min(s["final_val_loss"] for s in scratch["seeds"]):
+                row["why"] = "within the seed spread"
+            else:
+                row["speedup"] = flops_scratch / row["reach"] - 1
+        rows[name] = row
+    return rows, target
 
-    # each operator: grow the base, train on for what is left of the budget
-    depth = {"scratch": 8, "stack": 8, "interleave": 8, "zero": 8, "dus": 6, "no_growth": 4}
-    for method in METHODS:
-        grown_ckpt = os.path.join(STUDY, f"{method}.pt")
-        iters = round((budget - base_flops) / (tokens_per_step * flops_per_token(depth[method])))
-        if not finished(os.path.join(STUDY, method), iters):
-            run(["stack.py", f"--src={STUDY}/base", f"--out={grown_ckpt}", f"--method={method}", "--force"]
-                + (["--drop=1"] if method == "dus" else []), wall, f"stack_{method}")
-        train(wall, method, "configs/tiny_stack.py", iters, f"--init_from={grown_ckpt}")
-    iters = round((budget - base_flops) / (tokens_per_step * flops_per_token(4)))
-    train(wall, "no_growth", "configs/tiny_stack.py", iters, f"--init_from={STUDY}/base")
 
-    # -- score ---------------------------------------------------------------------------------------------------
-    curves = {"scratch": [(f, l) for _, f, l in evals(os.path.join(STUDY, "scratch"))]}
-    for name in METHODS + ["no_growth"]:
-        curves[name] = [(base_flops + f, l) for _, f, l in evals(os.path.join(STUDY, name))]
-    target = curves["scratch"][-1][1]
-    flops_scratch = flops_to_reach(curves["scratch"], target)
-    rows = ["| run | layers | final val loss | FLOPs to reach scratch's final loss | speedup |", "|---|---|---|---|---|"]
-    for name, curve in curves.items():
-        reach = flops_to_reach(curve, target)
-        speedup = f"{flops_scratch / reach - 1:+.0%}" if reach else "< 0 (not reached within the budget)"
-        rows.append(f"| {name} | {depth[name]} | {curve[-1][1]:.4f} | {f'{reach:.3g}' if reach else 'not reached'} | "
-                    f"{'(reference)' if name == 'scratch' else speedup} |")
-    summary = (f"Budget {budget:.3g} training FLOPs: base 4 layers x {args.base_iters} steps ({base_flops:.3g} FLOPs), "
-               f"grown runs to the budget (8 layers: {args.grown_iters} steps), scratch 8 layers x {scratch_iters} steps; "
-               f"{tokens_per_step:,} tokens per step on data/pydocs.\n"
-               f"Wall time of the runs, summed: {sum(wall.values()):.0f} s ({', '.join(f'{k} {v:.0f}' for k, v in wall.items())}).")
-    table = "\n".join(rows) + "\n\n" + summary + "\n"
-    with open(os.path.join(STUDY, "growth_study.md"), "w") as f:
-        f.write("# Growth vs scratch at equal training FLOPs\n\n" + table)
-    print(table)
+def report(results):
+    """The README's tables, as markdown."""
+    st = results["settings"]
+    out = [f"Corpus `{results['corpus']}`: {results['corpus_train_tokens']:,} train tokens, vocab {st['vocab_size']}. "
+           f"Target {st['layers']} layers x {st['n_embd']} (SwiGLU {st['intermediate_size']}, {st['n_head']} heads, tied "
+           f"embeddings), {st['batch_size']} x {st['block_size']} tokens per step, {st['dtype']} on {st['device']}. "
+           f"Wall time of all runs, summed: {results['wall_s'] / 60:.0f} min.", ""]
+    if results["crossover"]:
+        out += ["| budget (FLOPs) | " + " | ".join(f"{n} layers from scratch: val loss (tokens)"
+                                                    for n in next(iter(results["crossover"].values())))
+                + " | winner |", "|---|---|---|---|"]
+        for budget, records in results["crossover"].items():
+            row = {n: [r["final_val_loss"] for r in v] for n, v in records.items()}
+            means = {n: sum(v) / len(v) for n, v in row.items()}
+            cells = [f"{means[n]:.4f}" + (f" (range {max(v) - min(v):.4f}, {len(v)} seeds)" if len(v) > 1 else "")
+                     + f" ({records[n][0]['tokens'] / 1e6:.2f}M)" for n, v in row.items()]
+            (lo, l_lo), (hi, l_hi) = sorted(means.items(), key=lambda kv: int(kv[0]))
+            ranges = {n: (min(v), max(v)) for n, v in row.items()}
+            apart = ranges[lo][1] < ranges[hi][0] or ranges[hi][1] < ranges[lo][0]
+            single = all(len(v) == 1 for v in row.values())
+            out.append(f"| {float(budget):.3g} | " + " | ".join(cells) + " | "
+                       + (f"{lo if l_lo < l_hi else hi} layers" + (" (1 seed each)" if single else "") if apart
+                          else "tie (seeds overlap)") + " |")
+        out.append("")
+    rows, target = score(results)
+    if rows:
+        out += [f"Budget {results['budget_flops']:.3g} FLOPs; target loss = scratch's final mean "
+                + (f"{target:.4f}." if target else "(scratch not run)."), "",
+                "| run | layers | grown at | seeds | final val loss (mean) | range | FLOPs to reach target | speedup |",
+                "|---|---|---|---|---|---|---|---|"]
+        for name, row in rows.items():
+            run = results["runs"][name]
+            point = "" if run["growth_point"] is None else f"{run['growth_point']:g}"
+            reach = "" if name == "scratch" else (f"{row['reach']:.3g}" if row["reach"] else "not reached")
+            speed = "(reference)" if name == "scratch" else (f"{row['speedup']:+.0%}" if row["speedup"] is not None else row["why"])
+            out.append(f"| {name} | {run['layers']} | {point} | {row['n']} | {row['mean']:.4f} | {row['spread']:.4f} | "
+                       f"{reach} | {speed} |")
+    return "\n".join(out) + "\n"
 
+
+def plot(args, results):
     import matplotlib
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    ax.plot([f for _, f, _ in base], [l for *_, l in base], color="0.5", ls="--", label="base (4 layers)")
-    ax.plot(*zip(*curves["scratch"]), color="black", lw=2, label="scratch (8 layers)")
-    for name in METHODS + ["no_growth"]:
-        ax.plot(*zip(*curves[name]), label=f"{name} ({depth[name]} layers)", ls=":" if name == "no_growth" else "-")
-    ax.axhline(target, color="black", lw=0.5, ls=":")
-    ax.set_xlabel("training FLOPs (base included)")
-    ax.set_ylabel("val loss")
-    ax.set_ylim(min(l for curve in curves.values() for _, l in curve) - 0.1, target + 1.5)  # the early drop is off the top
-    ax.set_title("Growth vs scratch at equal FLOPs (tiny, pydocs)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(STUDY, "growth_study.png"))
-    log(f"wrote {STUDY}/growth_study.png and {STUDY}/growth_study.md")
+    if results["crossover"]:
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        budgets = [float(b) for b in results["crossover"]]
+        for n in next(iter(results["crossover"].values())):
+            losses = [[r["final_val_loss"] for r in results["crossover"][b][n]] for b in results["crossover"]]
+            ax.plot(budgets, [sum(v) / len(v) for v in losses], marker="o", label=f"{n} layers, from scratch")
+            ax.scatter([b for b, v in zip(budgets, losses) for _ in v], [x for v in losses for x in v], s=8, color="0.4")
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs")
+        ax.set_ylabel("final val loss")
+        ax.set_title("Crossover: small vs large from scratch (mean, seeds as dots)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out_dir, "crossover.png"))
+    if results["runs"]:
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+        main = [n for n in results["runs"] if n in ("scratch", "no_growth", *OPERATORS)]
+        for name in main:
+            curve = mean_curve(results["runs"][name])
+            ax.plot(*zip(*curve), label=f"{name} ({results['runs'][name]['layers']} layers)",
+                    color="black" if name == "scratch" else None, ls=":" if name == "no_growth" else "-")
+        final = [l for n in main for _, l in mean_curve(results["runs"][n])]
+        ax.set_ylim(min(final) - 0.05, min(final) + 1.0)  # the early drop is off the top
+        ax.set_xlabel("training FLOPs (the base's included)")
+        ax.set_ylabel("val loss (mean over seeds)")
+        ax.set_title(f"Growth vs scratch at {results['budget_flops']:.3g} FLOPs")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out_dir, "growth_study.png"))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.report:
+        path = os.path.join(args.out_dir, "growth_study.json")
+        if not os.path.exists(path):
+            raise SystemExit(f"error: no {path}: run the study first")
+        with open(path) as f:
+            print(report(json.load(f)), end="")
+        return
+    try:
+        meta = load_meta(args.data_dir)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e} (python prepare_data.py --sources pystdlib --vocab_size 2048)")
+    vocab = 64 * math.ceil(meta["vocab_size"] / 64)  # as train.py pads it
+    os.makedirs(args.out_dir, exist_ok=True)
+    settings_path = os.path.join(args.out_dir, "settings.json")
+    fixed = {k: getattr(args, k) for k in ("data_dir", "n_embd", "n_head", "intermediate_size", "block_size",
+                                           "batch_size", "dtype", "eval_iters", "evals")}
+    if os.path.exists(settings_path):
+        with open(settings_path) as f:
+            old = json.load(f)
+        if old != fixed:
+            raise SystemExit(f"error: {args.out_dir} holds runs with other settings ({old}); use another --out_dir")
+    with open(settings_path, "w") as f:
+        json.dump(fixed, f)
+    jobs, runs, crossover = plan(args, vocab)
+    if not args.no_run:
+        rate = measure_flops_per_second(args, vocab, max(1, (os.cpu_count() or 1) // args.jobs))
+        run_jobs(args, jobs, rate)
+    results = collect(args, meta, runs, crossover)
+    plot(args, results)
+    print(report(results), end="")
+
+
+if __name__ == "__main__":
+    main()

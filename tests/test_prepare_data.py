@@ -276,3 +276,72 @@ def test_cli_exit_code_and_streams(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("\n") == 1 and "train" in r.stdout and "tok/s" in r.stderr
     assert os.path.exists(tmp_path / "data/docs/meta.json")  # default out_dir: data/<source name>
+
+
+# --- pystdlib: the standard library's source files
+
+def fake_stdlib(root):
+    """A small standard library: sorted walk, a coding cookie, bytes that contradict it, CRLF, an empty file,
+    and a site-packages directory that must be left out."""
+    files = {
+        "os.py": b'"""OS routines."""\nimport sys\n',
+        "json/__init__.py": b"",  # empty: no document
+        "json/decoder.py": b"def decode(s):\r\n    return s  # CRLF line ends\r\n",
+        "test/test_latin1.py": "# -*- coding: latin-1 -*-\nname = 'caf\xe9'\n".encode("latin-1"),
+        "test/bad_coding.py": b"# -*- coding: utf-8 -*-\nx = '\xff\xfe'\n",  # invalid UTF-8 despite the cookie
+        "site-packages/numpy/core.py": b"not part of the standard library\n",
+        "README.txt": b"not a source file\n",
+    }
+    for name, data in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return files
+
+
+def test_pystdlib_documents_and_provenance(tmp_path, monkeypatch):
+    import sysconfig
+    files = fake_stdlib(tmp_path / "lib")
+    monkeypatch.setattr(sysconfig, "get_path", lambda name: str(tmp_path / "lib"))
+    source = prepare_data.parse_source("pystdlib")
+    docs = prepare_data.read_pystdlib(source)
+    provenance = source["provenance"]
+    assert docs == [  # a directory's files (sorted), then its subdirectories (sorted); decoded by the fixed rules
+        '"""OS routines."""\nimport sys\n',
+        "def decode(s):\n    return s  # CRLF line ends\n",
+        "# -*- coding: utf-8 -*-\nx = '\ufffd\ufffd'\n",
+        "# -*- coding: latin-1 -*-\nname = 'café'\n",
+    ]
+    in_stdlib = [data for name, data in files.items() if name.endswith(".py") and not name.startswith("site-packages")]
+    assert provenance["files"] == 5 and provenance["documents"] == 4
+    assert provenance["bytes"] == sum(map(len, in_stdlib))
+    assert provenance["python"] == sys.version.split()[0] and provenance["tests_included"]
+    assert provenance["license"].startswith("PSF-2.0")
+
+
+def test_pystdlib_dataset_is_deterministic(tmp_path, monkeypatch):
+    import sysconfig
+    fake_stdlib(tmp_path / "lib")
+    for i in range(40):  # enough documents for both splits
+        (tmp_path / "lib" / f"mod{i:02d}.py").write_text(f"def f{i}(x):\n    return x * {i}  # module {i}\n" * (i % 5 + 1))
+    monkeypatch.setattr(sysconfig, "get_path", lambda name: str(tmp_path / "lib"))
+    metas = [prepare(tmp_path / f"out{k}", "--sources", "pystdlib", "--vocab_size", 300, "--val_fraction", 0.2)
+             for k in range(2)]
+    assert metas[0]["tokenizer"]["kind"] == "bpe"  # a built-in source gets our own BPE, as pydocs does
+    provenance = metas[0]["sources"][0]["provenance"]
+    assert provenance["files"] == 45 and provenance["license"].startswith("PSF-2.0")
+    assert metas[0]["command"] != metas[1]["command"]  # only the out_dir differs
+    for name in metas[0]["shards"]["train"] + metas[0]["shards"]["val"] + ["tokenizer.tiktoken"]:
+        assert (tmp_path / "out0" / name).read_bytes() == (tmp_path / "out1" / name).read_bytes()
+    drop = lambda m: {k: v for k, v in m.items() if k != "command"}
+    assert drop(metas[0]) == drop(metas[1])
+
+
+def test_pystdlib_refuses_an_unreadable_stdlib(tmp_path, monkeypatch):
+    import sysconfig
+    (tmp_path / "lib").mkdir()  # a stripped install: no source files
+    monkeypatch.setattr(sysconfig, "get_path", lambda name: str(tmp_path / "lib"))
+    with pytest.raises(SystemExit) as e:
+        prepare(tmp_path / "out", "--sources", "pystdlib", "--vocab_size", 300)
+    assert "pystdlib: cannot read the standard library" in str(e.value.code)
+    assert leftovers(tmp_path / "out") == []

@@ -1,0 +1,82 @@
+"""study_growth.py: the quick study end to end (runs, growth, JSON shape, FLOPs accounting, resume, report), and
+the score against hand-computed values."""
+import json
+import os
+
+import pytest
+
+import study_growth
+from conftest import run_script
+
+
+def test_flops_to_reach_interpolates():
+    curve = [[0.0, 8.0], [10.0, 6.0], [20.0, 5.0]]
+    assert study_growth.flops_to_reach(curve, 5.5) == 15.0  # halfway between 6.0 and 5.0
+    assert study_growth.flops_to_reach(curve, 9.0) == 0.0
+    assert study_growth.flops_to_reach(curve, 4.9) is None
+
+
+def results(scratch, grown, curve_grown):
+    run = lambda finals, curve, layers: {"layers": layers, "growth_point": None, "seeds": [
+        {"seed": i + 1, "final_val_loss": f, "curve": curve[:-1] + [[curve[-1][0], f]]} for i, f in enumerate(finals)]}
+    return {"runs": {"scratch": run(scratch, [[0.0, 8.0], [100.0, 5.0]], 8), "stack": run(grown, curve_grown, 8)}}
+
+
+def test_speedup_only_beyond_the_seed_spread():
+    # scratch ends at 5.0 on average after 100 FLOPs; the grown run gets there at 50 (mean curve 6.0 -> 4.0 over 0..100)
+    rows, target = study_growth.score(results([4.95, 5.05], [3.9, 4.1], [[0.0, 6.0], [100.0, 4.0]]))
+    assert target == pytest.approx(5.0)
+    assert rows["stack"]["reach"] == pytest.approx(50.0) and rows["stack"]["speedup"] == pytest.approx(1.0)
+    assert rows["stack"]["spread"] == pytest.approx(0.2) and rows["scratch"]["mean"] == pytest.approx(5.0)
+    # the seeds overlap: no speedup is claimed, and the table says why
+    rows, _ = study_growth.score(results([4.95, 5.05], [4.9, 5.06], [[0.0, 6.0], [100.0, 4.98]]))
+    assert rows["stack"]["speedup"] is None and rows["stack"]["why"] == "within the seed spread"
+    rows, _ = study_growth.score(results([5.0], [4.0], [[0.0, 6.0], [100.0, 4.0]]))
+    assert rows["stack"]["speedup"] is None and "1 seed" in rows["stack"]["why"]
+
+
+def test_bad_flags_are_refused():
+    for flags, message in ((["--factors", "3"], "must be >= 2 and divide --layers 8"),
+                           (["--growth_points", "1.0"], "strictly between 0 and 1"),
+                           (["--budget", "0"], "must be positive"),
+                           (["--layers", "4"], "dus needs a base of at least 3 layers")):
+        proc = run_script("study_growth.py", *flags, check=False)
+        assert proc.returncode != 0 and message in proc.stderr
+
+
+def test_quick_study_end_to_end(pydocs_data, tmp_path, capsys):
+    out = tmp_path / "study"
+    args = ["study_growth.py", "--quick", "--seeds", "1", "--jobs", "2", f"--data_dir={pydocs_data}", f"--out_dir={out}"]
+    first = run_script(*args)
+    with open(out / "growth_study.json") as f:
+        res = json.load(f)
+    meta = json.load(open(os.path.join(pydocs_data, "meta.json")))
+    # the JSON shape of the issue, with train.py's own FLOPs and the base's included in the grown runs'
+    assert res["corpus"] == pydocs_data and res["budget_flops"] == 4e9
+    assert res["corpus_train_tokens"] == (os.path.getsize(os.path.join(pydocs_data, "train_000000.bin")) - 256) // 2
+    assert sorted(res["runs"]) == ["no_growth", "scratch", "stack"]
+    assert {k: res["runs"][k]["layers"] for k in res["runs"]} == {"scratch": 8, "no_growth": 4, "stack": 8}
+    step = 4 * 32  # tokens per step of --quick
+    for name, run in res["runs"].items():
+        (seed,) = run["seeds"]
+        assert set(seed) >= {"seed", "final_val_loss", "tokens", "flops", "curve"} and seed["seed"] == 1
+        assert seed["final_val_loss"] == seed["curve"][-1][1] and seed["flops"] == seed["curve"][-1][0]
+        assert all(a[0] < b[0] for a, b in zip(seed["curve"], seed["curve"][1:]))
+        assert abs(seed["flops"] - 4e9) < step * 2e6  # the budget, to within a step or so of the largest model
+        if name != "scratch":  # the curve starts where the base stopped
+            assert run["growth_point"] == 0.5 and 0.45 * 4e9 < seed["curve"][0][0] < 0.55 * 4e9
+    assert list(res["crossover"]) == ["4e+09"] and set(res["crossover"]["4e+09"]) == {"4", "8"}
+    assert res["crossover"]["4e+09"]["8"] == res["runs"]["scratch"]["seeds"]  # one run, shared
+    assert os.path.getsize(out / "growth_study.png") > 0 and os.path.getsize(out / "crossover.png") > 0
+    assert "| scratch | 8 |" in first.stdout and "| stack | 8 | 0.5 | 1 |" in first.stdout
+    assert "1 seed: no spread" in first.stdout
+    # resumable: a second run finds every job done, runs nothing and writes the same results
+    study_growth.main(args[1:])
+    assert "6 of 6 jobs already done; 0 to run" in capsys.readouterr().err
+    assert json.load(open(out / "growth_study.json")) == res
+    # the README's tables come from the JSON alone
+    study_growth.main(["--report", f"--out_dir={out}"])
+    assert capsys.readouterr().out == first.stdout
+    # the same directory with other settings is refused rather than mixed
+    with pytest.raises(SystemExit, match="holds runs with other settings"):
+        study_growth.main([*args[1:], "--dtype=bfloat16"])
