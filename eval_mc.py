@@ -278,8 +278,9 @@ class OurLM:
         return KVCache(self.model.config, batch, length, self.device, self.dtype)
 
     def run(self, ids, cache, keep=None):
-        logits = self.model(ids, kv_cache=cache)[0]
-        return logits[keep] if keep is not None else None
+        no_logits = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)  # contexts only fill the cache
+        logits = self.model(ids, kv_cache=cache, keep=no_logits if keep is None else keep)[0]
+        return logits if keep is not None else None
 
     def select(self, cache, rows):
         cache.k, cache.v = cache.k[:, rows], cache.v[:, rows]

@@ -217,9 +217,11 @@ class LLaMA(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None, keep=None):
         """idx: (B, T) token ids. Returns logits (B, T, vocab), and the mean cross-entropy if targets are given.
-        With a kv_cache, idx holds only the new tokens and the cache supplies the past."""
+        With a kv_cache, idx holds only the new tokens and the cache supplies the past. keep, a (B, T) boolean
+        mask, asks for the logits of those positions only, as (n_kept, vocab): scoring a few tokens after a long
+        input need not pay for the lm_head everywhere (over a 49k vocabulary it costs as much as several layers)."""
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.rope_cos.size(0):
@@ -230,6 +232,8 @@ class LLaMA(nn.Module):
             x = block(x, cos, sin, kv_cache)
         if kv_cache is not None:
             kv_cache.pos += T
+        if keep is not None:
+            x = x[keep]
         logits = self.lm_head(self.model.norm(x))
         if targets is None:
             return logits, None

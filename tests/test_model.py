@@ -125,3 +125,16 @@ def test_measured_peak_is_a_positive_rate():
     from model import measure_peak_flops
     peak = measure_peak_flops(torch.float32, "cpu", seconds=0.1)
     assert math.isfinite(peak) and peak > 1e8  # any CPU does 0.1 GFLOP/s
+
+
+def test_keep_returns_the_logits_of_the_kept_positions():
+    ours, _ = tiny_pair(False, 2)
+    idx = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(4))
+    keep = torch.zeros(2, 9, dtype=torch.bool)
+    keep[0, 3], keep[1, 7:] = True, True
+    with torch.no_grad():
+        full, _ = ours(idx)
+        kept, _ = ours(idx, keep=keep)
+        none, _ = ours(idx, keep=torch.zeros_like(keep))
+    assert kept.shape == (3, 96) and none.shape == (0, 96)
+    assert (kept - full[keep]).abs().max() < 1e-5  # a matmul over fewer rows may round differently
