@@ -14,15 +14,30 @@ plain Python values):
     best_val_loss, tokens_seen
     history      list of dicts, one per phase (train runs, stacking), oldest first: the model's lineage
 
-Wherever a checkpoint is named, a file, an out_dir (meaning out_dir/ckpt.pt) or hf:DIR is accepted.
+Wherever a checkpoint is named, a file, an out_dir (meaning out_dir/ckpt.pt) or hf:DIR is accepted: hf:DIR is a
+Hugging Face Llama-family directory (config.json, safetensors or pytorch_model.bin, tokenizer.json), read into the
+same dict by import_hf below. It lives here, not beside the export in export_hf.py, because it is one more way to
+*read* a checkpoint, and every script reads checkpoints through this module; export_hf.py only writes.
+
+A training run's out_dir holds, besides ckpt.pt (and ckpt_<iter>.pt copies with keep_last):
+    metrics.jsonl  one JSON object per line, appended by train.py: {"iter", "loss", "lr", "tokens", "flops",
+                   "tok_per_s", "mfu"} after a logged step, {"iter", "val_loss", "tokens", "flops"} after an eval
+    train.lock     holds the pid of the train.py writing to the out_dir, locked while it runs (RunLock)
+
+Every file is written through common.atomic_write, so a crash or a full disk never leaves a half-written one.
+This module imports model.py, tokenizer.py and common.py, and no script.
 """
-import os
+import fcntl
 import glob
+import json
+import math
+import os
 
 import torch
 
+from common import atomic_write, log
 from model import LLaMA, ModelConfig
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, tokenizer_spec_from_hf
 
 
 def resolve(name):
@@ -36,7 +51,6 @@ def resolve(name):
 def load(name, map_location="cpu"):
     """Load a checkpoint dict from a file or out_dir, or import an hf:DIR model as one."""
     if name.startswith("hf:"):
-        from export_hf import import_hf  # the hub interop lives with the export
         return import_hf(name[3:])
     path = resolve(name)
     try:
@@ -63,11 +77,11 @@ def save(ckpt, out_dir, keep_last=0):
 
 
 def write(ckpt, path):
-    """Write one checkpoint file atomically (temp file, then rename), creating its directory."""
+    """Write one checkpoint file atomically (common.atomic_write), creating its directory. torch.save goes through
+    a Python file so that a full disk surfaces as the OS's ENOSPC, not as a bare "unexpected pos" from the zip writer."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        torch.save(ckpt, f)
     return path
 
 
@@ -82,3 +96,158 @@ def load_model(name, device="cpu", dtype=None):
     """(model, tokenizer, ckpt) from a checkpoint file, out_dir or hf:DIR."""
     ckpt = load(name)
     return build_model(ckpt, device, dtype), Tokenizer(ckpt["tokenizer"]), ckpt
+
+
+# -----------------------------------------------------------------------------------------------
+# hf:DIR: a Hugging Face Llama-family directory -> our checkpoint dict
+
+def model_args_from_hf(cfg, where):
+    """Map config.json onto ModelConfig, refusing every feature model.py does not implement.
+    Missing keys take LlamaConfig's defaults."""
+    def refuse(why):
+        raise ValueError(f"{where}: unsupported model: {why}; model.py implements the plain Llama architecture")
+    if cfg.get("model_type") != "llama":
+        refuse(f"model_type is {cfg.get('model_type')!r}, not 'llama'")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        refuse("it has biases (attention_bias/mlp_bias)")
+    if cfg.get("hidden_act", "silu") != "silu":
+        refuse(f"hidden_act is {cfg['hidden_act']!r}, not 'silu'")
+    if any(cfg.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok")):
+        refuse("it is a mixture of experts")
+    if cfg.get("sliding_window") is not None:
+        refuse(f"it uses sliding-window attention ({cfg['sliding_window']})")
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    if cfg.get("head_dim") not in (None, hidden // heads) or hidden % heads:
+        refuse(f"head_dim {cfg.get('head_dim')} is not hidden_size/num_attention_heads ({hidden}/{heads})")
+    # RoPE: transformers 5 writes rope_parameters {rope_theta, rope_type}; older configs rope_theta + rope_scaling
+    rope = dict(cfg.get("rope_parameters") or {})
+    scaling = cfg.get("rope_scaling") or {}
+    for rope_type in (rope.get("rope_type"), scaling.get("rope_type") or scaling.get("type")):
+        if rope_type not in (None, "default"):
+            refuse(f"RoPE scaling {rope_type!r} (only the default, unscaled RoPE is implemented)")
+    return dict(vocab_size=cfg["vocab_size"], n_layer=cfg["num_hidden_layers"], n_head=heads,
+                n_kv_head=cfg.get("num_key_value_heads") or heads, n_embd=hidden,
+                intermediate_size=cfg["intermediate_size"], block_size=cfg.get("max_position_embeddings", 2048),
+                rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+                norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+
+
+def read_weights(model_dir):
+    """All tensors of a HF model dir: model.safetensors, sharded safetensors (index), else pytorch_model.bin."""
+    from safetensors.torch import load_file
+    for index, loader in (("model.safetensors.index.json", load_file),
+                          ("pytorch_model.bin.index.json", lambda p: torch.load(p, map_location="cpu", weights_only=True))):
+        if os.path.exists(os.path.join(model_dir, index)):
+            with open(os.path.join(model_dir, index)) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            return {k: v for shard in shards for k, v in loader(os.path.join(model_dir, shard)).items()}
+    if os.path.exists(os.path.join(model_dir, "model.safetensors")):
+        return load_file(os.path.join(model_dir, "model.safetensors"))
+    if os.path.exists(os.path.join(model_dir, "pytorch_model.bin")):
+        # weights_only: a pickle from the internet must not run code
+        return torch.load(os.path.join(model_dir, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{model_dir}: no weights (expected model.safetensors, model.safetensors.index.json or pytorch_model.bin)")
+
+
+def import_hf(model_dir):
+    """A checkpoint dict (the format above) holding the model of a Hugging Face Llama-family directory."""
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"hf:{model_dir}: not a directory")
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(f"hf:{model_dir}: no config.json (not a Hugging Face model directory)")
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    model_args = model_args_from_hf(cfg, f"hf:{model_dir}")
+    with torch.device("meta"):  # shapes only: nothing allocated
+        expected = LLaMA(ModelConfig(**model_args)).state_dict()
+    weights = {k: v for k, v in read_weights(model_dir).items() if not k.endswith("rotary_emb.inv_freq")}  # derived, not learned
+    if model_args["tie_embeddings"]:
+        weights["lm_head.weight"] = weights.get("model.embed_tokens.weight")  # one tensor under both names, as in LLaMA
+    missing = [k for k in expected if weights.get(k) is None]
+    unexpected = [k for k in weights if k not in expected]
+    wrong = [f"{k} {tuple(weights[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
+             if k not in missing and weights[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"hf:{model_dir}: weights do not match its config: " + "; ".join(
+            f"{what}: {', '.join(ks[:4])}{' ...' if len(ks) > 4 else ''}"
+            for what, ks in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if ks))
+    tokenizer = tokenizer_spec_from_hf(model_dir)
+    # fp32 master weights, like a checkpoint from train.py (a bf16 hub file trains badly in bf16)
+    state = {k: v.float() for k, v in weights.items()}
+    if model_args["tie_embeddings"]:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    source = f"hf:{os.path.abspath(model_dir)}"
+    return dict(model=state, model_args=model_args, tokenizer=tokenizer, optimizer=None, iter_num=0, config={},
+                loader=None, rng=None, best_val_loss=math.inf, tokens_seen=0,
+                history=[dict(event="import", source=source, name=cfg.get("_name_or_path") or os.path.basename(os.path.abspath(model_dir)),
+                              architectures=",".join(cfg.get("architectures") or []))])
+
+
+# -----------------------------------------------------------------------------------------------
+# The rest of a run's out_dir: metrics.jsonl and the lock
+
+def read_metrics(out_dir):
+    """The entries of out_dir/metrics.jsonl ([] if there is none). A torn last line (a crash mid-write) is
+    dropped with a warning; a bad line anywhere else is an error naming the file and the line."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = f.read().split("\n")
+    entries = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            if not isinstance(entry, dict) or "iter" not in entry:
+                raise ValueError("not an object with an 'iter'")
+        except ValueError as e:
+            if number == len(lines):  # the file does not end with a newline: a write that never finished
+                log(f"warning: {path}: dropping its torn last line {number} ({line[:60]!r}), left by a crash mid-write")
+                break
+            raise ValueError(f"{path}, line {number}: not a metrics entry ({e}); fix or remove the line") from None
+        entries.append(entry)
+    return entries
+
+
+def write_metrics(out_dir, entries):
+    """Start out_dir/metrics.jsonl afresh with these entries (a new run: none; a resumed one: those before its checkpoint)."""
+    with atomic_write(os.path.join(out_dir, "metrics.jsonl")) as tmp, open(tmp, "w") as f:
+        f.writelines(json.dumps(e) + "\n" for e in entries)
+
+
+def append_metrics(out_dir, entry):
+    """One line per write call, so a crash can tear only the last line (which read_metrics drops)."""
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+class RunLock:
+    """
+    out_dir/train.lock, held while one train.py writes to out_dir, so that a second run on the same out_dir
+    refuses at start instead of interleaving its checkpoints and metrics with the first.
+
+    flock(2) locks belong to the open file, and the kernel releases them when the process ends in any way
+    (exit, exception, kill -9, a crash), so a lock left by a dead process is never in force: the next run simply
+    takes it. The file holds the holder's pid, host and command for the message; it is not the lock.
+    """
+
+    def __init__(self, out_dir):
+        os.makedirs(out_dir, exist_ok=True)
+        self.path = os.path.join(out_dir, "train.lock")
+        self.file = open(self.path, "a+")  # a+: do not truncate the holder's pid before we hold the lock
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise RuntimeError(f"{out_dir} is in use by another training run ({holder}): wait for it to finish, "
+                               f"or give this run another out_dir") from None
+        self.file.truncate(0)
+        self.file.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        self.file.flush()
+
+    def release(self):
+        self.file.close()  # closing the file releases the lock; the file itself stays, harmless

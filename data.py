@@ -8,7 +8,15 @@ A shard is a flat array of token ids behind a 256-byte header:
     bytes 16..23  number of tokens (uint64)
     bytes 24..255 zero
 then the tokens, little-endian. Documents are separated by the tokenizer's end-of-text id.
-A directory of shards (train_000000.bin, ..., val_000000.bin, ...) plus meta.json is a dataset.
+
+A dataset is a directory (written by prepare_data.py, read by train.py and stack.py) holding
+    train_000000.bin, ...    the train split's shards, val_000000.bin, ... the val split's
+    meta.json                {"version": 1, "tokenizer": spec, "vocab_size", "eot_id", ...}: the tokenizer's spec
+                             (tokenizer.py), then what prepare_data.py records (sources, token counts, command)
+    tokenizer.tiktoken       a "bpe" tokenizer's merge ranks, which meta.json's spec names as "file" (too long
+                             for JSON you would read); tiktoken's own format
+meta.json is written last: a directory without it is not (yet) a dataset. This module is the one reader and
+writer of all three, so a format change happens here only. Every file is written by common.atomic_write.
 """
 import glob
 import json
@@ -18,10 +26,15 @@ import struct
 import numpy as np
 import torch
 
+from common import atomic_write
+from tokenizer import Tokenizer
+
 MAGIC = b"MTLMTOKS"
 VERSION = 1
 HEADER_BYTES = 256
 DTYPES = {2: np.uint16, 4: np.uint32}
+META_VERSION = 1
+TOKENIZER_FILE = "tokenizer.tiktoken"
 
 
 def write_shard(path, tokens):
@@ -30,11 +43,9 @@ def write_shard(path, tokens):
     if tokens.dtype not in (np.uint16, np.uint32):
         raise ValueError(f"shard tokens must be uint16 or uint32, got {tokens.dtype}")
     header = MAGIC + struct.pack("<IIQ", VERSION, tokens.dtype.itemsize, len(tokens))
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
         f.write(header.ljust(HEADER_BYTES, b"\0"))
         f.write(tokens.astype(tokens.dtype.newbyteorder("<"), copy=False).tobytes())
-    os.replace(tmp, path)
 
 
 def read_shard(path):
@@ -52,12 +63,61 @@ def read_shard(path):
     return np.memmap(path, dtype=np.dtype(DTYPES[itemsize]).newbyteorder("<"), mode="r", offset=HEADER_BYTES, shape=(n,))
 
 
+def check_vocab(path, tokens, vocab_size):
+    """A token id the model has no embedding for would fail deep inside torch.embedding ("index out of range
+    in self"); say which shard holds it instead. One vectorized pass over the memmap: ~0.1 s per 100M tokens."""
+    if len(tokens) and int(tokens.max()) >= vocab_size:
+        where = int(np.argmax(tokens >= vocab_size))
+        raise ValueError(f"{path}: token id {int(tokens[where])} at position {where:,} is outside the dataset's vocabulary "
+                         f"of {vocab_size} (meta.json): the shard is corrupt or was written with another tokenizer; "
+                         "re-run prepare_data.py")
+
+
+# -----------------------------------------------------------------------------------------------
+# meta.json and the tokenizer beside it
+
+def write_meta(data_dir, tokenizer, **fields):
+    """Write the tokenizer's file (for "bpe") and then meta.json: the last file of a dataset."""
+    spec = tokenizer.spec()
+    if "ranks" in spec:
+        with atomic_write(os.path.join(data_dir, TOKENIZER_FILE)) as tmp, open(tmp, "w") as f:
+            f.write(spec.pop("ranks"))
+        spec["file"] = TOKENIZER_FILE
+    meta = {"version": META_VERSION, "tokenizer": spec, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, **fields}
+    with atomic_write(os.path.join(data_dir, "meta.json")) as tmp, open(tmp, "w") as f:
+        json.dump(meta, f, indent=2)
+    return meta
+
+
 def load_meta(data_dir):
+    """A dataset's meta.json, checked to be one."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no dataset at {data_dir!r} ({path} missing): run prepare_data.py first")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        if not isinstance(meta.get("tokenizer"), dict) or not isinstance(meta.get("vocab_size"), int):
+            raise ValueError("no tokenizer spec or vocab_size")
+    except (ValueError, AttributeError) as e:  # JSONDecodeError is a ValueError; AttributeError: not an object
+        raise ValueError(f"{path} is not a dataset's meta.json ({e}): re-run prepare_data.py") from None
+    return meta
+
+
+def load_tokenizer(data_dir):
+    """The tokenizer a dataset was prepared with."""
+    spec = load_meta(data_dir)["tokenizer"]
+    if "file" in spec:
+        path = os.path.join(data_dir, spec["file"])
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} is missing (meta.json names it as the tokenizer): re-run prepare_data.py")
+        with open(path) as f:
+            spec = {k: v for k, v in spec.items() if k != "file"} | {"ranks": f.read()}
+    return Tokenizer(spec)
+
+
+# -----------------------------------------------------------------------------------------------
+# The loader
 
 
 def shard_paths(data_dir, split):
@@ -75,9 +135,12 @@ class ShardLoader:
     so the ranks see disjoint data. The position (shard, offset, epoch) is plain ints: state_dict()
     goes into the checkpoint and load_state_dict() resumes exactly where the run stopped.
     A window never crosses a shard boundary; the unused tail of a shard is skipped.
+    Each shard's token ids are checked against the vocabulary the first time it is opened.
     """
 
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, device="cpu"):
+        self.vocab_size = load_meta(data_dir)["vocab_size"]
+        self.checked = set()  # shards whose ids were checked against the vocabulary
         self.paths = shard_paths(data_dir, split)
         self.B, self.T, self.rank, self.world_size, self.device = batch_size, block_size, rank, world_size, device
         self.window = batch_size * block_size
@@ -87,14 +150,22 @@ class ShardLoader:
             raise ValueError(f"{split} split of {data_dir!r} has at most {max(sizes)} tokens in a shard, fewer than one "
                              f"step needs ({self.step_tokens} = batch_size*block_size*world_size+1): lower batch_size/block_size")
         self.shard, self.offset, self.epoch = 0, 0, 0
-        self.tokens = read_shard(self.paths[0])
+        self.tokens = self.open(0)
+
+    def open(self, shard):
+        path = self.paths[shard]
+        tokens = read_shard(path)
+        if path not in self.checked:
+            check_vocab(path, tokens, self.vocab_size)
+            self.checked.add(path)
+        return tokens
 
     def state_dict(self):
         return {"shard": self.shard, "offset": self.offset, "epoch": self.epoch}
 
     def load_state_dict(self, state):
         self.shard, self.offset, self.epoch = state["shard"], state["offset"], state["epoch"]
-        self.tokens = read_shard(self.paths[self.shard])
+        self.tokens = self.open(self.shard)
 
     def reset(self):
         self.load_state_dict({"shard": 0, "offset": 0, "epoch": 0})
@@ -105,7 +176,7 @@ class ShardLoader:
             if self.shard == len(self.paths):
                 self.shard, self.epoch = 0, self.epoch + 1
             self.offset = 0
-            self.tokens = read_shard(self.paths[self.shard])
+            self.tokens = self.open(self.shard)
         start = self.offset + self.rank * self.window
         buf = torch.from_numpy(self.tokens[start:start + self.window + 1].astype(np.int64))
         self.offset += self.window * self.world_size

@@ -35,6 +35,8 @@ import torch
 from tqdm import tqdm
 
 import checkpoint
+from common import atomic_write
+from tokenizer import prepended_bos
 
 # ----------------------------------------------------------------------------------------------
 # Tasks. Each formatter maps a row to either
@@ -267,7 +269,7 @@ class OurLM:
         self.device, self.dtype, self.max_len = device, dtype, self.model.config.block_size
         bos = self.tok.bos_id
         # an hf tokenizer.json says in its post-processor whether BOS goes first; tiktoken/bpe never add one
-        self.bos = bos if self.tok.kind == "hf" and bos is not None and self.tok.enc.encode("a").ids[:1] == [bos] else None
+        self.bos = prepended_bos(self.tok.enc.encode("a").ids, self.tok.encode("a")) if self.tok.kind == "hf" else None
         self.prefix_id = bos if bos is not None else self.tok.eot_id
 
     def encode(self, texts):
@@ -297,7 +299,7 @@ class HFLM:
         self.cache_kw = "cache" if "cache" in inspect.signature(self.body.forward).parameters else "past_key_values"
         self.device = device
         bos = self.tok.bos_token_id
-        self.bos = bos if bos is not None and self.tok("a")["input_ids"][:1] == [bos] else None
+        self.bos = prepended_bos(self.tok("a")["input_ids"], self.tok("a", add_special_tokens=False)["input_ids"])
         self.prefix_id = bos if bos is not None else self.tok.eos_token_id
         self.max_len = getattr(self.model.config, "max_position_embeddings", None) or 2048  # lm-eval's fallback
 
@@ -548,10 +550,8 @@ def main(argv=None):
     print(f"scored {n} examples in {dt:.1f}s: {n / dt:.2f} examples/s ({args.dtype}, {torch.get_num_threads()} threads)", file=sys.stderr)
     print(table(out["results"]))
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
+        with atomic_write(args.out) as tmp, open(tmp, "w") as f:
             json.dump(out, f)
-        os.replace(tmp, args.out)
 
 
 if __name__ == "__main__":

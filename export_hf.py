@@ -1,5 +1,5 @@
 """
-Hugging Face interop: export a checkpoint as a standard `llama` model directory, and import one back.
+Export a checkpoint as a standard Hugging Face `llama` model directory.
 
     python export_hf.py --ckpt out/phase2 --out hf/mtlm1-200m [--dtype bfloat16] [--eval results.json]
     python export_hf.py --ckpt out/phase2 --out hf/mtlm1-200m --push_to_hub user/mtlm1-200m
@@ -9,19 +9,19 @@ tool that reads Llama checkpoints (vLLM, llama.cpp's convert_hf_to_gguf.py). mod
 transformers' parameter names, so the weights are a copy; the work is in the files around them:
 config.json, generation_config.json, a tokenizer.json converted from our tiktoken ranks, a model card.
 
-The import (`hf:DIR` wherever a checkpoint is named; checkpoint.load calls import_hf) reads a Llama-family
-directory (Llama, TinyLlama, SmolLM2, ...) into our checkpoint format, refusing what model.py cannot run.
+The way back, `hf:DIR` wherever a checkpoint is named, is a checkpoint *reader* and lives in checkpoint.py
+(import_hf), with every other way a checkpoint is read.
 """
 import argparse
 import json
-import math
 import os
-import shutil
 import sys
-import tempfile
 
 import torch
 
+import checkpoint
+from common import atomic_write, log
+from data import load_meta
 from model import LLaMA, ModelConfig
 from tokenizer import Tokenizer
 
@@ -73,24 +73,24 @@ def tokenizer_config(tokenizer, hf_tok, max_len):
 # Model: config.json and weights
 
 def hf_config(model_args, tokenizer, dtype):
-    a = ModelConfig(**model_args)
+    config = ModelConfig(**model_args)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": a.vocab_size,
-        "hidden_size": a.n_embd,
-        "intermediate_size": a.intermediate_size,
-        "num_hidden_layers": a.n_layer,
-        "num_attention_heads": a.n_head,
-        "num_key_value_heads": a.n_kv_head,
-        "head_dim": a.n_embd // a.n_head,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "head_dim": config.n_embd // config.n_head,
         "hidden_act": "silu",
-        "max_position_embeddings": a.block_size,
-        "rms_norm_eps": a.norm_eps,
+        "max_position_embeddings": config.block_size,
+        "rms_norm_eps": config.norm_eps,
         # transformers >= 5 reads rope_parameters; older versions and other tools read rope_theta
-        "rope_theta": a.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta},
-        "tie_word_embeddings": a.tie_embeddings,
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "tie_word_embeddings": config.tie_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
         "attention_dropout": 0.0,
@@ -113,9 +113,9 @@ def export_weights(state_dict, tie, dtype):
 # Model card
 
 def model_card(ckpt, repo, eval_results=None):
-    a = ModelConfig(**ckpt["model_args"])
+    config = ModelConfig(**ckpt["model_args"])
     with torch.device("meta"):
-        model = LLaMA(a)
+        model = LLaMA(config)
     history = ckpt.get("history") or []
     trained = sum(e.get("tokens") or 0 for e in history if e.get("event") == "train")
     data = list(dict.fromkeys(e["data_dir"] for e in history if e.get("data_dir")))
@@ -130,14 +130,14 @@ def model_card(ckpt, repo, eval_results=None):
         "## Architecture", "",
         "| | |", "|---|---|",
         f"| parameters | {model.num_params():,} ({model.num_params(non_embedding=True):,} non-embedding) |",
-        f"| layers | {a.n_layer} |",
-        f"| hidden size | {a.n_embd} |",
-        f"| attention heads | {a.n_head} query, {a.n_kv_head} key/value (head dim {a.n_embd // a.n_head}) |",
-        f"| MLP | SwiGLU, {a.intermediate_size} hidden |",
-        f"| normalization | RMSNorm (pre-norm), eps {a.norm_eps:g} |",
-        f"| position | RoPE, theta {a.rope_theta:g}; trained context {a.block_size} |",
-        f"| vocabulary | {a.vocab_size} ({tok_name}) |",
-        f"| tied embeddings | {'yes' if a.tie_embeddings else 'no'} |", "",
+        f"| layers | {config.n_layer} |",
+        f"| hidden size | {config.n_embd} |",
+        f"| attention heads | {config.n_head} query, {config.n_kv_head} key/value (head dim {config.n_embd // config.n_head}) |",
+        f"| MLP | SwiGLU, {config.intermediate_size} hidden |",
+        f"| normalization | RMSNorm (pre-norm), eps {config.norm_eps:g} |",
+        f"| position | RoPE, theta {config.rope_theta:g}; trained context {config.block_size} |",
+        f"| vocabulary | {config.vocab_size} ({tok_name}) |",
+        f"| tied embeddings | {'yes' if config.tie_embeddings else 'no'} |", "",
         "## Training", "",
         f"Tokens trained: {trained:,}" + (" (in this repository's runs; an imported model's pretraining is not counted)"
                                         if any(e.get("event") == "import" for e in history) else "") + ".", "",
@@ -177,8 +177,7 @@ def model_card(ckpt, repo, eval_results=None):
 def data_sources(data_dir):
     """' (source specs and weights)' from a prepared data dir's meta.json, when it is still on this machine."""
     try:
-        with open(os.path.join(data_dir, "meta.json")) as f:
-            meta = json.load(f)
+        meta = load_meta(data_dir)
         return " (" + ", ".join(f"{s['spec']} {s['weight']:.0%}" for s in meta["sources"]) + \
             f"; {sum(meta['tokens'].values()):,} tokens)"
     except (OSError, ValueError, KeyError, TypeError):
@@ -201,47 +200,34 @@ def read_eval(path):
 # Export
 
 def export(ckpt, out, dtype="float32", eval_results=None, force=False, repo=None):
-    """Write the HF directory `out` atomically: everything goes into a temp dir beside it, renamed at the end."""
+    """Write the HF directory `out` atomically: everything goes into a temp dir beside it, renamed at the end
+    (common.atomic_write), so an interrupted export never leaves a directory that looks complete."""
     from safetensors.torch import save_file
     out = os.path.abspath(out)
     if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)) and not force:
         raise FileExistsError(f"{out} exists and is not empty: pass --force to replace it")
     tokenizer = Tokenizer(ckpt["tokenizer"])
-    a = ckpt["model_args"]
-    if tokenizer.vocab_size > a["vocab_size"]:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {a['vocab_size']}")
+    model_args = ckpt["model_args"]
+    if tokenizer.vocab_size > model_args["vocab_size"]:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model_args['vocab_size']}")
     hf_tok = hf_tokenizer(tokenizer)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
-    try:
+    with atomic_write(out) as tmp:
+        os.mkdir(tmp)
+
         def write_json(name, obj):
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(obj, f, indent=2)
                 f.write("\n")
-        write_json("config.json", hf_config(a, tokenizer, dtype))
+        write_json("config.json", hf_config(model_args, tokenizer, dtype))
         gen = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.eot_id}
         write_json("generation_config.json", {k: v for k, v in gen.items() if v is not None})
-        save_file(export_weights(ckpt["model"], a.get("tie_embeddings", False), dtype),
+        save_file(export_weights(ckpt["model"], model_args.get("tie_embeddings", False), dtype),
                   os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         hf_tok.save(os.path.join(tmp, "tokenizer.json"))
-        write_json("tokenizer_config.json", tokenizer_config(tokenizer, hf_tok, a["block_size"]))
+        write_json("tokenizer_config.json", tokenizer_config(tokenizer, hf_tok, model_args["block_size"]))
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card(ckpt, repo or out, eval_results))
-        umask = os.umask(0)
-        os.umask(umask)
-        for name in os.listdir(tmp):  # mkdtemp (and safetensors) make private files: give them the usual modes
-            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        if os.path.exists(out):  # replaced (--force, or empty): move the old one aside, then swap
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
-            os.replace(out, os.path.join(old, "x"))
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -272,114 +258,6 @@ def push_to_hub(folder, repo):
 
 
 # -----------------------------------------------------------------------------------------------
-# Import: a Hugging Face Llama-family directory -> our checkpoint dict
-
-def model_args_from_hf(cfg, where):
-    """Map config.json onto ModelConfig, refusing every feature model.py does not implement.
-    Missing keys take LlamaConfig's defaults."""
-    def refuse(why):
-        raise ValueError(f"{where}: unsupported model: {why}; model.py implements the plain Llama architecture")
-    if cfg.get("model_type") != "llama":
-        refuse(f"model_type is {cfg.get('model_type')!r}, not 'llama'")
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        refuse("it has biases (attention_bias/mlp_bias)")
-    if cfg.get("hidden_act", "silu") != "silu":
-        refuse(f"hidden_act is {cfg['hidden_act']!r}, not 'silu'")
-    if any(cfg.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok")):
-        refuse("it is a mixture of experts")
-    if cfg.get("sliding_window") is not None:
-        refuse(f"it uses sliding-window attention ({cfg['sliding_window']})")
-    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    if cfg.get("head_dim") not in (None, hidden // heads) or hidden % heads:
-        refuse(f"head_dim {cfg.get('head_dim')} is not hidden_size/num_attention_heads ({hidden}/{heads})")
-    # RoPE: transformers 5 writes rope_parameters {rope_theta, rope_type}; older configs rope_theta + rope_scaling
-    rope = dict(cfg.get("rope_parameters") or {})
-    scaling = cfg.get("rope_scaling") or {}
-    for rope_type in (rope.get("rope_type"), scaling.get("rope_type") or scaling.get("type")):
-        if rope_type not in (None, "default"):
-            refuse(f"RoPE scaling {rope_type!r} (only the default, unscaled RoPE is implemented)")
-    return dict(vocab_size=cfg["vocab_size"], n_layer=cfg["num_hidden_layers"], n_head=heads,
-                n_kv_head=cfg.get("num_key_value_heads") or heads, n_embd=hidden,
-                intermediate_size=cfg["intermediate_size"], block_size=cfg.get("max_position_embeddings", 2048),
-                rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-                norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
-
-
-def read_weights(d):
-    """All tensors of a HF model dir: model.safetensors, sharded safetensors (index), else pytorch_model.bin."""
-    from safetensors.torch import load_file
-    for index, loader in (("model.safetensors.index.json", load_file),
-                          ("pytorch_model.bin.index.json", lambda p: torch.load(p, map_location="cpu", weights_only=True))):
-        if os.path.exists(os.path.join(d, index)):
-            with open(os.path.join(d, index)) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            return {k: v for s in shards for k, v in loader(os.path.join(d, s)).items()}
-    if os.path.exists(os.path.join(d, "model.safetensors")):
-        return load_file(os.path.join(d, "model.safetensors"))
-    if os.path.exists(os.path.join(d, "pytorch_model.bin")):
-        # weights_only: a pickle from the internet must not run code
-        return torch.load(os.path.join(d, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{d}: no weights (expected model.safetensors, model.safetensors.index.json or pytorch_model.bin)")
-
-
-def tokenizer_spec_from_hf(d):
-    """Our "hf" tokenizer spec for a model dir: its tokenizer.json, its end-of-sequence id (what generate stops
-    at), and the BOS id only if its tokenizer prepends one (Llama 2, TinyLlama do; SmolLM2 does not)."""
-    from tokenizers import Tokenizer as HFTokenizer
-    path = os.path.join(d, "tokenizer.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{d}: no tokenizer.json (a fast tokenizer is needed; if it has only tokenizer.model, "
-                                "save one with transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))")
-    with open(path) as f:
-        text = f.read()
-    tok = HFTokenizer.from_str(text)
-    with_specials, plain = tok.encode("a").ids, tok.encode("a", add_special_tokens=False).ids
-    bos = with_specials[0] if len(with_specials) > len(plain) and with_specials[1:] == plain[:len(with_specials) - 1] else None
-    eos = None
-    for name in ("generation_config.json", "config.json"):
-        if eos is None and os.path.exists(os.path.join(d, name)):
-            with open(os.path.join(d, name)) as f:
-                eos = json.load(f).get("eos_token_id")
-    if isinstance(eos, list):  # several stop tokens (Llama 3 instruct): our sampler stops at one, the first
-        eos = eos[0] if eos else None
-    return {"kind": "hf", "tokenizer_json": text, "bos_token_id": bos, "eos_token_id": eos}
-
-
-def import_hf(d):
-    """A checkpoint dict (see checkpoint.py) holding the model of a Hugging Face Llama-family directory."""
-    if not os.path.isdir(d):
-        raise FileNotFoundError(f"hf:{d}: not a directory")
-    if not os.path.exists(os.path.join(d, "config.json")):
-        raise FileNotFoundError(f"hf:{d}: no config.json (not a Hugging Face model directory)")
-    with open(os.path.join(d, "config.json")) as f:
-        cfg = json.load(f)
-    model_args = model_args_from_hf(cfg, f"hf:{d}")
-    with torch.device("meta"):  # shapes only: nothing allocated
-        expected = LLaMA(ModelConfig(**model_args)).state_dict()
-    weights = {k: v for k, v in read_weights(d).items() if not k.endswith("rotary_emb.inv_freq")}  # derived, not learned
-    if model_args["tie_embeddings"]:
-        weights["lm_head.weight"] = weights.get("model.embed_tokens.weight")  # one tensor under both names, as in LLaMA
-    missing = [k for k in expected if weights.get(k) is None]
-    unexpected = [k for k in weights if k not in expected]
-    wrong = [f"{k} {tuple(weights[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
-             if k not in missing and weights[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"hf:{d}: weights do not match its config: " + "; ".join(
-            f"{what}: {', '.join(ks[:4])}{' ...' if len(ks) > 4 else ''}"
-            for what, ks in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if ks))
-    tokenizer = tokenizer_spec_from_hf(d)
-    # fp32 master weights, like a checkpoint from train.py (a bf16 hub file trains badly in bf16)
-    state = {k: v.float() for k, v in weights.items()}
-    if model_args["tie_embeddings"]:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    source = f"hf:{os.path.abspath(d)}"
-    return dict(model=state, model_args=model_args, tokenizer=tokenizer, optimizer=None, iter_num=0, config={},
-                loader=None, rng=None, best_val_loss=math.inf, tokens_seen=0,
-                history=[dict(event="import", source=source, name=cfg.get("_name_or_path") or os.path.basename(os.path.abspath(d)),
-                              architectures=",".join(cfg.get("architectures") or []))])
-
-
-# -----------------------------------------------------------------------------------------------
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\nThe export")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -390,14 +268,13 @@ def main(argv=None):
     p.add_argument("--push_to_hub", metavar="REPO", help="also upload the directory to the hub as REPO (user/name)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
-    import checkpoint
     try:
         if args.push_to_hub:
             check_hub(args.push_to_hub)
         eval_results = read_eval(args.eval) if args.eval else None
         ckpt = checkpoint.load(args.ckpt)
         out = export(ckpt, args.out, args.dtype, eval_results, args.force, args.push_to_hub)
-        print(f"wrote {out}", file=sys.stderr)
+        log(f"wrote {out}")
         if args.push_to_hub:
             print(push_to_hub(out, args.push_to_hub))
     except (OSError, ValueError, RuntimeError) as e:  # missing files, an existing --out, bad models, no network

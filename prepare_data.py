@@ -6,21 +6,21 @@ Prepare a token dataset: text documents -> tokenizer -> train/val shards + meta.
     python prepare_data.py --sources a.jsonl@0.75 b.parquet@0.25 --max_tokens 1_000_000
     python prepare_data.py --preset reference --max_tokens 9_000_000_000   # the hub blend -> data/reference
 
-A source is `pydocs`, a local .txt/.jsonl/.json/.parquet file (or a directory or glob of them), or a
-Hugging Face hub dataset `hf:org/name[:config]`, each optionally suffixed `@WEIGHT`. Local files and hub
-datasets go through one code path, datasets.load_dataset(..., streaming=True). Weighted sources are
+A source is a built-in corpus (`pydocs`), a local .txt/.jsonl/.json/.parquet file (or a directory or glob of
+them), or a Hugging Face hub dataset `hf:org/name[:config]`, each optionally suffixed `@WEIGHT`. Local files and
+hub datasets go through one code path, datasets.load_dataset(..., streaming=True). Weighted sources are
 interleaved until each has its share of --max_tokens; without a budget every source is read fully.
 
-The story: resolve the sources -> clear any stale dataset in out_dir -> tokenizer (tiktoken by name, or a
-BPE trained with rustbpe on the train side of the same mix) -> stream, mix, encode in batches on all cores,
-send each document (plus end-of-text) to train or val -> shards -> meta.json, written last. Until meta.json
-exists the directory is not a dataset; on any error the shards this run wrote are removed.
+The story, main() at the bottom: check the arguments -> clear any stale dataset in out_dir -> tokenizer
+(tiktoken by name, a Hugging Face model's own, or a BPE trained with rustbpe on the train side of the same mix)
+-> stream, mix, encode in batches on all cores, send each document (plus end-of-text) to train or val -> shards
+-> meta.json, written last (data.py). Until meta.json exists the directory is not a dataset; on any error the
+files this run wrote are removed.
 """
 import argparse
 import ast
 import glob
 import importlib.util
-import json
 import os
 import random
 import re
@@ -32,12 +32,10 @@ from itertools import islice
 import numpy as np
 from tqdm import tqdm
 
-from data import write_shard
-from tokenizer import Tokenizer
+from common import log, remove
+from data import write_meta, write_shard
+from tokenizer import TIKTOKEN, Tokenizer
 
-META_VERSION = 1
-# Vocab sizes of the tiktoken encodings, known up front so that a dtype that is too small fails before a download
-TIKTOKEN_VOCAB = {"gpt2": 50257, "r50k_base": 50257, "cl100k_base": 100277, "o200k_base": 200019}
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 # The reference model did not publish the ratio in which it mixed these four corpora, so these weights are our
 # choice: FineWeb-Edu leads because educational filtering is what lifts small models on knowledge and reasoning
@@ -48,15 +46,13 @@ PRESETS = {"reference": ["hf:HuggingFaceFW/fineweb-edu:sample-10BT@0.4", "hf:Hug
                          "hf:HuggingFaceFW/fineweb:sample-10BT@0.3", "hf:wikimedia/wikipedia:20231101.en@0.1"]}
 
 
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
 # -----------------------------------------------------------------------------------------------
-# pydocs: the English that ships inside every CPython, read without importing anything
+# Readers: one per kind of source, each `read_<kind>(source) -> iterable of documents (str)`, where source is
+# what parse_source made of its spec. They are registered in READERS, below them.
 
-def pydocs_documents():
-    """pydoc's help topics plus every docstring of the standard library, in a fixed order."""
+def read_pydocs(source):
+    """The English that ships inside every CPython, read without importing anything: pydoc's help topics plus
+    every docstring of the standard library, in a fixed order."""
     from pydoc_data.topics import topics
     docs = [topics[k] for k in sorted(topics)]
     seen = set()
@@ -89,43 +85,6 @@ def pydocs_documents():
     return docs
 
 
-# -----------------------------------------------------------------------------------------------
-# Sources: parse a spec, then open it as an iterator of document strings
-
-def parse_source(spec):
-    head, _, tail = spec.rpartition("@")
-    try:
-        weight = float(tail) if head else None
-    except ValueError:  # an @ that is part of a path
-        weight = None
-    if weight is not None:
-        spec = head
-        if not 0 < weight < float("inf"):
-            raise SystemExit(f"source {spec!r}: weight must be a positive number, got {tail}")
-    src = {"spec": spec, "weight": weight}
-    if spec == "pydocs":
-        return src | {"kind": "pydocs", "name": "pydocs"}
-    if spec.startswith("hf:"):
-        name, _, config = spec[3:].partition(":")
-        if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-            raise SystemExit(f"unknown source {spec!r}: a hub dataset is written hf:org/name[:config]")
-        return src | {"kind": "hf", "name": name.split("/")[1], "path": name, "config": config or None}
-    if os.path.isdir(spec):
-        files = sorted(p for ext in BUILDERS for p in glob.glob(os.path.join(spec, "*" + ext)))
-    else:
-        files = sorted(glob.glob(spec))
-    if not files:
-        if any(c in spec for c in "*?[") or os.path.isdir(spec):
-            raise SystemExit(f"source {spec!r}: no .txt/.jsonl/.json/.parquet files match")
-        if os.path.splitext(spec)[1] in BUILDERS:
-            raise SystemExit(f"source {spec!r}: no such file")
-        raise SystemExit(f"unknown source {spec!r}: expected pydocs, hf:org/name[:config], or a "
-                         ".txt/.jsonl/.json/.parquet file, directory or glob (each optionally @WEIGHT)")
-    for f in files:
-        if os.path.splitext(f)[1] not in BUILDERS:
-            raise SystemExit(f"unknown source {f!r}: local files must be .txt, .jsonl, .json or .parquet")
-    name = os.path.splitext(os.path.basename(spec.rstrip("/")))[0].strip("*?[]") or "local"
-    return src | {"kind": "local", "name": name, "files": files}
 
 
 def stream_texts(label, text_column, *args, **kwargs):
@@ -146,25 +105,80 @@ def stream_texts(label, text_column, *args, **kwargs):
         raise SystemExit(f"{label}: cannot read it ({type(e).__name__}: {e})") from e
 
 
-def open_source(src, text_column, seed):
-    if src["kind"] == "pydocs":
-        if "docs" not in src:  # extracted once (~2 s), shuffled so that the per-document split makes iid train/val
-            src["docs"] = pydocs_documents()
-            random.Random(seed).shuffle(src["docs"])
-        return iter(src["docs"])
-    if src["kind"] == "hf":
-        return stream_texts(src["spec"], text_column, src["path"], src["config"])
-    # one load_dataset per file, so that an error names the file; a .txt file is one document in a column "text"
-    return (text for f in src["files"] for text in (
+def read_hub(source):
+    """A Hugging Face hub dataset, streamed."""
+    return stream_texts(source["spec"], source["text_column"], source["path"], source["config"])
+
+
+def read_local(source):
+    """Local files, one load_dataset per file so that an error names the file; a .txt file is one document."""
+    return (text for f in source["files"] for text in (
         stream_texts(f, "text", "text", data_files=f, sample_by="document") if f.endswith(".txt") else
-        stream_texts(f, text_column, BUILDERS[os.path.splitext(f)[1]], data_files=f)))
+        stream_texts(f, source["text_column"], BUILDERS[os.path.splitext(f)[1]], data_files=f)))
 
 
-def split_docs(src, i, args, val_fraction):
+# Every kind of source and its reader. A built-in corpus is named by a bare word on the command line; it is
+# small and held in memory, read once, shuffled (seeded, so that the per-document train/val split is iid) and
+# tokenized with a BPE trained on it by default. To add a corpus: write its reader above, list it here.
+BUILTIN_CORPORA = {"pydocs": read_pydocs}
+READERS = {**BUILTIN_CORPORA, "hf": read_hub, "local": read_local}
+
+
+# -----------------------------------------------------------------------------------------------
+# Sources: parse a spec, then open it as an iterator of document strings
+
+def parse_source(spec, text_column="text"):
+    """A source spec (see the module docstring) -> {"spec", "weight", "kind", "name", ...what its reader needs}."""
+    head, _, tail = spec.rpartition("@")
+    try:
+        weight = float(tail) if head else None
+    except ValueError:  # an @ that is part of a path
+        weight = None
+    if weight is not None:
+        spec = head
+        if not 0 < weight < float("inf"):
+            raise SystemExit(f"source {spec!r}: weight must be a positive number, got {tail}")
+    source = {"spec": spec, "weight": weight, "text_column": text_column}
+    if spec in BUILTIN_CORPORA:
+        return source | {"kind": spec, "name": spec}
+    if spec.startswith("hf:"):
+        name, _, config = spec[3:].partition(":")
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+            raise SystemExit(f"unknown source {spec!r}: a hub dataset is written hf:org/name[:config]")
+        return source | {"kind": "hf", "name": name.split("/")[1], "path": name, "config": config or None}
+    if os.path.isdir(spec):
+        files = sorted(p for ext in BUILDERS for p in glob.glob(os.path.join(spec, "*" + ext)))
+    else:
+        files = sorted(glob.glob(spec))
+    if not files:
+        if any(c in spec for c in "*?[") or os.path.isdir(spec):
+            raise SystemExit(f"source {spec!r}: no .txt/.jsonl/.json/.parquet files match")
+        if os.path.splitext(spec)[1] in BUILDERS:
+            raise SystemExit(f"source {spec!r}: no such file")
+        raise SystemExit(f"unknown source {spec!r}: expected {', '.join(BUILTIN_CORPORA)}, hf:org/name[:config], or a "
+                         ".txt/.jsonl/.json/.parquet file, directory or glob (each optionally @WEIGHT)")
+    for f in files:
+        if os.path.splitext(f)[1] not in BUILDERS:
+            raise SystemExit(f"unknown source {f!r}: local files must be .txt, .jsonl, .json or .parquet")
+    name = os.path.splitext(os.path.basename(spec.rstrip("/")))[0].strip("*?[]") or "local"
+    return source | {"kind": "local", "name": name, "files": files}
+
+
+def open_source(source, seed):
+    """An iterator over a source's documents (a built-in corpus is extracted once, ~2 s, and kept)."""
+    if source["kind"] not in BUILTIN_CORPORA:
+        return iter(READERS[source["kind"]](source))
+    if "docs" not in source:
+        source["docs"] = list(READERS[source["kind"]](source))
+        random.Random(seed).shuffle(source["docs"])
+    return iter(source["docs"])
+
+
+def split_docs(source, i, seed, val_fraction):
     """(doc, is_val) for source i: each document goes to val with probability val_fraction. The source's k-th
     document gets the same decision in every pass over it, so the BPE trained on the train side never sees val."""
-    rng = random.Random(f"{args.seed}/{i}")
-    for doc in open_source(src, args.text_column, args.seed):
+    rng = random.Random(f"{seed}/{i}")
+    for doc in open_source(source, seed):
         yield doc, rng.random() < val_fraction
 
 
@@ -227,143 +241,152 @@ class ShardWriter:
         self.buf, self.n_buf = [buf[n:]], len(buf) - n
 
 
-# -----------------------------------------------------------------------------------------------
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+# -----------------------------------------------------------------------------------------------
+# The steps of main(), in order
+
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\nThe story")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="SPEC: pydocs | PATH/DIR/GLOB of .txt .jsonl .json .parquet | hf:org/name[:config], each optionally @WEIGHT")
+                                epilog=f"SPEC: {' | '.join(BUILTIN_CORPORA)} | PATH/DIR/GLOB of .txt .jsonl .json .parquet | "
+                                       "hf:org/name[:config], each optionally @WEIGHT")
     p.add_argument("--sources", nargs="+", metavar="SPEC", help="what to read (default: pydocs)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named blend instead of --sources (reference: 4 hub corpora, needs --max_tokens)")
     p.add_argument("--max_tokens", type=int, metavar="N", help="token budget over train+val, shared by weight (equally without weights; default: read everything)")
     p.add_argument("--out_dir", help="default: data/<preset or source name>, data/mix for several sources")
-    p.add_argument("--tokenizer", metavar="NAME", help=f"bpe, {', '.join(TIKTOKEN_VOCAB)}, or hf:DIR (a Hugging Face model's own "
-                   "tokenizer.json, to continue training that model); default: bpe for pydocs, gpt2 otherwise")
+    p.add_argument("--tokenizer", metavar="NAME", help=f"bpe, {', '.join(TIKTOKEN)}, or hf:DIR (a Hugging Face model's own "
+                   "tokenizer.json, to continue training that model); default: bpe for built-in corpora, gpt2 otherwise")
     p.add_argument("--vocab_size", type=int, default=4096, metavar="N", help="for --tokenizer bpe (default: %(default)s)")
     p.add_argument("--bpe_train_chars", type=int, default=200_000_000, metavar="N",
                    help="at most this many characters of train text (mixed by weight) to train the BPE on (default: %(default)s)")
     p.add_argument("--text_column", default="text", help="column holding the text in .jsonl/.json/.parquet and hub rows (default: %(default)s)")
     p.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto", help="auto: uint16 when the vocab fits")
     p.add_argument("--shard_size", type=int, default=100_000_000, metavar="N", help="tokens per shard (default: %(default)s)")
-    p.add_argument("--val_fraction", type=float, metavar="F", help="share of documents for val (default 0.05 for pydocs, whose "
-                   "~600k tokens need 5%% for a steady val loss; 0.005 otherwise, already millions of tokens at scale)")
-    p.add_argument("--seed", type=int, default=1337, help="pydocs shuffle and train/val split (default: %(default)s)")
+    p.add_argument("--val_fraction", type=float, metavar="F", help="share of documents for val (default 0.05 for built-in corpora: "
+                   "pydocs' ~600k tokens need 5%% for a steady val loss; 0.005 otherwise, already millions of tokens at scale)")
+    p.add_argument("--seed", type=int, default=1337, help="built-in corpus shuffle and train/val split (default: %(default)s)")
     p.add_argument("--batch_docs", type=int, default=1024, metavar="N", help="documents per encode batch (default: %(default)s)")
-    args = p.parse_args(argv)
-    t0 = time.time()
+    return p.parse_args(argv)
 
-    # --- resolve and check everything that can be checked before touching the disk
+
+def check_arguments(args):
+    """Check everything that can be checked before the disk is touched, and fill in the defaults that depend on
+    the sources (val_fraction, tokenizer, dtype, out_dir). Returns the parsed sources, and the tokenizer if it is
+    a Hugging Face model's (loaded now: its vocab size decides the dtype)."""
     if args.preset and args.sources:
         raise SystemExit("give either --preset or --sources, not both")
-    sources = [parse_source(s) for s in (PRESETS[args.preset] if args.preset else args.sources or ["pydocs"])]
+    sources = [parse_source(s, args.text_column) for s in (PRESETS[args.preset] if args.preset else args.sources or ["pydocs"])]
     if any(s["weight"] is not None for s in sources) and args.max_tokens is None:
         raise SystemExit("source weights need a budget to share: add --max_tokens N")
-    weights = [s["weight"] or 1.0 for s in sources]
     for flag in ("max_tokens", "shard_size", "batch_docs", "bpe_train_chars"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise SystemExit(f"--{flag} must be positive, got {getattr(args, flag)}")
-    only_pydocs = all(s["kind"] == "pydocs" for s in sources)
-    val_fraction = args.val_fraction if args.val_fraction is not None else (0.05 if only_pydocs else 0.005)
-    if not 0 < val_fraction < 1:
-        raise SystemExit(f"--val_fraction must be between 0 and 1, got {val_fraction}")
-    kind = args.tokenizer or ("bpe" if only_pydocs else "gpt2")
-    hf_tok = None
+    only_builtin = all(s["kind"] in BUILTIN_CORPORA for s in sources)
+    if args.val_fraction is None:
+        args.val_fraction = 0.05 if only_builtin else 0.005
+    if not 0 < args.val_fraction < 1:
+        raise SystemExit(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
+    kind = args.tokenizer = args.tokenizer or ("bpe" if only_builtin else "gpt2")
+    hf_tokenizer = None
     if kind.startswith("hf:"):
-        from export_hf import tokenizer_spec_from_hf
         try:
-            hf_tok = Tokenizer(tokenizer_spec_from_hf(kind[3:]))
+            hf_tokenizer = Tokenizer.from_hf(kind[3:])
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"--tokenizer {kind}: {e}")
-    elif kind not in ("bpe", *TIKTOKEN_VOCAB):
-        raise SystemExit(f"unknown --tokenizer {kind!r}: choose bpe, {', '.join(TIKTOKEN_VOCAB)} or hf:DIR")
-    vocab_size = args.vocab_size if kind == "bpe" else hf_tok.vocab_size if hf_tok else TIKTOKEN_VOCAB[kind]
+    elif kind not in ("bpe", *TIKTOKEN):
+        raise SystemExit(f"unknown --tokenizer {kind!r}: choose bpe, {', '.join(TIKTOKEN)} or hf:DIR")
+    vocab_size = args.vocab_size if kind == "bpe" else hf_tokenizer.vocab_size if hf_tokenizer else TIKTOKEN[kind][1]
     if kind == "bpe" and vocab_size < 258:
         raise SystemExit(f"--vocab_size {vocab_size} is too small: a byte-level BPE needs 256 byte tokens + <|endoftext|>")
-    dtype = args.dtype if args.dtype != "auto" else ("uint16" if vocab_size <= 2**16 else "uint32")
-    if dtype == "uint16" and vocab_size > 2**16:
+    if args.dtype == "auto":
+        args.dtype = "uint16" if vocab_size <= 2**16 else "uint32"
+    if args.dtype == "uint16" and vocab_size > 2**16:
         raise SystemExit(f"vocab_size {vocab_size} ({kind}) does not fit --dtype uint16 (at most 65536 ids): use uint32 or auto")
-    out_dir = args.out_dir or os.path.join("data", args.preset or (sources[0]["name"] if len(sources) == 1 else "mix"))
+    args.out_dir = args.out_dir or os.path.join("data", args.preset or (sources[0]["name"] if len(sources) == 1 else "mix"))
+    return sources, hf_tokenizer
 
-    # --- from here on, out_dir holds no dataset until meta.json is written at the very end
+
+def clear_stale_dataset(out_dir):
+    """Remove an older dataset's files: old shards too, since a loader globs train_*.bin and would mix them in."""
     os.makedirs(out_dir, exist_ok=True)
     stale = [os.path.join(out_dir, n) for n in ("meta.json", "tokenizer.tiktoken")]
     stale += glob.glob(os.path.join(out_dir, "train_*.bin*")) + glob.glob(os.path.join(out_dir, "val_*.bin*"))
-    for path in stale:  # old shards too: a loader globs train_*.bin and would mix old data in
-        if os.path.exists(path):
-            os.remove(path)
-    written = []
+    for path in stale:
+        remove(path)
+
+
+def build_tokenizer(args, sources, weights, hf_tokenizer):
+    """The tokenizer by name, the Hugging Face model's, or a BPE trained on the train side of the mix."""
+    kind = args.tokenizer
+    if hf_tokenizer:
+        return hf_tokenizer
+    if kind != "bpe":
+        try:
+            tok = Tokenizer.from_tiktoken(kind)
+        except Exception as e:
+            raise SystemExit(f"cannot load tiktoken encoding {kind!r} ({type(e).__name__}: {e}); "
+                             "offline it needs a cache in TIKTOKEN_CACHE_DIR") from e
+        assert args.dtype == "uint32" or tok.vocab_size <= 2**16, (kind, tok.vocab_size)  # TIKTOKEN is out of date
+        return tok
+    streams = [(d for d, is_val in split_docs(s, i, args.seed, args.val_fraction) if not is_val) for i, s in enumerate(sources)]
+    texts = [doc for _, doc in mix(streams, weights, args.bpe_train_chars, len)]
+    if not texts:
+        raise SystemExit(f"empty corpus: {' '.join(s['spec'] for s in sources)} gave no train text")
+    log(f"training a {args.vocab_size}-token BPE on {sum(map(len, texts)):,} chars of {len(texts):,} train documents")
+    tok = Tokenizer.train_bpe(texts, args.vocab_size)
+    if tok.vocab_size < args.vocab_size:
+        log(f"warning: the text only supports {tok.vocab_size - 257} merges: vocab is {tok.vocab_size}, not {args.vocab_size}")
+    return tok
+
+
+def write_shards(args, sources, weights, tok, written):
+    """Stream, mix and encode every source, send each document to train or val, write the shards.
+    Returns the writers of both splits and per-source counts of documents and tokens."""
+    log(f"encoding {', '.join(s['spec'] for s in sources)} with {args.tokenizer} (vocab {tok.vocab_size}) into {args.out_dir}")
+    streams = [encoded(split_docs(s, i, args.seed, args.val_fraction), tok, args.batch_docs) for i, s in enumerate(sources)]
+    writers = {split: ShardWriter(args.out_dir, split, args.dtype, args.shard_size, written) for split in ("train", "val")}
+    counts = [{"docs": {"train": 0, "val": 0}, "tokens": {"train": 0, "val": 0}} for _ in sources]
+    with tqdm(total=args.max_tokens, unit="tok", unit_scale=True, file=sys.stderr, desc="tokens") as bar:
+        for i, (ids, is_val) in mix(streams, weights, args.max_tokens, lambda item: len(item[0])):
+            split = "val" if is_val else "train"
+            writers[split].add(ids)
+            counts[i]["docs"][split] += 1
+            counts[i]["tokens"][split] += len(ids)
+            bar.update(len(ids))
+    for split, writer in writers.items():
+        if not writer.tokens:
+            n_docs = sum(c["docs"]["train"] + c["docs"]["val"] for c in counts)
+            raise SystemExit(f"empty corpus: no documents for {split} ({n_docs} documents in all, --val_fraction "
+                             f"{args.val_fraction}); give more data" + (" or a larger --val_fraction" if split == "val" else ""))
+        writer.flush()
+    return writers, counts
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    t0 = time.time()
+    sources, hf_tokenizer = check_arguments(args)
+    weights = [s["weight"] or 1.0 for s in sources]
+    clear_stale_dataset(args.out_dir)  # from here on, out_dir holds no dataset until meta.json is written at the end
+    written = []  # every shard this run starts, removed again if it fails
     try:
-        # --- tokenizer
-        if kind == "bpe":
-            streams = [(d for d, is_val in split_docs(s, i, args, val_fraction) if not is_val) for i, s in enumerate(sources)]
-            texts = [doc for _, doc in mix(streams, weights, args.bpe_train_chars, len)]
-            if not texts:
-                raise SystemExit(f"empty corpus: {' '.join(s['spec'] for s in sources)} gave no train text")
-            log(f"training a {vocab_size}-token BPE on {sum(map(len, texts)):,} chars of {len(texts):,} train documents")
-            tok = Tokenizer.train_bpe(texts, vocab_size)
-            if tok.vocab_size < vocab_size:
-                log(f"warning: the text only supports {tok.vocab_size - 257} merges: vocab is {tok.vocab_size}, not {vocab_size}")
-            del texts
-        elif hf_tok:
-            tok = hf_tok
-        else:
-            try:
-                tok = Tokenizer.from_tiktoken(kind)
-            except Exception as e:
-                raise SystemExit(f"cannot load tiktoken encoding {kind!r} ({type(e).__name__}: {e}); "
-                                 "offline it needs a cache in TIKTOKEN_CACHE_DIR") from e
-        assert dtype == "uint32" or tok.vocab_size <= 2**16, (kind, tok.vocab_size)  # TIKTOKEN_VOCAB is out of date
-
-        # --- stream, mix, encode, write
-        log(f"encoding {', '.join(s['spec'] for s in sources)} with {kind} (vocab {tok.vocab_size}) into {out_dir}")
-        streams = [encoded(split_docs(s, i, args, val_fraction), tok, args.batch_docs) for i, s in enumerate(sources)]
-        writers = {split: ShardWriter(out_dir, split, dtype, args.shard_size, written) for split in ("train", "val")}
-        counts = [{"docs": {"train": 0, "val": 0}, "tokens": {"train": 0, "val": 0}} for _ in sources]
-        with tqdm(total=args.max_tokens, unit="tok", unit_scale=True, file=sys.stderr, desc="tokens") as bar:
-            for i, (ids, is_val) in mix(streams, weights, args.max_tokens, lambda item: len(item[0])):
-                split = "val" if is_val else "train"
-                writers[split].add(ids)
-                counts[i]["docs"][split] += 1
-                counts[i]["tokens"][split] += len(ids)
-                bar.update(len(ids))
-        for split, w in writers.items():
-            if not w.tokens:
-                n_docs = sum(c["docs"]["train"] + c["docs"]["val"] for c in counts)
-                raise SystemExit(f"empty corpus: no documents for {split} ({n_docs} documents in all, --val_fraction "
-                                 f"{val_fraction}); give more data" + (" or a larger --val_fraction" if split == "val" else ""))
-            w.flush()
-
-        # --- meta.json, last and atomically: its presence says the dataset is complete
-        meta = {
-            "version": META_VERSION,
-            "tokenizer": tok.save(out_dir),
-            "vocab_size": tok.vocab_size,
-            "eot_id": tok.eot_id,
-            "dtype": dtype,
-            "sources": [{"spec": s["spec"], "weight": w / sum(weights), **c} for s, w, c in zip(sources, weights, counts)],
-            "tokens": {split: w.tokens for split, w in writers.items()},
-            "shards": {split: w.files for split, w in writers.items()},
-            "shard_size": args.shard_size,
-            "max_tokens": args.max_tokens,
-            "val_fraction": val_fraction,
-            "seed": args.seed,
-            "command": shlex.join(["python", "prepare_data.py", *argv]),
-        }
-        tmp = os.path.join(out_dir, "meta.json.tmp")
-        written.append(tmp)
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=2)
-        os.replace(tmp, os.path.join(out_dir, "meta.json"))
+        tok = build_tokenizer(args, sources, weights, hf_tokenizer)
+        writers, counts = write_shards(args, sources, weights, tok, written)
+        meta = write_meta(
+            args.out_dir, tok, dtype=args.dtype,
+            sources=[{"spec": s["spec"], "weight": w / sum(weights), **c} for s, w, c in zip(sources, weights, counts)],
+            tokens={split: w.tokens for split, w in writers.items()}, shards={split: w.files for split, w in writers.items()},
+            shard_size=args.shard_size, max_tokens=args.max_tokens, val_fraction=args.val_fraction, seed=args.seed,
+            command=shlex.join(["python", "prepare_data.py", *argv]))
     except BaseException:  # errors and Ctrl-C alike: leave nothing that looks like (part of) a dataset
-        for path in written + [os.path.join(out_dir, "tokenizer.tiktoken")]:
-            for p_ in (path, path + ".tmp"):
-                if os.path.exists(p_):
-                    os.remove(p_)
+        for path in written + [os.path.join(args.out_dir, "tokenizer.tiktoken")]:
+            remove(path)
+            remove(path + ".tmp")
         raise
     dt = time.time() - t0
     total, n_shards = sum(meta["tokens"].values()), sum(map(len, meta["shards"].values()))
-    print(f"{out_dir}: {meta['tokens']['train']:,} train + {meta['tokens']['val']:,} val tokens in "
-          f"{n_shards} shards ({dtype}, vocab {tok.vocab_size}) in {dt:.1f}s ({total / dt:,.0f} tok/s)")
+    print(f"{args.out_dir}: {meta['tokens']['train']:,} train + {meta['tokens']['val']:,} val tokens in "
+          f"{n_shards} shards ({args.dtype}, vocab {tok.vocab_size}) in {dt:.1f}s ({total / dt:,.0f} tok/s)")
     return meta
 
 

@@ -1,15 +1,19 @@
 """
 Grow a trained model's depth by duplicating its layers, so that training can go on with a deeper model.
 
-    python stack.py --src out/phase1 --out out/stacked.pt                     # G_stack, g = 2: 12 -> 24 layers
+    python stack.py                                                           # the recipe's step: out/phase1 -> out/stacked.pt
+    python stack.py --src out/phase1 --out out/stacked.pt                     # the same, named: G_stack, g = 2, 12 -> 24 layers
     python stack.py --src out/tiny --out out/tiny_stacked.pt --method zero    # LLaMA Pro: same function, 2x depth
     python stack.py --src out/tiny --out out/dus.pt --method dus --drop 1     # SOLAR: 4 -> 6 layers
     python train.py configs/phase2.py                                         # then train on (init_from=out/stacked.pt)
 
-The four operators, for a source of L layers and a factor g (new layer i takes old layer src[i]):
-    stack       src[i] = i mod L: the whole stack repeats g times. Progressive stacking (Gong et al., 2019),
+With no arguments it does the recipe's step: out/phase1 (configs/phase1.py) grown to out/stacked.pt, the
+checkpoint configs/phase2.py starts from.
+
+The four operators, for a source of L layers and a factor g (new layer i is a copy of source layer copy_of[i]):
+    stack       copy_of[i] = i mod L: the whole stack repeats g times. Progressive stacking (Gong et al., 2019),
                 G_stack in Du et al. (NeurIPS 2024), and what the reference model (MTLM1-200M) did with g = 2.
-    interleave  src[i] = i div g: each layer is repeated g times in place.
+    interleave  copy_of[i] = i div g: each layer is repeated g times in place.
     dus         depth up-scaling (SOLAR, Kim et al., 2023): g copies of the stack, and at each seam the last m
                 layers of the copy before and the first m of the copy after are dropped: L -> gL - 2m(g-1).
     zero        block expansion (LLaMA Pro, Wu et al., 2024): as interleave, but every added copy has its
@@ -37,7 +41,8 @@ import sys
 import torch
 
 import checkpoint
-from data import ShardLoader, load_meta
+from common import log
+from data import ShardLoader, load_meta, load_tokenizer
 from model import LLaMA, ModelConfig
 from tokenizer import Tokenizer
 
@@ -45,29 +50,25 @@ RESIDUAL_WRITERS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")  # zeroed
 NOISE_SEED = 1337  # --noise is reproducible: the same source and flags give the same grown model
 
 
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
 def layer_map(method, n_layer, factor, drop):
-    """src[i] for every new layer i: the source layer whose weights it starts from."""
-    L, g, m = n_layer, factor, drop
+    """copy_of[i] for every new layer i: the source layer whose weights it starts from."""
     if method == "stack":
-        return [i % L for i in range(g * L)]
+        return [i % n_layer for i in range(factor * n_layer)]
     if method in ("interleave", "zero"):
-        return [i // g for i in range(g * L)]
-    if method == "dus":
-        return [i for c in range(g) for i in range(m if c > 0 else 0, L - m if c < g - 1 else L)]
+        return [i // factor for i in range(factor * n_layer)]
+    if method == "dus":  # each copy keeps layers [drop, n_layer - drop), except the first copy its start, the last its end
+        return [i for copy in range(factor)
+                for i in range(drop if copy > 0 else 0, n_layer - drop if copy < factor - 1 else n_layer)]
     raise ValueError(f"unknown method {method!r}")
 
 
-def added_layers(src):
+def added_layers(copy_of):
     """New layers that repeat a source layer already placed before them: the copies (noise, zeroing go there)."""
     seen, added = set(), []
-    for i, s in enumerate(src):
-        if s in seen:
+    for i, source_layer in enumerate(copy_of):
+        if source_layer in seen:
             added.append(i)
-        seen.add(s)
+        seen.add(source_layer)
     return added
 
 
@@ -77,18 +78,18 @@ def layer_of(name):
     return (int(match[1]), match[2]) if match else (None, name)
 
 
-def grow_state_dict(state, src, method, noise):
-    """The grown model's state dict: layer i is a copy of source layer src[i]; everything else is copied."""
+def grow_state_dict(state, copy_of, method, noise):
+    """The grown model's state dict: layer i is a copy of source layer copy_of[i]; everything else is copied."""
     grown = {}
     for name, tensor in state.items():
         if layer_of(name)[0] is None:
             grown[name] = tensor.clone()
     per_layer = [rest for name in state for idx, rest in [layer_of(name)] if idx == 0]
-    added = set(added_layers(src))
+    added = set(added_layers(copy_of))
     gen = torch.Generator().manual_seed(NOISE_SEED)
-    for i, s in enumerate(src):
+    for i, source_layer in enumerate(copy_of):
         for rest in per_layer:
-            w = state[f"model.layers.{s}.{rest}"].clone()
+            w = state[f"model.layers.{source_layer}.{rest}"].clone()
             if i in added and noise > 0:
                 w += noise * w.float().std() * torch.randn(w.shape, generator=gen).to(w.dtype)
             if i in added and method == "zero" and rest in RESIDUAL_WRITERS:
@@ -107,7 +108,7 @@ def optimizer_names(model_args):
     return [[names[id(p)] for p in group["params"]] for group in opt.param_groups]
 
 
-def grow_optimizer(opt_state, src_args, new_args, src):
+def grow_optimizer(opt_state, src_args, new_args, copy_of):
     """AdamW state for the grown model: each parameter takes the moments (and step) of the one it was copied from.
     The groups keep the source's hyperparameters; train.py keeps only the moments and uses its own."""
     src_ids = {n: i for i, n in enumerate(n for group in optimizer_names(src_args) for n in group)}
@@ -116,7 +117,7 @@ def grow_optimizer(opt_state, src_args, new_args, src):
         ids = []
         for name in names:
             idx, rest = layer_of(name)
-            origin = src_ids[name if idx is None else f"model.layers.{src[idx]}.{rest}"]
+            origin = src_ids[name if idx is None else f"model.layers.{copy_of[idx]}.{rest}"]
             if origin in opt_state["state"]:
                 state[j] = {k: v.clone() for k, v in opt_state["state"][origin].items()}
             ids.append(j)
@@ -144,7 +145,7 @@ def val_batches(ckpt, args):
     if args.data_dir is None and not glob.glob(os.path.join(data_dir, "val_*.bin")):
         return None, f"the source's data_dir {data_dir!r} (its val shards) is not here (give --data_dir)"
     load_meta(data_dir)  # an explicit --data_dir that is not a dataset fails here, naming the problem
-    if Tokenizer.load(data_dir).spec() != Tokenizer(ckpt["tokenizer"]).spec():
+    if load_tokenizer(data_dir).spec() != Tokenizer(ckpt["tokenizer"]).spec():
         raise ValueError(f"{data_dir} was tokenized with a different tokenizer than the source checkpoint")
     block_size = ckpt["model_args"]["block_size"]
     batch_size = config.get("batch_size", 8)
@@ -153,10 +154,12 @@ def val_batches(ckpt, args):
     return [loader.next_batch() for _ in range(n)], f"{n} val batches of {batch_size} x {block_size} from {data_dir}"
 
 
-def main(argv=None):
+def parse_args(argv):
+    """The arguments, with every check that needs no file done first, so that a refusal writes nothing."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", required=True, help="source checkpoint: a file, an out_dir, or hf:DIR")
-    p.add_argument("--out", required=True, help="where to write: NAME.pt is a file, anything else an out_dir (-> out_dir/ckpt.pt)")
+    p.add_argument("--src", default="out/phase1", help="source checkpoint: a file, an out_dir, or hf:DIR (default: %(default)s)")
+    p.add_argument("--out", default="out/stacked.pt",
+                   help="where to write: NAME.pt is a file, anything else an out_dir (-> out_dir/ckpt.pt) (default: %(default)s)")
     p.add_argument("--method", default="stack", choices=["stack", "interleave", "dus", "zero"])
     p.add_argument("--factor", default="2", help="g: the depth multiplier, an integer >= 2 (for dus: the number of copies)")
     p.add_argument("--drop", type=int, default=None, help="m, dus only: layers dropped on each side of a seam (default L/4)")
@@ -167,78 +170,97 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for the val loss only")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     args = p.parse_args(argv)
-
-    # every check before any work, so that a refusal writes nothing
     try:
-        factor = int(args.factor)
+        args.factor = int(args.factor)
     except ValueError:
         p.error(f"--factor must be an integer >= 2, got {args.factor!r}")
-    if factor < 2:
-        p.error(f"--factor must be an integer >= 2, got {factor}: the model must grow")
+    if args.factor < 2:
+        p.error(f"--factor must be an integer >= 2, got {args.factor}: the model must grow")
     if args.drop is not None and args.method != "dus":
         p.error(f"--drop applies to --method dus only, not {args.method}")
     if args.noise < 0 or not math.isfinite(args.noise):
         p.error(f"--noise must be >= 0, got {args.noise}")
     if args.eval_iters is not None and args.eval_iters < 1:
         p.error(f"--eval_iters must be >= 1, got {args.eval_iters}")
-    out_path = args.out if args.out.endswith(".pt") else os.path.join(args.out, "ckpt.pt")
-    if os.path.exists(out_path) and not args.force:
-        sys.exit(f"error: {out_path} already exists; pass --force to overwrite it")
+    args.out_path = args.out if args.out.endswith(".pt") else os.path.join(args.out, "ckpt.pt")
+    if os.path.exists(args.out_path) and not args.force:
+        sys.exit(f"error: {args.out_path} already exists; pass --force to overwrite it")
+    args.recipe = args.src == p.get_default("src") and args.out == p.get_default("out")  # `python stack.py`
+    return args
+
+
+def load_source(args):
+    """The source checkpoint, and m, the layers dus drops on each side of a seam (checked against its depth)."""
     try:
         ckpt = checkpoint.load(args.src)
     except (FileNotFoundError, ValueError, ImportError) as e:
-        sys.exit(f"error: {e}")
-    src_args = ckpt["model_args"]
-    L = src_args["n_layer"]
-    drop = args.drop if args.drop is not None else (max(1, L // 4) if args.method == "dus" else 0)
-    if args.method == "dus":
-        # m < L/2 keeps the grown model deeper than the source (gL - 2m(g-1) > L) and leaves the middle copies a layer
-        if not 1 <= drop <= (L - 1) // 2:
-            sys.exit(f"error: --drop m must be between 1 and {(L - 1) // 2} (m < L/2) for dus on {L} layers, got {drop}"
-                     + ("" if L > 2 else ": a model this shallow cannot be depth-up-scaled"))
+        sys.exit(f"error: {e}" + ("; train phase 1 first (train.py configs/phase1.py), or name a source with --src"
+                                  if args.recipe else ""))
+    log(f"growing {args.src} into {args.out_path}" + (" (the recipe's step: configs/phase2.py starts from it)" if args.recipe else ""))
+    n_layer = ckpt["model_args"]["n_layer"]
+    drop = args.drop if args.drop is not None else (max(1, n_layer // 4) if args.method == "dus" else 0)
+    # m < L/2 keeps the grown model deeper than the source (gL - 2m(g-1) > L) and leaves the middle copies a layer
+    if args.method == "dus" and not 1 <= drop <= (n_layer - 1) // 2:
+        sys.exit(f"error: --drop m must be between 1 and {(n_layer - 1) // 2} (m < L/2) for dus on {n_layer} layers, "
+                 f"got {drop}" + ("" if n_layer > 2 else ": a model this shallow cannot be depth-up-scaled"))
+    return ckpt, drop
 
-    # -- grow -------------------------------------------------------------------------------------------------
-    src = layer_map(args.method, L, factor, drop)
-    new_args = dict(src_args, n_layer=len(src))
-    log(f"{args.method}: {L} -> {len(src)} layers; new layer i starts from source layer {src}")
-    grown_state = grow_state_dict(ckpt["model"], src, args.method, args.noise)
-    grown = LLaMA(ModelConfig(**new_args))
-    grown.load_state_dict(grown_state)  # strict: the grown dict must be exactly a model of the new depth
-    source = checkpoint.build_model(ckpt)
-    optimizer = None
-    if args.optim == "copy":
-        if not ckpt.get("optimizer"):
-            sys.exit(f"error: --optim copy needs an optimizer state, and {args.src} has none")
-        optimizer = grow_optimizer(ckpt["optimizer"], src_args, new_args, src)
 
-    print(f"source: {L} layers, {source.num_params():,} parameters ({source.num_params(non_embedding=True):,} non-embedding)")
-    print(f"grown:  {len(src)} layers, {grown.num_params():,} parameters ({grown.num_params(non_embedding=True):,} non-embedding)")
-
-    # -- compare on the same val batches ------------------------------------------------------------------------
+def compare(source, grown, ckpt, args):
+    """{"source": loss, "grown": loss} on the same val batches; {} when the source's data is not at hand."""
     try:
         batches, what = val_batches(ckpt, args)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    losses = {}
     if batches is None:
         print(f"val loss: skipped, {what}")
-    else:
-        log(f"val loss on {what} ({args.device})")
-        for label, model in (("source", source), ("grown", grown)):
-            losses[label] = val_loss(model.to(args.device).eval(), batches, args.device)
-            model.cpu()
-        print(f"val loss: source {losses['source']:.4f}, grown {losses['grown']:.4f} ({what})")
+        return {}
+    log(f"val loss on {what} ({args.device})")
+    losses = {}
+    for label, model in (("source", source), ("grown", grown)):
+        losses[label] = val_loss(model.to(args.device).eval(), batches, args.device)
+        model.cpu()
+    print(f"val loss: source {losses['source']:.4f}, grown {losses['grown']:.4f} ({what})")
+    return losses
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ckpt, drop = load_source(args)
+
+    # -- grow -------------------------------------------------------------------------------------------------
+    src_args = ckpt["model_args"]
+    n_layer = src_args["n_layer"]
+    copy_of = layer_map(args.method, n_layer, args.factor, drop)
+    new_args = dict(src_args, n_layer=len(copy_of))
+    log(f"{args.method}: {n_layer} -> {len(copy_of)} layers; new layer i starts from source layer {copy_of}")
+    grown = LLaMA(ModelConfig(**new_args))
+    # strict: the grown dict must be exactly a model of the new depth
+    grown.load_state_dict(grow_state_dict(ckpt["model"], copy_of, args.method, args.noise))
+    optimizer = None
+    if args.optim == "copy":
+        if not ckpt.get("optimizer"):
+            sys.exit(f"error: --optim copy needs an optimizer state, and {args.src} has none")
+        optimizer = grow_optimizer(ckpt["optimizer"], src_args, new_args, copy_of)
+    source = checkpoint.build_model(ckpt)
+    print(f"source: {n_layer} layers, {source.num_params():,} parameters ({source.num_params(non_embedding=True):,} non-embedding)")
+    print(f"grown:  {len(copy_of)} layers, {grown.num_params():,} parameters ({grown.num_params(non_embedding=True):,} non-embedding)")
+
+    losses = compare(source, grown, ckpt, args)
 
     # -- write ------------------------------------------------------------------------------------------------
-    entry = dict(event="stack", method=args.method, factor=factor, drop=drop, optim=args.optim, noise=args.noise,
-                 source=args.src, out=out_path, n_layer=[L, len(src)], val_loss_source=losses.get("source"),
+    entry = dict(event="stack", method=args.method, factor=args.factor, drop=drop, optim=args.optim, noise=args.noise,
+                 source=args.src, out=args.out_path, n_layer=[n_layer, len(copy_of)], val_loss_source=losses.get("source"),
                  val_loss=losses.get("grown"))
     grown_ckpt = dict(model=grown.state_dict(), model_args=new_args, tokenizer=ckpt["tokenizer"], optimizer=optimizer,
                       iter_num=0, config=ckpt.get("config") or {}, loader=ckpt.get("loader"),
                       best_val_loss=losses.get("grown", float("inf")), tokens_seen=0, rng=ckpt.get("rng"),
                       history=list(ckpt.get("history", [])) + [entry])
-    checkpoint.write(grown_ckpt, out_path)
-    print(f"wrote {out_path}")
+    try:
+        checkpoint.write(grown_ckpt, args.out_path)
+    except OSError as e:  # a full disk says so in one line, and nothing is left half-written
+        sys.exit(f"error: {e}")
+    print(f"wrote {args.out_path}" + ("; next: python train.py configs/phase2.py" if args.recipe else ""))
 
 
 if __name__ == "__main__":

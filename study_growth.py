@@ -27,24 +27,22 @@ import time
 
 import torch
 
+import checkpoint
+from common import log
+from data import load_meta
 from model import LLaMA, ModelConfig
 
 METHODS = ["stack", "interleave", "dus", "zero"]
 
 
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
 def evals(out_dir):
     """[(iter, flops, val_loss)] from a run's metrics.jsonl."""
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [(e["iter"], e["flops"], e["val_loss"]) for e in map(json.loads, f) if "val_loss" in e]
+    return [(e["iter"], e["flops"], e["val_loss"]) for e in checkpoint.read_metrics(out_dir) if "val_loss" in e]
 
 
 def finished(out_dir, iters):
     path = os.path.join(out_dir, "ckpt.pt")
-    return os.path.exists(path) and torch.load(path, weights_only=True, mmap=True)["iter_num"] == iters
+    return os.path.exists(path) and checkpoint.load(path)["iter_num"] == iters
 
 
 def run(args, wall, name):
@@ -96,10 +94,10 @@ if __name__ == "__main__":
     p.add_argument("--eval_interval", type=int, default=20)
     args = p.parse_args()
     STUDY, DATA, EVAL_INTERVAL = args.out_dir, args.data_dir, args.eval_interval
-    if not os.path.exists(os.path.join(DATA, "meta.json")):
-        sys.exit(f"error: no dataset at {DATA}: run `python prepare_data.py` first")
-    with open(os.path.join(DATA, "meta.json")) as f:
-        VOCAB = 64 * -(-json.load(f)["vocab_size"] // 64)  # as train.py pads it
+    try:
+        VOCAB = 64 * -(-load_meta(DATA)["vocab_size"] // 64)  # as train.py pads it
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
     os.makedirs(STUDY, exist_ok=True)
     tokens_per_step = 16 * 256  # configs/tiny.py and configs/tiny_stack.py: batch 16 x block 256, no accumulation
     wall_path = os.path.join(STUDY, "wall_times.json")

@@ -8,8 +8,10 @@ Three kinds sit behind it:
 
 A tokenizer is fully described by a small JSON-able `spec` (for "bpe" and "hf" the spec carries the
 vocabulary itself), so a checkpoint stores its tokenizer and never depends on the data directory.
-Beside the data, prepare_data.py writes the spec into meta.json and, for "bpe", the merge ranks as
-`tokenizer.tiktoken` (tiktoken's own format: base64 token, space, rank).
+This module reads no file of ours: data.py keeps the spec in meta.json (a "bpe" spec's ranks go beside it
+as tokenizer.tiktoken, in the format of ranks_to_text), checkpoint.py keeps it in the checkpoint.
+It does read a Hugging Face directory's tokenizer.json (tokenizer_spec_from_hf), the one format that
+arrives with its own tokenizer.
 """
 import base64
 import json
@@ -18,12 +20,16 @@ import os
 import tiktoken
 
 EOT = "<|endoftext|>"
-TIKTOKEN_NAMES = {"gpt2": "r50k_base", "r50k_base": "r50k_base", "cl100k_base": "cl100k_base", "o200k_base": "o200k_base"}
+# The tiktoken encodings by the names we accept: (tiktoken's name, vocab size). The sizes are known up front so
+# that prepare_data.py can refuse a token dtype that is too small before it downloads anything.
+TIKTOKEN = {"gpt2": ("r50k_base", 50257), "r50k_base": ("r50k_base", 50257),
+            "cl100k_base": ("cl100k_base", 100277), "o200k_base": ("o200k_base", 200019)}
 # GPT-4's split pattern (also rustbpe's default); see tiktoken's cl100k_base
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
 
 def ranks_to_text(ranks):
+    """Merge ranks in tiktoken's file format: one `base64(token) rank` line per token, by rank."""
     return "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
 
 
@@ -36,6 +42,16 @@ def text_to_ranks(text):
     return ranks
 
 
+def prepended_bos(ids_with_specials, ids_plain):
+    """The id a tokenizer puts in front of every text by default (its BOS), or None. Decided on one text encoded
+    with and without the special tokens, because that is what the tokenizer does, whatever its config calls BOS:
+    Llama 2 and TinyLlama prepend <s>, SmolLM2 and GPT-2 prepend nothing."""
+    n = len(ids_with_specials)
+    if n > len(ids_plain) and ids_with_specials[1:] == ids_plain[:n - 1]:
+        return ids_with_specials[0]
+    return None
+
+
 class Tokenizer:
     def __init__(self, spec):
         self._spec = dict(spec)
@@ -44,9 +60,9 @@ class Tokenizer:
         self.bos_id = None
         if kind == "tiktoken":
             name = spec["name"]
-            if name not in TIKTOKEN_NAMES:
-                raise ValueError(f"unknown tiktoken encoding {name!r}; choose one of {sorted(TIKTOKEN_NAMES)}")
-            self.enc = tiktoken.get_encoding(TIKTOKEN_NAMES[name])
+            if name not in TIKTOKEN:
+                raise ValueError(f"unknown tiktoken encoding {name!r}; choose one of {sorted(TIKTOKEN)}")
+            self.enc = tiktoken.get_encoding(TIKTOKEN[name][0])
             self.eot_id = self.enc.eot_token
             self.vocab_size = self.enc.n_vocab
         elif kind == "bpe":
@@ -84,35 +100,14 @@ class Tokenizer:
         return cls({"kind": "bpe", "name": f"rustbpe-{vocab_size}", "pattern": bpe.get_pattern(),
                     "ranks": ranks_to_text(ranks), "special_tokens": {EOT: len(ranks)}})
 
+    @classmethod
+    def from_hf(cls, model_dir):
+        """The tokenizer of a Hugging Face model directory (its tokenizer.json)."""
+        return cls(tokenizer_spec_from_hf(model_dir))
+
     def spec(self):
         """Self-contained description: Tokenizer(t.spec()) rebuilds an identical tokenizer."""
         return dict(self._spec)
-
-    # --- files beside the data ----------------------------------------------------------------
-    def save(self, data_dir):
-        """Write tokenizer files into data_dir; returns the (small) spec to put in meta.json."""
-        if self.kind != "bpe":
-            return self.spec()
-        tmp = os.path.join(data_dir, "tokenizer.tiktoken.tmp")
-        with open(tmp, "w") as f:
-            f.write(self._spec["ranks"])
-        os.replace(tmp, os.path.join(data_dir, "tokenizer.tiktoken"))
-        ref = {k: v for k, v in self._spec.items() if k != "ranks"}
-        ref["file"] = "tokenizer.tiktoken"
-        return ref
-
-    @classmethod
-    def load(cls, data_dir):
-        """The tokenizer of a prepared data directory (reads meta.json)."""
-        meta_path = os.path.join(data_dir, "meta.json")
-        if not os.path.exists(meta_path):
-            raise FileNotFoundError(f"{meta_path} not found: run prepare_data.py first (or point at a prepared data dir)")
-        with open(meta_path) as f:
-            spec = json.load(f)["tokenizer"]
-        if "file" in spec:
-            with open(os.path.join(data_dir, spec["file"])) as f:
-                spec = {k: v for k, v in spec.items() if k != "file"} | {"ranks": f.read()}
-        return cls(spec)
 
     # --- use ----------------------------------------------------------------------------------
     def encode(self, text):
@@ -128,3 +123,25 @@ class Tokenizer:
 
     def decode(self, ids):
         return self.enc.decode(list(ids)) if self.kind != "hf" else self.enc.decode(list(ids), skip_special_tokens=False)
+
+
+def tokenizer_spec_from_hf(model_dir):
+    """Our "hf" tokenizer spec for a Hugging Face model directory: its tokenizer.json, its end-of-sequence id
+    (what generate stops at), and the BOS id only if its tokenizer prepends one (prepended_bos)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    path = os.path.join(model_dir, "tokenizer.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{model_dir}: no tokenizer.json (a fast tokenizer is needed; if it has only tokenizer.model, "
+                                "save one with transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))")
+    with open(path) as f:
+        text = f.read()
+    tok = HFTokenizer.from_str(text)
+    bos = prepended_bos(tok.encode("a").ids, tok.encode("a", add_special_tokens=False).ids)
+    eos = None
+    for name in ("generation_config.json", "config.json"):
+        if eos is None and os.path.exists(os.path.join(model_dir, name)):
+            with open(os.path.join(model_dir, name)) as f:
+                eos = json.load(f).get("eos_token_id")
+    if isinstance(eos, list):  # several stop tokens (Llama 3 instruct): our sampler stops at one, the first
+        eos = eos[0] if eos else None
+    return {"kind": "hf", "tokenizer_json": text, "bos_token_id": bos, "eos_token_id": eos}

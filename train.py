@@ -5,12 +5,11 @@ Train a Llama-style model on prepared token shards.
     python train.py configs/phase1.py --max_iters=100       # any config key can be overridden
     torchrun --standalone --nproc_per_node=8 train.py configs/phase1.py   # DDP
 
-The story: read the config -> set up devices (and DDP) -> open the data -> build or load the model ->
-AdamW + warmup/cosine -> loop { eval + checkpoint, forward/backward with gradient accumulation, clip,
-step, log } -> final eval + checkpoint.
+The story: read the config -> set up devices (and DDP), lock out_dir against a second run -> open the data
+(data.py) -> build or load the model (checkpoint.py) -> AdamW + warmup/cosine -> loop { eval + checkpoint,
+forward/backward with gradient accumulation, clip, step, log } -> final eval + checkpoint.
 """
 import ast
-import json
 import math
 import os
 import sys
@@ -24,7 +23,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import checkpoint
-from data import ShardLoader, load_meta
+from common import log
+from data import ShardLoader, load_meta, load_tokenizer
 from model import LLaMA, ModelConfig, measure_peak_flops
 from tokenizer import Tokenizer
 
@@ -119,11 +119,6 @@ if compile is None:
     compile = device.startswith("cuda")
 
 
-def log(msg):
-    if master_process:
-        tqdm.write(msg, file=sys.stderr)  # plays well with the progress bar
-
-
 # -----------------------------------------------------------------------------------------------
 # Devices and DDP
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -140,6 +135,11 @@ if ddp:
 else:
     rank, local_rank, world_size = 0, 0, 1
 master_process = rank == 0
+if master_process:  # one run per out_dir: a second one stops here, before it reads or writes anything
+    try:
+        run_lock = checkpoint.RunLock(out_dir)  # held until this process ends, however it ends
+    except RuntimeError as e:
+        raise SystemExit(f"error: {e}")
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 torch.manual_seed(seed + rank)
 if device_type == "cuda":
@@ -156,10 +156,13 @@ log(f"tokens per optimizer step: {tokens_per_step:,} ({world_size} processes x {
 
 # -----------------------------------------------------------------------------------------------
 # Data and tokenizer
-meta = load_meta(data_dir)
-tokenizer = Tokenizer.load(data_dir)
-train_loader = ShardLoader(data_dir, "train", batch_size, block_size, rank, world_size, device)
-val_loader = ShardLoader(data_dir, "val", batch_size, block_size, rank, world_size, device)
+try:
+    meta = load_meta(data_dir)
+    tokenizer = load_tokenizer(data_dir)
+    train_loader = ShardLoader(data_dir, "train", batch_size, block_size, rank, world_size, device)
+    val_loader = ShardLoader(data_dir, "val", batch_size, block_size, rank, world_size, device)
+except (OSError, ValueError) as e:  # no dataset, a damaged one, ids outside its vocabulary: one line naming the file
+    raise SystemExit(f"error: {e}")
 
 # -----------------------------------------------------------------------------------------------
 # Model: from scratch, resumed, or a new phase from another checkpoint
@@ -261,29 +264,25 @@ def save_checkpoint(val_loss):
                 loader=train_loader.state_dict(), best_val_loss=best_val_loss, tokens_seen=tokens_seen,
                 rng={"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None},
                 history=history + [phase])
-    path = checkpoint.save(ckpt, out_dir, keep_last)
+    try:
+        path = checkpoint.save(ckpt, out_dir, keep_last)
+    except OSError as e:  # a full disk says so in one line (on its own, not after the progress bar); the last checkpoint is intact
+        log(f"error: {e}")
+        raise SystemExit(1)
     log(f"saved {path}")
 
 
 def record(entry):
     """Append one JSON line to out_dir/metrics.jsonl (and to wandb)."""
-    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(entry) + "\n")
+    checkpoint.append_metrics(out_dir, entry)
     if wandb_log:
         wandb.log(entry, step=entry["iter"])
 
 
 if master_process:
-    os.makedirs(out_dir, exist_ok=True)
     # metrics.jsonl restarts with a new run; a resumed run drops what was logged after its checkpoint
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    kept = []
-    if init_from == "resume" and os.path.exists(metrics_path):
-        with open(metrics_path) as f:
-            entries = [json.loads(line) for line in f]
-        kept = [json.dumps(e) + "\n" for e in entries if e["iter"] < iter_num or (e["iter"] == iter_num and "loss" in e)]
-    with open(metrics_path, "w") as f:
-        f.writelines(kept)
+    entries = checkpoint.read_metrics(out_dir) if init_from == "resume" else []
+    checkpoint.write_metrics(out_dir, [e for e in entries if e["iter"] < iter_num or (e["iter"] == iter_num and "loss" in e)])
     if wandb_log:
         import wandb
         # with no API key, log offline (wandb sync later) instead of failing or prompting

@@ -1,4 +1,3 @@
-import json
 import os
 import random
 import subprocess
@@ -28,7 +27,7 @@ def run_script(*args, check=True, env=None):
 def pydocs_data(tmp_path_factory):
     """A small dataset from the embedded corpus (pydoc topics), written in the shard format directly."""
     import pydoc_data.topics
-    from data import write_shard
+    from data import write_meta, write_shard
     from tokenizer import Tokenizer
     out = str(tmp_path_factory.mktemp("pydocs"))
     docs = list(pydoc_data.topics.topics.values())
@@ -40,6 +39,5 @@ def pydocs_data(tmp_path_factory):
     n_val = len(docs) // 10
     write_shard(os.path.join(out, "val_000000.bin"), encode(docs[:n_val]))
     write_shard(os.path.join(out, "train_000000.bin"), encode(docs[n_val:]))
-    with open(os.path.join(out, "meta.json"), "w") as f:
-        json.dump({"tokenizer": tok.save(out), "vocab_size": tok.vocab_size, "eot_id": tok.eot_id}, f)
+    write_meta(out, tok)
     return out

@@ -10,7 +10,8 @@ import checkpoint
 import export_hf
 from conftest import TINY, run_script
 from model import LLaMA, ModelConfig
-from tokenizer import Tokenizer
+from data import load_tokenizer
+from tokenizer import Tokenizer, tokenizer_spec_from_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -157,7 +158,7 @@ def test_bf16_export(tmp_path):
     out = export_hf.export(ckpt, str(tmp_path / "bf16"), dtype="bfloat16")
     weights = load_file(os.path.join(out, "model.safetensors"))
     assert all(w.dtype == torch.bfloat16 for w in weights.values()) and "lm_head.weight" in weights
-    back = export_hf.import_hf(out)
+    back = checkpoint.import_hf(out)
     assert all(torch.equal(back["model"][k], v.bfloat16().float()) for k, v in ckpt["model"].items())
     hf = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert hf.dtype == torch.bfloat16
@@ -241,7 +242,7 @@ def test_import_matches_transformers(tmp_path, bpe_export, tie, n_kv):
 def test_import_sharded_and_legacy_formats(tmp_path, bpe_export):
     d, ref = hf_dir(tmp_path, bpe_export, max_shard_size="100KB")
     assert (d / "model.safetensors.index.json").exists() and not (d / "model.safetensors").exists()
-    sharded = export_hf.import_hf(str(d))
+    sharded = checkpoint.import_hf(str(d))
     # pytorch_model.bin (older checkpoints), with the rotary inv_freq buffers some of them carry,
     # and rope_theta at the top level of config.json as transformers 4 wrote it
     legacy = tmp_path / "legacy"
@@ -253,7 +254,7 @@ def test_import_sharded_and_legacy_formats(tmp_path, bpe_export):
     cfg["rope_theta"] = cfg.pop("rope_parameters")["rope_theta"]
     (legacy / "config.json").write_text(json.dumps(cfg))
     (legacy / "tokenizer.json").write_text((d / "tokenizer.json").read_text())
-    old = export_hf.import_hf(str(legacy))
+    old = checkpoint.import_hf(str(legacy))
     assert old["model_args"] == sharded["model_args"] and old["model_args"]["rope_theta"] == 250.0
     for k, v in ref.state_dict().items():
         assert torch.equal(sharded["model"][k], v) and torch.equal(old["model"][k], v), k
@@ -282,20 +283,20 @@ def test_import_bad_dirs(tmp_path, bpe_export):
     d, _ = hf_dir(tmp_path, bpe_export)
     (d / "tokenizer.json").rename(d / "tok.bak")
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
-        export_hf.import_hf(str(d))
+        checkpoint.import_hf(str(d))
     (d / "tok.bak").rename(d / "tokenizer.json")
     from safetensors.torch import load_file, save_file
     w = load_file(d / "model.safetensors")
     del w["model.layers.1.mlp.up_proj.weight"]
     save_file(w, d / "model.safetensors")
     with pytest.raises(ValueError, match="missing: model.layers.1.mlp.up_proj.weight"):
-        export_hf.import_hf(str(d))
+        checkpoint.import_hf(str(d))
     (d / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no weights"):
-        export_hf.import_hf(str(d))
+        checkpoint.import_hf(str(d))
     (d / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        export_hf.import_hf(str(d))
+        checkpoint.import_hf(str(d))
 
 
 def test_bos_comes_from_the_tokenizers_own_template(tmp_path, bpe_export):
@@ -307,8 +308,8 @@ def test_bos_comes_from_the_tokenizers_own_template(tmp_path, bpe_export):
                             "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
                             "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [599], "tokens": ["<|endoftext|>"]}}}
     (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
-    assert export_hf.tokenizer_spec_from_hf(str(tmp_path))["bos_token_id"] == 599
-    assert export_hf.tokenizer_spec_from_hf(str(bpe_export))["bos_token_id"] is None
+    assert tokenizer_spec_from_hf(str(tmp_path))["bos_token_id"] == 599
+    assert tokenizer_spec_from_hf(str(bpe_export))["bos_token_id"] is None
 
 
 def test_train_from_hf_import(tmp_path, pydocs_data, bpe_export):
@@ -325,7 +326,7 @@ def test_train_from_hf_import(tmp_path, pydocs_data, bpe_export):
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in list(pydoc_data.topics.topics.values())[:40]))
     data = tmp_path / "data"
     prepare_data.main(["--sources", str(docs), "--tokenizer", f"hf:{bpe_export}", "--val_fraction", "0.2", "--out_dir", str(data)])
-    assert Tokenizer.load(str(data)).spec() == checkpoint.load(f"hf:{bpe_export}")["tokenizer"]
+    assert load_tokenizer(str(data)).spec() == checkpoint.load(f"hf:{bpe_export}")["tokenizer"]
     run_script("train.py", *args, f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", f"--init_from=hf:{bpe_export}",
                "--max_iters=2", "--eval_interval=2")
     ckpt = checkpoint.load(str(tmp_path / "out"))

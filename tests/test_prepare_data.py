@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import prepare_data
-from data import ShardLoader, read_shard
+from data import ShardLoader, load_tokenizer, read_shard
 from tokenizer import Tokenizer
 
 DOCS = [
@@ -38,7 +38,7 @@ def prepare(out_dir, *args):
 def split_docs(out_dir, split):
     """The documents of a split, decoded: the shards concatenated, cut after each end-of-text."""
     meta = json.load(open(os.path.join(out_dir, "meta.json")))
-    tok = Tokenizer.load(out_dir)
+    tok = load_tokenizer(out_dir)
     ids = np.concatenate([read_shard(os.path.join(out_dir, f)) for f in meta["shards"][split]]).tolist()
     assert ids[-1] == tok.eot_id  # every document, the last one included, ends with end-of-text
     docs, start = [], 0
@@ -64,7 +64,7 @@ def test_round_trip(tmp_path, dtype, itemsize):
     # each split keeps the source order
     assert train == [d for d in DOCS if d in train] and val == [d for d in DOCS if d in val]
     # meta and the shard headers agree with what is on disk
-    tok = Tokenizer.load(out)
+    tok = load_tokenizer(out)
     assert meta == json.load(open(out / "meta.json"))
     assert meta["vocab_size"] == tok.vocab_size == 300 and meta["eot_id"] == tok.eot_id == 299
     assert meta["dtype"] == ("uint16" if dtype == "auto" else "uint32")
@@ -166,11 +166,11 @@ def test_stale_dataset_is_replaced(tmp_path):
 
 
 def test_pydocs_documents():
-    docs = prepare_data.pydocs_documents()
+    docs = prepare_data.read_pydocs(prepare_data.parse_source("pydocs"))
     assert sum(map(len, docs)) > 1_500_000 and len(docs) > 5000
     assert all(isinstance(d, str) and d for d in docs)
     assert "antigravity" not in sys.modules  # read, never imported
-    assert docs == prepare_data.pydocs_documents()  # deterministic
+    assert docs == prepare_data.read_pydocs(prepare_data.parse_source("pydocs"))  # deterministic
 
 
 def test_pydocs_default_source(tmp_path):
@@ -181,9 +181,21 @@ def test_pydocs_default_source(tmp_path):
     assert meta["val_fraction"] == 0.05
 
 
-def test_tiktoken_table_covers_the_tokenizer_names():
+def test_tiktoken_table_sizes_are_the_encodings_own():
+    """tokenizer.TIKTOKEN knows each encoding's vocab size up front (a dtype that is too small fails before a
+    download): check it against every encoding that loads here."""
+    import tiktoken
     import tokenizer
-    assert set(prepare_data.TIKTOKEN_VOCAB) == set(tokenizer.TIKTOKEN_NAMES)
+    checked = []
+    for name, (encoding, size) in tokenizer.TIKTOKEN.items():
+        try:
+            enc = tiktoken.get_encoding(encoding)
+        except Exception:  # not in the offline cache
+            continue
+        assert enc.n_vocab == size, name
+        checked.append(name)
+    if not checked:
+        pytest.skip("no tiktoken encoding loadable offline (set TIKTOKEN_CACHE_DIR)")
 
 
 def gpt2_available():

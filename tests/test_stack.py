@@ -7,7 +7,7 @@ import torch
 
 import checkpoint
 import stack
-from conftest import TINY, run_script
+from conftest import ROOT, TINY, run_script
 from model import LLaMA, ModelConfig
 
 # the hand-written maps for a 4-layer source: new layer i starts from source layer EXPECTED[i]
@@ -182,3 +182,21 @@ def test_refusals_name_the_problem_and_write_nothing(source, tmp_path, capsys):
     # a directory as --out means out_dir/ckpt.pt, and is refused the same way when it exists
     grow(source, tmp_path / "d")
     assert "already exists" in refuse(capsys, "--src", source, "--out", str(tmp_path / "d"))
+
+
+def test_no_arguments_is_the_recipe_step(source, tmp_path, monkeypatch, capsys):
+    """`python stack.py` grows out/phase1 into out/stacked.pt (what configs/phase2.py starts from) and says so."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"checkpoint not found: 'out/phase1'.*train phase 1 first"):
+        stack.main([])
+    os.makedirs("out")
+    os.symlink(source, "out/phase1")
+    stack.main([])
+    out = capsys.readouterr()
+    assert "out/phase1 into out/stacked.pt (the recipe's step: configs/phase2.py starts from it)" in out.err
+    assert out.out.strip().splitlines()[-1] == "wrote out/stacked.pt; next: python train.py configs/phase2.py"
+    grown = checkpoint.load("out/stacked.pt")
+    assert grown["model_args"]["n_layer"] == 8 and grown["history"][-1]["method"] == "stack"
+    config = {}
+    exec(open(os.path.join(ROOT, "configs", "phase2.py")).read(), config)
+    assert config["init_from"] == "out/stacked.pt"

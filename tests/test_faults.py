@@ -1,0 +1,188 @@
+"""Bad luck loses nothing: a full disk while saving, two runs on one out_dir, a torn metrics line, a corrupt shard."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+from common import DiskFullError
+from conftest import ROOT, TINY, run_script
+from data import ShardLoader, read_shard, write_meta, write_shard
+from tokenizer import Tokenizer
+
+STEPS = ["--lr_decay_iters=8", "--eval_interval=4"]
+DOC = " ".join(f"word{i} and word{i * 7 % 101} again" for i in range(2000))  # enough pairs for 43 merges
+
+# Simulates a disk that fills up while a checkpoint's temp file is written: the first 64 KiB land on disk, then
+# every write fails with ENOSPC, as on a full file system (and as writing to /dev/full does).
+FULL_DISK = """
+import builtins, errno
+real_open = builtins.open
+class FullDisk:
+    def __init__(self, f):
+        self.f, self.written = f, 0
+    def write(self, data):
+        self.written += len(data)
+        if self.written > 65536:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.f.write(data)
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        self.f.close()
+def open_on_full_disk(path, *args, **kwargs):
+    f = real_open(path, *args, **kwargs)
+    return FullDisk(f) if str(path).endswith("ckpt.pt.tmp") else f
+"""
+
+
+def train(data, out, *extra, check=True):
+    return run_script("train.py", f"--data_dir={data}", f"--out_dir={out}", *TINY, *extra, check=check)
+
+
+def train_on_full_disk(data, out, *extra):
+    """train.py in a fresh interpreter whose checkpoint writes hit a full disk."""
+    argv = ["train.py", f"--data_dir={data}", f"--out_dir={out}", *TINY, *extra]
+    code = FULL_DISK + f"builtins.open = open_on_full_disk\nimport runpy, sys\nsys.argv = {argv!r}\nrunpy.run_path('train.py', run_name='__main__')\n"
+    return run_script("-c", code, check=False)
+
+
+def load(out):
+    return torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+
+
+# --- 1. disk full while saving ------------------------------------------------------------------
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(pydocs_data, tmp_path):
+    train(pydocs_data, tmp_path, "--max_iters=4", *STEPS)
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    proc = train_on_full_disk(pydocs_data, tmp_path, "--init_from=resume", "--max_iters=8", *STEPS)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]  # one line, on its own
+    assert errors[0].startswith("error: disk full while writing") and "the previous ckpt.pt is intact" in errors[0]
+    assert (tmp_path / "ckpt.pt").read_bytes() == before and not (tmp_path / "ckpt.pt.tmp").exists()
+    # the space is back: the same resume now runs to the end
+    train(pydocs_data, tmp_path, "--init_from=resume", "--max_iters=8", *STEPS)
+    assert load(tmp_path)["iter_num"] == 8
+
+
+def test_stale_temp_file_of_a_crash_does_not_break_save_or_resume(pydocs_data, tmp_path):
+    train(pydocs_data, tmp_path, "--max_iters=4", *STEPS)
+    (tmp_path / "ckpt.pt.tmp").write_bytes(b"\0" * 100_000)  # what a kill -9 in torch.save leaves
+    os.chmod(tmp_path / "ckpt.pt.tmp", 0o400)
+    train(pydocs_data, tmp_path, "--init_from=resume", "--max_iters=8", *STEPS)
+    assert load(tmp_path)["iter_num"] == 8 and not (tmp_path / "ckpt.pt.tmp").exists()
+
+
+def test_checkpoint_save_on_full_disk_in_process(tmp_path, monkeypatch):
+    """checkpoint.save itself: the error says what happened and that nothing was lost, the temp file is gone."""
+    ckpt = {"model": {"w": torch.randn(256, 256)}, "model_args": {}, "iter_num": 1}
+    checkpoint.save(ckpt, str(tmp_path))
+    namespace = {}
+    exec(FULL_DISK, namespace)
+    monkeypatch.setattr("builtins.open", namespace["open_on_full_disk"])  # for *ckpt.pt.tmp only; undone below
+    with pytest.raises(DiskFullError, match=r"disk full while writing .*ckpt.pt: the previous ckpt.pt is intact") as e:
+        checkpoint.save(dict(ckpt, iter_num=2), str(tmp_path))
+    monkeypatch.undo()
+    assert e.value.__cause__ is None and "\n" not in str(e.value)
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and checkpoint.load(str(tmp_path))["iter_num"] == 1
+
+
+# --- 2. two train.py on one out_dir ---------------------------------------------------------------
+
+def test_second_run_on_the_same_out_dir_refuses(pydocs_data, tmp_path):
+    first = subprocess.Popen([sys.executable, "train.py", f"--data_dir={pydocs_data}", f"--out_dir={tmp_path}", *TINY,
+                              "--max_iters=1000000", "--eval_interval=1000000"],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        lock = tmp_path / "train.lock"
+        deadline = time.time() + 120
+        while not (lock.exists() and f"pid {first.pid} " in lock.read_text()):
+            assert first.poll() is None and time.time() < deadline, "the first run did not take the lock"
+            time.sleep(0.2)
+        while not (tmp_path / "metrics.jsonl").exists():  # wait until it is training
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+        proc = train(pydocs_data, tmp_path, "--max_iters=2", check=False)
+        assert proc.returncode != 0 and "in use by another training run" in proc.stderr
+        assert f"pid {first.pid} " in proc.stderr and "another out_dir" in proc.stderr and "Traceback" not in proc.stderr
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.send_signal(signal.SIGKILL)  # dies without any cleanup: its lock file stays, with its pid
+        first.wait()
+    assert f"pid {first.pid} " in (tmp_path / "train.lock").read_text()
+    # the kernel released the dead process's lock: the stale file does not stop the next run
+    train(pydocs_data, tmp_path, "--max_iters=2", "--lr_decay_iters=2", "--eval_interval=2")
+    assert load(tmp_path)["iter_num"] == 2
+
+
+def test_lock_is_released_when_the_holder_goes(tmp_path):
+    held = checkpoint.RunLock(str(tmp_path))
+    with pytest.raises(RuntimeError, match=f"in use by another training run \\(pid {os.getpid()} on "):
+        checkpoint.RunLock(str(tmp_path))  # a second open file description: flock refuses it, even in one process
+    held.release()
+    checkpoint.RunLock(str(tmp_path)).release()
+
+
+# --- 3. a torn last line in metrics.jsonl ---------------------------------------------------------
+
+def test_torn_metrics_line_is_dropped_and_resume_goes_on(pydocs_data, tmp_path):
+    train(pydocs_data, tmp_path, "--max_iters=4", *STEPS)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"iter": 5, "loss": 4.1')  # a crash mid-write
+    proc = train(pydocs_data, tmp_path, "--init_from=resume", "--max_iters=8", *STEPS)
+    assert f"warning: {tmp_path / 'metrics.jsonl'}: dropping its torn last line" in proc.stderr
+    entries = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]  # every line whole again
+    assert [e["iter"] for e in entries if "loss" in e] == list(range(1, 9))
+
+
+def test_bad_metrics_line_in_the_middle_is_an_error(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"iter": 1, "loss": 5.0}\nnot json\n{"iter": 2, "loss": 4.0}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not a metrics entry"):
+        checkpoint.read_metrics(str(tmp_path))
+    (tmp_path / "metrics.jsonl").write_text('{"iter": 1, "loss": 5.0}\n{"iter": 2, "lo')
+    assert checkpoint.read_metrics(str(tmp_path)) == [{"iter": 1, "loss": 5.0}]
+
+
+# --- 4. token ids outside the vocabulary ----------------------------------------------------------
+
+@pytest.fixture
+def corrupt_data(tmp_path):
+    """A dataset whose second train shard has one id past the vocabulary, deep in its body."""
+    tok = Tokenizer.train_bpe([DOC], 300)
+    assert tok.vocab_size == 300
+    good = np.random.default_rng(0).integers(0, 300, 5000).astype(np.uint16)
+    bad = good.copy()
+    bad[4321] = 300
+    write_shard(str(tmp_path / "train_000000.bin"), good)
+    write_shard(str(tmp_path / "train_000001.bin"), bad)
+    write_shard(str(tmp_path / "val_000000.bin"), good)
+    write_meta(str(tmp_path), tok)
+    return tmp_path
+
+
+def test_token_id_outside_the_vocabulary_names_the_shard(corrupt_data):
+    loader = ShardLoader(str(corrupt_data), "train", 4, 64)
+    assert loader.checked == {str(corrupt_data / "train_000000.bin")}  # a shard is checked when it is opened
+    with pytest.raises(ValueError, match=r"train_000001.bin: token id 300 at position 4,321 is outside the dataset's "
+                                         r"vocabulary of 300 \(meta.json\)"):
+        for _ in range(100):  # 5000 tokens per shard, 257 per batch: shard 1 opens within 20 batches
+            loader.next_batch()
+    assert int(read_shard(str(corrupt_data / "train_000001.bin")).max()) == 300
+
+
+def test_train_refuses_a_corrupt_shard_in_one_line(corrupt_data, tmp_path):
+    os.replace(corrupt_data / "train_000001.bin", corrupt_data / "train_000000.bin")  # the bad shard comes first
+    proc = train(corrupt_data, tmp_path / "out", "--max_iters=2", check=False)
+    assert proc.returncode != 0 and "index out of range" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {corrupt_data / 'train_000000.bin'}: token id 300")
