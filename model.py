@@ -110,18 +110,6 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight)
 
 
-def fused_linear(x, *layers):
-    """x through several bias-free Linears that read the same x, one output per layer. With more than one token,
-    as one matmul over the concatenated weights: one larger matmul instead of several small ones (q, k, v of the
-    tiny config, forward and backward: ~6% less CPU time); the weights stay transformers' separate tensors, so
-    export is still a copy. The concatenation copies the weights, which is cheap next to the activations of many
-    tokens but not when decoding one token, where reading the weights is the whole cost: then each layer runs alone."""
-    if x.numel() == x.size(-1):
-        return [layer(x) for layer in layers]
-    out = F.linear(x, torch.cat([layer.weight for layer in layers]))
-    return out.split([layer.out_features for layer in layers], dim=-1)
-
-
 class Attention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -135,7 +123,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache=None):
         B, T, _ = x.shape
-        q, k, v = fused_linear(x, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = apply_rope(q.view(B, T, self.n_head, self.head_dim), cos, sin)
         k = apply_rope(k.view(B, T, self.n_kv_head, self.head_dim), cos, sin)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
@@ -170,8 +158,6 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.n_embd)
 
     def forward(self, x):
-        # gate and up stay two matmuls: fused like q, k, v (fused_linear) they measured ~10% slower on a CPU, the
-        # split outputs and the concatenated gradient costing more than the larger product saves
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

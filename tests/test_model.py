@@ -103,24 +103,6 @@ def test_rope_halves_equal_rotate_half_bit_for_bit():
     assert torch.equal(apply_rope(x, cos, sin), x * full_cos + rotated * full_sin)
 
 
-def test_fused_linear_equals_separate_layers_and_their_gradients():
-    from model import fused_linear
-    torch.manual_seed(0)
-    layers = [torch.nn.Linear(8, n, bias=False) for n in (8, 4, 4)]
-    x = torch.randn(2, 5, 8)
-    for tokens in (x, x[:1, :1]):  # many tokens: one matmul; one token: each layer on its own
-        outs = fused_linear(tokens, *layers)
-        assert [o.shape[-1] for o in outs] == [8, 4, 4]
-        for out, layer in zip(outs, layers):
-            assert (out - layer(tokens)).abs().max() < 1e-6
-    sum(o.square().sum() for o in fused_linear(x, *layers)).backward()
-    fused_grads = [layer.weight.grad.clone() for layer in layers]
-    for layer in layers:
-        layer.weight.grad = None
-    sum(layer(x).square().sum() for layer in layers).backward()
-    assert all((g - layer.weight.grad).abs().max() < 1e-5 for g, layer in zip(fused_grads, layers))
-
-
 def test_measured_peak_is_a_positive_rate():
     from model import measure_peak_flops
     peak = measure_peak_flops(torch.float32, "cpu", seconds=0.1)
