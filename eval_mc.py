@@ -28,6 +28,8 @@ import re
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -148,36 +150,54 @@ def commonsense_qa(d):
     return {"text": text + "Answer:", "choices": list("ABCDE"), "gold": [list("ABCDE").index(d["answerKey"])]}
 
 
-# name: (hub dataset path, config, eval split, few-shot pool split, formatter, metrics, folder under --data_dir)
-# The few-shot pool is lm-eval's rule: the training split if the task has one, else validation, else test.
-TASKS = {
-    "hellaswag": ("Rowan/hellaswag", None, "validation", "train", hellaswag, ("acc", "acc_norm"), "hellaswag"),
-    "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test", "train", arc, ("acc", "acc_norm"), "arc_easy"),
-    "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "test", "train", arc, ("acc", "acc_norm"), "arc_challenge"),
-    "openbookqa": ("allenai/openbookqa", "main", "test", "train", openbookqa, ("acc", "acc_norm"), "openbookqa"),
-    "winogrande": ("allenai/winogrande", "winogrande_xl", "validation", "train", winogrande, ("acc",), "winogrande"),
-    "copa": ("aps/super_glue", "copa", "validation", "train", copa, ("acc",), "copa"),
-    "boolq": ("aps/super_glue", "boolq", "validation", "train", boolq, ("acc",), "boolq"),
-    "wsc": ("aps/super_glue", "wsc.fixed", "validation", "train", wsc, ("acc",), "wsc"),
-    "wsc273": ("lighteval/winograd_wsc", "wsc273", "test", "test", wsc273, ("acc",), "wsc273"),
-    "truthfulqa_mc1": ("truthfulqa/truthful_qa", "multiple_choice", "validation", "validation", truthfulqa("mc1_targets"), ("acc",), "truthfulqa_mc"),
-    "truthfulqa_mc2": ("truthfulqa/truthful_qa", "multiple_choice", "validation", "validation", truthfulqa("mc2_targets"), ("mc2",), "truthfulqa_mc"),
-    "aqua_rat": ("hails/agieval-aqua-rat", None, "test", "test", aqua_rat, ("acc", "acc_norm"), "aqua_rat"),
-    "commonsense_qa": ("tau/commonsense_qa", None, "validation", "train", commonsense_qa, ("acc",), "commonsense_qa"),
-    "piqa": ("baber/piqa", None, "validation", "train", piqa, ("acc", "acc_norm"), "piqa"),
-}
+@dataclass(frozen=True)
+class Task:
+    """One benchmark as lm-eval 0.4.13 defines it: where its rows live, how a row becomes a prompt, what is reported."""
+    name: str
+    hub_path: str                # HF hub dataset, read through `datasets` when no --data_dir is given
+    hub_config: str | None
+    split: str                   # the split that is scored
+    fewshot_split: str           # lm-eval's rule: the training split if the task has one, else validation, else test
+    format_row: Callable         # row -> doc (see above)
+    metrics: tuple = ("acc",)
+    folder: str = ""             # --data_dir/<folder>/<split>.jsonl; default: the task's name
+
+    def __post_init__(self):
+        object.__setattr__(self, "folder", self.folder or self.name)
+
+
+ACC_AND_NORM = ("acc", "acc_norm")
+TASKS = {task.name: task for task in [
+    Task("hellaswag", "Rowan/hellaswag", None, "validation", "train", hellaswag, ACC_AND_NORM),
+    Task("arc_easy", "allenai/ai2_arc", "ARC-Easy", "test", "train", arc, ACC_AND_NORM),
+    Task("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", "test", "train", arc, ACC_AND_NORM),
+    Task("openbookqa", "allenai/openbookqa", "main", "test", "train", openbookqa, ACC_AND_NORM),
+    Task("winogrande", "allenai/winogrande", "winogrande_xl", "validation", "train", winogrande),
+    Task("copa", "aps/super_glue", "copa", "validation", "train", copa),
+    Task("boolq", "aps/super_glue", "boolq", "validation", "train", boolq),
+    Task("wsc", "aps/super_glue", "wsc.fixed", "validation", "train", wsc),
+    Task("wsc273", "lighteval/winograd_wsc", "wsc273", "test", "test", wsc273),
+    Task("truthfulqa_mc1", "truthfulqa/truthful_qa", "multiple_choice", "validation", "validation", truthfulqa("mc1_targets"),
+         folder="truthfulqa_mc"),
+    Task("truthfulqa_mc2", "truthfulqa/truthful_qa", "multiple_choice", "validation", "validation", truthfulqa("mc2_targets"),
+         ("mc2",), folder="truthfulqa_mc"),
+    Task("aqua_rat", "hails/agieval-aqua-rat", None, "test", "test", aqua_rat, ACC_AND_NORM),
+    Task("commonsense_qa", "tau/commonsense_qa", None, "validation", "train", commonsense_qa),
+    Task("piqa", "baber/piqa", None, "validation", "train", piqa, ACC_AND_NORM),
+]}
 DEFAULT_TASKS = [t for t in TASKS if t != "piqa"]  # the reference card's 12 benchmarks (13 scores)
 
 
 def load_rows(task, split, data_dir):
     """[(row, where)] for one split: DIR/<folder>/<split>.jsonl, or the hub through `datasets`."""
-    path, name, *_, folder = TASKS[task]
+    spec = TASKS[task]
     if data_dir is None:
         import datasets
-        return [(row, f"{path} {split} row {i}") for i, row in enumerate(datasets.load_dataset(path, name, split=split))]
-    file = os.path.join(data_dir, folder, f"{split}.jsonl")
+        rows = datasets.load_dataset(spec.hub_path, spec.hub_config, split=split)
+        return [(row, f"{spec.hub_path} {split} row {i}") for i, row in enumerate(rows)]
+    file = os.path.join(data_dir, spec.folder, f"{split}.jsonl")
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"{task}: {file} not found (--data_dir expects <dir>/{folder}/{split}.jsonl)")
+        raise FileNotFoundError(f"{task}: {file} not found (--data_dir expects <dir>/{spec.folder}/{split}.jsonl)")
     rows = []
     with open(file) as f:
         for n, line in enumerate(f, 1):
@@ -192,7 +212,7 @@ def load_rows(task, split, data_dir):
 
 def format_rows(task, rows):
     """Run the task's formatter over every row; a row it cannot read is an error that names it."""
-    fmt, out = TASKS[task][4], []
+    fmt, out = TASKS[task].format_row, []
     for row, where in rows:
         try:
             doc = fmt(row)
@@ -216,7 +236,7 @@ def build_requests(task, docs, raw, pool, num_fewshot):
     """(context, continuation) pairs per doc, few-shot examples drawn as lm-eval draws them: one
     Random(1234) per task, rnd.sample(pool, k) per doc in order; when the task is not scored on its
     test split lm-eval samples k+1 and drops copies of the doc itself (its eval_doc rule)."""
-    rnd, drop_self = random.Random(1234), TASKS[task][2] != "test"
+    rnd, drop_self = random.Random(1234), TASKS[task].split != "test"
     out = []
     for doc, row in zip(docs, raw):
         prefix = ""
@@ -235,7 +255,8 @@ def build_requests(task, docs, raw, pool, num_fewshot):
     return out
 
 # ----------------------------------------------------------------------------------------------
-# Models: ours (checkpoint.load_model) or any transformers causal LM (hf:DIR), behind one small interface:
+# Models: ours (checkpoint.load_model: our checkpoints, Llama-family hf:DIR) or any other transformers causal LM
+# (hf:DIR), behind one small interface:
 #   encode(texts) -> ids without special tokens; bos: the id the tokenizer prepends by default, or None;
 #   prefix_id: lm-eval's token for an empty context; max_len;
 #   new_cache(batch, length); run(ids, cache, keep) runs ids after the cache (extending it) and returns the
@@ -259,8 +280,9 @@ class OurLM:
         return KVCache(self.model.config, batch, length, self.device, self.dtype)
 
     def run(self, ids, cache, keep=None):
-        logits = self.model(ids, kv_cache=cache)[0]
-        return logits[keep] if keep is not None else None
+        no_logits = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)  # contexts only fill the cache
+        logits = self.model(ids, kv_cache=cache, keep=no_logits if keep is None else keep)[0]
+        return logits if keep is not None else None
 
     def select(self, cache, rows):
         cache.k, cache.v = cache.k[:, rows], cache.v[:, rows]
@@ -298,7 +320,16 @@ class HFLM:
 
 
 def load_lm(name, dtype, device="cpu"):
-    return HFLM(name[3:], dtype, device) if name.startswith("hf:") else OurLM(name, dtype, device)
+    """model.py for our checkpoints and for a Llama-family hf:DIR (the import is exact, and our KV cache takes
+    the batched contexts with no per-call overhead of transformers' model classes); transformers for any other
+    hf:DIR, whose architecture model.py does not implement."""
+    if not name.startswith("hf:"):
+        return OurLM(name, dtype, device)
+    try:
+        return OurLM(name, dtype, device)
+    except ValueError as e:  # checkpoint.load refuses what model.py cannot run exactly, and says why
+        print(f"{e}: scoring through transformers instead", file=sys.stderr)
+        return HFLM(name[3:], dtype, device)
 
 
 def tokenize_pairs(lm, pairs, bos):
@@ -326,55 +357,72 @@ def tokenize_pairs(lm, pairs, bos):
     return out
 
 
+def choices_by_context(pairs):
+    """{context ids: sorted continuation ids}: every context is encoded once, whatever its number of choices."""
+    groups = defaultdict(set)
+    for context, continuation in pairs:
+        groups[context].add(continuation)
+    return {context: sorted(continuations) for context, continuations in groups.items()}
+
+
+def batches_of_equal_length(choices_of, batch_size):
+    """Lists of contexts of one token length holding at most batch_size continuations together (a context with
+    more choices than that gets a batch of its own). Equal lengths put no padding into the KV cache; longest
+    first, so the slowest batches come early and the progress bar's estimate is honest."""
+    order = sorted(choices_of, key=lambda c: (len(c), max(map(len, choices_of[c]))), reverse=True)
+    batches, batch, n_choices = [], [], 0
+    for context in order:
+        if batch and (len(context) != len(batch[0]) or n_choices + len(choices_of[context]) > batch_size):
+            batches.append(batch)
+            batch, n_choices = [], 0
+        batch.append(context)
+        n_choices += len(choices_of[context])
+    return batches + [batch] if batch else batches
+
+
+def encode_contexts(lm, contexts, cache_len):
+    """A cache holding every context but its last token, one row per context. Two stages: the tokens all
+    contexts share (truthfulqa's 6-shot preamble) run once, then each context's own rest."""
+    heads = torch.tensor([list(c[:-1]) for c in contexts], dtype=torch.long, device=lm.device)
+    shared_len = len(os.path.commonprefix([c[:-1] for c in contexts]))
+    cache = lm.new_cache(1, cache_len)
+    if shared_len:
+        lm.run(heads[:1, :shared_len], cache)
+    cache = lm.select(cache, torch.zeros(len(contexts), dtype=torch.long, device=lm.device))
+    if heads.size(1) > shared_len:
+        lm.run(heads[:, shared_len:], cache)
+    return cache
+
+
+def score_batch(lm, contexts, choices_of):
+    """{(context, continuation): log-likelihood} for one batch. Each choice continues a copy of its context's
+    cache row with [last context token] + continuation[:-1] as input, so its logits predict exactly the
+    continuation's tokens; rows are right-padded, and the padding is seen by no real token."""
+    pairs = [(row, continuation) for row, context in enumerate(contexts) for continuation in choices_of[context]]
+    inputs = [(contexts[row][-1],) + continuation[:-1] for row, continuation in pairs]
+    width = max(map(len, inputs))
+    input_ids = torch.tensor([list(ids) + [0] * (width - len(ids)) for ids in inputs], device=lm.device)
+    is_real = torch.tensor([[j < len(ids) for j in range(width)] for ids in inputs], device=lm.device)
+    cache = encode_contexts(lm, contexts, len(contexts[0]) - 1 + width)
+    cache = lm.select(cache, torch.tensor([row for row, _ in pairs], device=lm.device))
+    logits = lm.run(input_ids, cache, is_real).float()  # (real tokens of all choices, vocab)
+    targets = torch.tensor([t for _, continuation in pairs for t in continuation], device=lm.device)
+    token_logprobs = logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    choice_of_token = torch.tensor([i for i, (_, continuation) in enumerate(pairs) for _ in continuation], device=lm.device)
+    sums = torch.zeros(len(pairs), dtype=torch.float64, device=lm.device).index_add_(0, choice_of_token, token_logprobs.double())
+    return {(contexts[row], continuation): ll for (row, continuation), ll in zip(pairs, sums.tolist())}
+
+
 @torch.inference_mode()
 def score(lm, pairs, batch_size, progress=True):
-    """Sum of log p(continuation | context) for each (context ids, continuation ids) pair.
-    Pairs are grouped by context; a batch holds groups whose context lengths are equal, so the contexts
-    minus their last token run once as (E, L) with no padding, and each choice continues its context
-    from a copy of the cache with [last context token] + continuation[:-1] as input."""
-    groups = defaultdict(set)
-    for ctx, cont in pairs:
-        groups[ctx].add(cont)
-    # longest first: the slowest batches come early and the progress bar's estimate is honest
-    order = sorted(groups, key=lambda c: (len(c), max(map(len, groups[c]))), reverse=True)
-    batches, cur = [], []
-    for ctx in order:
-        if cur and (len(cur[0]) != len(ctx) or sum(len(groups[c]) for c in cur) + len(groups[ctx]) > batch_size):
-            batches.append(cur)
-            cur = []
-        cur.append(ctx)
-    batches += [cur] if cur else []
+    """Sum of log p(continuation | context) for each (context ids, continuation ids) pair."""
+    choices_of = choices_by_context(pairs)
     result = {}
-    bar = tqdm(total=sum(map(len, groups.values())), desc="scoring", unit="pair", disable=not progress, file=sys.stderr)
-    for ctxs in batches:
-        rows, tails, targets = [], [], []
-        for e, ctx in enumerate(ctxs):
-            for cont in sorted(groups[ctx]):
-                rows.append(e)
-                tails.append((ctx[-1],) + cont[:-1])
-                targets.append(cont)
-        T, L = max(map(len, tails)), len(ctxs[0]) - 1
-        x = torch.tensor([list(t) + [0] * (T - len(t)) for t in tails], device=lm.device)  # right padding: seen by no real token
-        keep = torch.tensor([[j < len(t) for j in range(T)] for t in tails], device=lm.device)
-        # three stages: the tokens all contexts share (truthfulqa's preamble) once, then each context's rest
-        # once, then every choice from a copy of its context's cache
-        P = len(os.path.commonprefix([c[:-1] for c in ctxs]))
-        prefix = torch.tensor([list(c[:-1]) for c in ctxs], device=lm.device, dtype=torch.long).view(len(ctxs), L)
-        cache = lm.new_cache(1, L + T)
-        if P:
-            lm.run(prefix[:1, :P], cache)
-        cache = lm.select(cache, torch.zeros(len(ctxs), dtype=torch.long, device=lm.device))
-        if L > P:
-            lm.run(prefix[:, P:], cache)
-        cache = lm.select(cache, torch.tensor(rows, device=lm.device))
-        logits = lm.run(x, cache, keep).float()
-        y = torch.tensor([i for t in targets for i in t], device=lm.device)
-        logp = logits.gather(1, y[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
-        row_of = torch.tensor([r for r, t in enumerate(targets) for _ in t], device=lm.device)
-        sums = torch.zeros(len(targets), device=lm.device, dtype=torch.float64).index_add_(0, row_of, logp.double())
-        for ctx_i, cont, ll in zip(rows, targets, sums.tolist()):
-            result[(ctxs[ctx_i], cont)] = ll
-        bar.update(len(rows))
+    bar = tqdm(total=sum(map(len, choices_of.values())), desc="scoring", unit="pair", disable=not progress, file=sys.stderr)
+    for contexts in batches_of_equal_length(choices_of, batch_size):
+        scored = score_batch(lm, contexts, choices_of)
+        result.update(scored)
+        bar.update(len(scored))
     bar.close()
     return [result[p] for p in pairs]
 
@@ -406,7 +454,7 @@ def task_results(task, docs, lls):
     per_metric, samples = defaultdict(list), []
     for i, (doc, ll) in enumerate(zip(docs, lls)):
         pred = argmax(ll)
-        for metric in TASKS[task][5]:
+        for metric in TASKS[task].metrics:
             if metric == "acc":
                 per_metric["acc"].append(float(pred in doc["gold"]))
             elif metric == "acc_norm":  # divide by the choice's length in characters (lm-eval's completion_len)
@@ -427,7 +475,7 @@ def prepare(tasks, data_dir=None, limit=None, num_fewshot=0):
     each doc's slice of the pairs per task)."""
     docs, pairs, spans = {}, [], {}
     for task in tasks:
-        _, _, split, fewshot_split, *_ = TASKS[task]
+        split, fewshot_split = TASKS[task].split, TASKS[task].fewshot_split
         raw = load_rows(task, split, data_dir)[:limit]
         docs[task] = format_rows(task, raw)
         pool = None

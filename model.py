@@ -11,6 +11,7 @@ Parameter names and conventions match transformers' LlamaForCausalLM one to one 
 unchanged: export_hf.py and hf: imports are a copy, not a translation.
 """
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -53,24 +54,27 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalize in fp32 even under bf16 autocast: the mean of squares loses precision in bf16.
+        # normalize in fp32 for a bf16 model, as transformers does: the mean of squares loses precision in bf16.
+        # In training the residual stream is fp32 (autocast casts only matmul inputs), so both casts are no-ops.
         # F.rms_norm fuses x * rsqrt(mean(x^2) + eps) into one op: fewer dispatches per token when decoding
         return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
 
 def rope_cache(head_dim, max_len, theta, device=None):
-    """cos and sin of position * frequency, each (max_len, head_dim), for the rotate-half layout."""
+    """cos and sin of position * frequency, each (max_len, head_dim/2): one angle per rotated pair."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    freqs = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)  # pairs are (i, i + head_dim/2), not adjacent (i, i+1)
-    return emb.cos(), emb.sin()
+    angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each (x_i, x_{i+d/2}) pair by its position's angle. x: (B, H, T, D); cos/sin: (T, D)."""
+    """Rotate each pair (x_i, x_{i+D/2}) by its position's angle: transformers' "rotate half" layout, where pairs
+    are the two halves of a head, not adjacent (i, i+1). x: (B, T, H, D); cos/sin: (T, D/2).
+    Written out per half, the rotation needs no rotated copy of x (torch.cat((-x2, x1))) and gives the same bits
+    as x * cos + rotate_half(x) * sin. Computed in x's dtype, as transformers does."""
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 class KVCache:
@@ -119,17 +123,14 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = apply_rope(q.view(B, T, self.n_head, self.head_dim), cos, sin)
+        k = apply_rope(k.view(B, T, self.n_kv_head, self.head_dim), cos, sin)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
         if flash_attn_func is not None and q.is_cuda and kv_cache is None and q.dtype in (torch.bfloat16, torch.float16):
-            # flash-attn takes (B, T, H, D) and handles GQA itself; RoPE is applied in that layout
-            q = apply_rope(q.transpose(1, 2), cos, sin).transpose(1, 2)
-            k = apply_rope(k.transpose(1, 2), cos, sin).transpose(1, 2)
-            y = flash_attn_func(q, k, v, causal=True)
-            return self.o_proj(y.reshape(B, T, -1))
+            # flash-attn takes (B, T, H, D), the layout RoPE was applied in, and handles GQA itself
+            return self.o_proj(flash_attn_func(q, k, v, causal=True).reshape(B, T, -1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         start = 0
         if kv_cache is not None:
             start = kv_cache.pos
@@ -204,9 +205,11 @@ class LLaMA(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None, keep=None):
         """idx: (B, T) token ids. Returns logits (B, T, vocab), and the mean cross-entropy if targets are given.
-        With a kv_cache, idx holds only the new tokens and the cache supplies the past."""
+        With a kv_cache, idx holds only the new tokens and the cache supplies the past. keep, a (B, T) boolean
+        mask, asks for the logits of those positions only, as (n_kept, vocab): scoring a few tokens after a long
+        input need not pay for the lm_head everywhere (over a 49k vocabulary it costs as much as several layers)."""
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.rope_cos.size(0):
@@ -217,6 +220,8 @@ class LLaMA(nn.Module):
             x = block(x, cos, sin, kv_cache)
         if kv_cache is not None:
             kv_cache.pos += T
+        if keep is not None:
+            x = x[keep]
         logits = self.lm_head(self.model.norm(x))
         if targets is None:
             return logits, None
@@ -250,7 +255,8 @@ class LLaMA(nn.Module):
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = device_type == "cuda"  # one kernel for the whole update instead of a loop over tensors
+        # fused: one kernel for the whole update instead of a loop of ~10 ops per tensor (CUDA, and CPUs since torch 2.4)
+        fused = device_type in ("cuda", "cpu")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     # --- generation ---------------------------------------------------------------------------
@@ -273,6 +279,29 @@ class LLaMA(nn.Module):
                 if done.all():
                     return
             logits, _ = self(next_id[:, None], kv_cache=cache)
+
+
+def measure_peak_flops(dtype, device="cpu", seconds=1.0):
+    """The matmul FLOP/s this device reaches in dtype right now: the best of repeated products of two square
+    matrices (2 n^3 FLOPs each). MFU is measured against this rather than a data sheet's figure: CPUs of one kind
+    differ (bf16 peaks of 0.96 to 2.8 TFLOP/s measured on 2-core hosts) and other jobs may share the cores."""
+    device = torch.device(device)
+    n, per_sample = (8192, 10) if device.type == "cuda" else (1024, 1)  # enough work that timing noise is small
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # F.linear is a @ b.T, the layout of every projection in the model (a CPU without native bf16 runs a plain
+    # bf16 a @ b through a path 10x slower than this one)
+    F.linear(a, b)  # warm up: kernel selection, thread pool
+    sync()
+    best, spent, samples = math.inf, 0.0, 0
+    while samples < 2 or (spent < seconds and samples < 50):
+        t0 = time.perf_counter()
+        for _ in range(per_sample):
+            F.linear(a, b)
+        sync()
+        elapsed = time.perf_counter() - t0
+        best, spent, samples = min(best, elapsed), spent + elapsed, samples + 1
+    return 2 * n ** 3 * per_sample / best
 
 
 def sample_next(logits, temperature, top_k=None, top_p=None, generator=None):

@@ -25,7 +25,7 @@ from tqdm import tqdm
 import checkpoint
 from common import log
 from data import ShardLoader, load_meta, load_tokenizer
-from model import LLaMA, ModelConfig
+from model import LLaMA, ModelConfig, measure_peak_flops
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------------------------
@@ -71,7 +71,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16"              # 'float32', 'bfloat16' (autocast, fp32 master weights) or 'float16' (+ grad scaler)
 compile = None                  # torch.compile; None means on for CUDA, off for CPU
 seed = 1337
-peak_flops = None               # hardware peak FLOP/s for MFU; None: looked up for known GPUs, else MFU is not shown
+peak_flops = None               # FLOP/s that MFU is relative to; None: measured at start (model.measure_peak_flops)
 # -----------------------------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
 MODEL_KEYS = ["n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "rope_theta", "norm_eps", "tie_embeddings"]
@@ -223,10 +223,10 @@ if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
 flops_per_token = raw_model.flops_per_token(block_size)
-if peak_flops is None and device_type == "cuda":
-    name = torch.cuda.get_device_name()
-    # dense bf16 tensor-core peaks from the vendors' data sheets
-    peak_flops = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}.items() if k in name), None)
+if peak_flops is None and master_process:
+    # MFU's denominator: what a matmul in this run's dtype reaches on this device now (hosts of one kind differ)
+    peak_flops = measure_peak_flops(ptdtype, device)
+    log(f"measured matmul peak: {peak_flops / 1e12:.3g} TFLOP/s in {dtype} (set peak_flops to use another)")
 
 
 def get_lr(it):

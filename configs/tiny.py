@@ -3,7 +3,7 @@
 out_dir = "out/tiny"
 data_dir = "data/pydocs"
 device = "cpu"
-dtype = "bfloat16"          # this CPU has AVX-512 BF16: bf16 matmuls run several times faster than fp32
+dtype = "bfloat16"          # autocast: several times faster than fp32 on CPUs with AVX-512 BF16/AMX, slower without (bench.py shows both)
 compile = False
 batch_size = 16
 block_size = 256
@@ -21,4 +21,3 @@ warmup_iters = 50
 eval_interval = 100
 eval_iters = 5             # 5 x 16 x 256 = 20k tokens: all of pydocs' val split
 log_interval = 20
-peak_flops = 2.8e12         # bf16 matmul peak measured on the 2-core dev machine (AMX); set your own for MFU

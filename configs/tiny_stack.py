@@ -20,4 +20,3 @@ warmup_iters = 25           # a fresh AdamW needs its own warmup: its moments st
 eval_interval = 50
 eval_iters = 5
 log_interval = 20
-peak_flops = 2.8e12

@@ -230,8 +230,8 @@ EXPECTED_2SHOT = {
     ],
 }
 
-SPLITS = {t: spec[2] for t, spec in eval_mc.TASKS.items()}
-FOLDER = {t: spec[6] for t, spec in eval_mc.TASKS.items()}
+SPLITS = {t: spec.split for t, spec in eval_mc.TASKS.items()}
+FOLDER = {t: spec.folder for t, spec in eval_mc.TASKS.items()}
 
 
 def write_data(root, rows=ROWS):
@@ -441,3 +441,39 @@ def test_malformed_rows_name_file_and_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         eval_mc.main(["--ckpt", "x", "--data_dir", str(tmp_path / "empty"), "--tasks", "copa"])
     assert "copa/validation.jsonl not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmark records and the two model paths
+
+def test_every_task_is_a_named_record():
+    for name, task in eval_mc.TASKS.items():
+        assert isinstance(task, eval_mc.Task) and task.name == name
+        assert task.folder in ROWS and callable(task.format_row)
+        assert set(task.metrics) <= {"acc", "acc_norm", "mc2"} and task.split in ("validation", "test")
+    assert eval_mc.TASKS["truthfulqa_mc2"].folder == "truthfulqa_mc" and eval_mc.TASKS["piqa"].folder == "piqa"
+    assert "piqa" not in eval_mc.DEFAULT_TASKS and len(eval_mc.DEFAULT_TASKS) == 13
+
+
+def test_llama_hf_dir_scores_through_model_py_as_transformers_does(models, data_dir):
+    """A Llama-family hf:DIR runs through model.py (exact import); its log-likelihoods equal the transformers path's."""
+    hf_dir, _ = models
+    ours, theirs = eval_mc.load_lm("hf:" + hf_dir, torch.float32), eval_mc.HFLM(hf_dir, torch.float32, "cpu")
+    assert isinstance(ours, eval_mc.OurLM)
+    _, pairs, _ = eval_mc.prepare(list(eval_mc.TASKS), data_dir)
+    got = eval_mc.score(ours, eval_mc.tokenize_pairs(ours, pairs, ours.bos), 5, progress=False)
+    want = eval_mc.score(theirs, eval_mc.tokenize_pairs(theirs, pairs, theirs.bos), 5, progress=False)
+    assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_other_architectures_keep_the_transformers_path(tmp_path, capsys):
+    tok = train_tokenizer(add_bos=False)
+    cfg = transformers.GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=256, n_embd=32, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>").save_pretrained(tmp_path)
+    lm = eval_mc.load_lm(f"hf:{tmp_path}", torch.float32)
+    assert isinstance(lm, eval_mc.HFLM)
+    assert "model_type is 'gpt2'" in capsys.readouterr().err
+    (ll,) = eval_mc.score(lm, eval_mc.tokenize_pairs(lm, [("The fish ate the worm.", " It was tasty.")], lm.bos), 4, progress=False)
+    assert math.isfinite(ll) and ll < 0

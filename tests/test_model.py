@@ -91,3 +91,32 @@ def test_param_counts_and_flops():
     assert m.num_params(non_embedding=True) == 2 * per_layer + 32
     assert m.num_params() == 2 * per_layer + 32 + 2 * 100 * 32
     assert m.flops_per_token() == 6 * (2 * per_layer + 32 + 100 * 32) + 12 * 2 * 32 * 16
+
+
+def test_rope_halves_equal_rotate_half_bit_for_bit():
+    """apply_rope written per half gives exactly transformers' x * cos + rotate_half(x) * sin."""
+    from model import apply_rope, rope_cache
+    cos, sin = rope_cache(16, 10, 10000.0)
+    x = torch.randn(2, 10, 3, 16)
+    full_cos, full_sin = torch.cat((cos, cos), -1)[:, None], torch.cat((sin, sin), -1)[:, None]
+    rotated = torch.cat((-x[..., 8:], x[..., :8]), dim=-1)
+    assert torch.equal(apply_rope(x, cos, sin), x * full_cos + rotated * full_sin)
+
+
+def test_measured_peak_is_a_positive_rate():
+    from model import measure_peak_flops
+    peak = measure_peak_flops(torch.float32, "cpu", seconds=0.1)
+    assert math.isfinite(peak) and peak > 1e8  # any CPU does 0.1 GFLOP/s
+
+
+def test_keep_returns_the_logits_of_the_kept_positions():
+    ours, _ = tiny_pair(False, 2)
+    idx = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(4))
+    keep = torch.zeros(2, 9, dtype=torch.bool)
+    keep[0, 3], keep[1, 7:] = True, True
+    with torch.no_grad():
+        full, _ = ours(idx)
+        kept, _ = ours(idx, keep=keep)
+        none, _ = ours(idx, keep=torch.zeros_like(keep))
+    assert kept.shape == (3, 96) and none.shape == (0, 96)
+    assert (kept - full[keep]).abs().max() < 1e-5  # a matmul over fewer rows may round differently

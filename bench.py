@@ -1,0 +1,101 @@
+"""
+Benchmark the training step of model.py: forward + backward + AdamW on random tokens, no data loading.
+
+    python bench.py configs/tiny.py --vocab_size 4096             # fp32, bf16 autocast, bf16 + torch.compile
+    python bench.py configs/phase1.py --device cuda --modes bf16,bf16+compile
+
+Prints tokens/s, the achieved FLOP/s (model.flops_per_token, the PaLM count train.py uses) and MFU against a peak
+this machine reaches right now in the same dtype (model.measure_peak_flops: a matmul probe), one line per mode.
+Only the model's shape and batch are read from the config file; train.py's loop adds data loading and logging
+on top of this step.
+"""
+import argparse
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from model import LLaMA, ModelConfig, measure_peak_flops
+
+MODES = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False), "bf16+compile": (torch.bfloat16, True)}
+SHAPE_KEYS = ["n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "rope_theta", "norm_eps", "tie_embeddings",
+              "vocab_size", "block_size", "batch_size"]
+
+
+def read_config(path):
+    """The model shape and batch size a train.py config file sets (plain Python)."""
+    namespace = {}
+    with open(path) as f:
+        exec(f.read(), namespace)
+    return {k: namespace[k] for k in SHAPE_KEYS if k in namespace}
+
+
+def bench_mode(model, optimizer, dtype, compile, batch_size, steps, warmup, device):
+    """Tokens per second of the bare training step, timed over `steps` after `warmup` untimed ones."""
+    device_type = torch.device(device).type
+    step_model = torch.compile(model) if compile else model
+    autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    T, V = model.config.block_size, model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randint(0, V, (batch_size, T), generator=g).to(device) for _ in range(2))
+    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+
+    def step():
+        with autocast:
+            _, loss = step_model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):  # the first steps compile, allocate and pick kernels
+        step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return batch_size * T * steps / (time.perf_counter() - t0)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="a train.py config file: its model shape, block_size and batch_size")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)} (default: all)")
+    p.add_argument("--vocab_size", type=int, default=None, help="default: the config's, else ModelConfig's 50304")
+    p.add_argument("--batch_size", type=int, default=None, help="default: the config's, else 16")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per mode")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes):
+        p.error(f"--modes takes a comma list of {', '.join(MODES)}")
+    if args.steps < 1 or args.warmup < 1:
+        p.error("need --steps >= 1 and --warmup >= 1")
+    shape = read_config(args.config) if args.config else {}
+    batch_size = args.batch_size or shape.pop("batch_size", 16)
+    shape.pop("batch_size", None)
+    if args.vocab_size:
+        shape["vocab_size"] = args.vocab_size
+    config = ModelConfig(**shape)
+
+    torch.manual_seed(0)
+    model = LLaMA(config).to(args.device)
+    optimizer = model.configure_optimizer(0.1, 6e-4, (0.9, 0.95), torch.device(args.device).type)
+    flops_per_token = model.flops_per_token(config.block_size)
+    print(f"{model.num_params() / 1e6:.1f}M parameters ({config.n_layer} layers x {config.n_embd}, vocab {config.vocab_size}), "
+          f"batch {batch_size} x {config.block_size} tokens, {flops_per_token / 1e6:.1f} MFLOP per token, "
+          f"{args.device}, {torch.get_num_threads()} threads", file=sys.stderr)
+    print("| mode | tokens/s | achieved TFLOP/s | measured matmul peak TFLOP/s | MFU |")
+    print("|---|---|---|---|---|")
+    for mode in modes:
+        dtype, compile = MODES[mode]
+        tok_s = bench_mode(model, optimizer, dtype, compile, batch_size, args.steps, args.warmup, args.device)
+        peak = measure_peak_flops(dtype, args.device)
+        achieved = flops_per_token * tok_s
+        print(f"| {mode} | {tok_s:,.0f} | {achieved / 1e12:.3f} | {peak / 1e12:.3f} | {100 * achieved / peak:.1f}% |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""bench.py runs the training step of a config and prints one table row per mode (figures, never asserted)."""
+import bench
+
+
+def test_bench_prints_a_row_per_mode(tmp_path, capsys):
+    config = tmp_path / "small.py"
+    config.write_text("n_layer = 2\nn_head = 2\nn_kv_head = 1\nn_embd = 32\nintermediate_size = 64\n"
+                      "block_size = 16\nbatch_size = 2\nout_dir = 'ignored'\n")
+    bench.main([str(config), "--vocab_size", "64", "--modes", "fp32,bf16", "--steps", "1", "--warmup", "1"])
+    out = capsys.readouterr()
+    rows = [line.split("|")[1:-1] for line in out.out.splitlines()[2:]]
+    assert [r[0].strip() for r in rows] == ["fp32", "bf16"]
+    assert all(float(r[1].replace(",", "")) > 0 and r[4].strip().endswith("%") for r in rows)
+    assert "2 layers x 32, vocab 64" in out.err
+
+
+def test_bench_refuses_unknown_modes(capsys):
+    import pytest
+    with pytest.raises(SystemExit):
+        bench.main(["--modes", "fp8"])
+    assert "--modes takes" in capsys.readouterr().err
