@@ -381,7 +381,7 @@ def collect(args, meta, runs, crossover):
     results = {"corpus": args.data_dir, "corpus_train_tokens": train_tokens, "budget_flops": args.budget,
                "settings": {k: getattr(args, k) for k in ("layers", "n_embd", "n_head", "intermediate_size",
                                                          "block_size", "batch_size", "seeds", "growth_points", "factors",
-                                                         "optims", "noise", "lr_mults", "eval_iters", "device", "dtype")},
+                                                         "optims", "noise", "lr_mults", "eval_iters", "final_eval_iters", "device", "dtype")},
                "crossover": {}, "runs": {}}
     results["settings"]["vocab_size"] = meta["vocab_size"]
     wall = wall_times(args)[1]
@@ -456,7 +456,9 @@ def report(results):
            f"embeddings), {st['batch_size']} x {st['block_size']} tokens per step, {st['dtype']} on {st['device']}. "
            f"Wall time of all runs, summed: {results['wall_s'] / 60:.0f} min.", ""]
     if results["crossover"]:
-        out += ["The crossover: final val loss on the first --final_eval_iters val batches (tokens seen):", "",
+        tokens = st["final_eval_iters"] * st["batch_size"] * st["block_size"]
+        out += [f"The crossover: final val loss on the first {st['final_eval_iters']} val batches ({tokens:,} tokens); "
+                "in brackets the tokens each model saw:", "",
                 "| budget (FLOPs) | " + " | ".join(f"{n} layers from scratch"
                                                     for n in next(iter(results["crossover"].values())))
                 + " | winner |", "|---|---|---|---|"]
@@ -468,16 +470,19 @@ def report(results):
             (lo, l_lo), (hi, l_hi) = sorted(means.items(), key=lambda kv: int(kv[0]))
             ranges = {n: (min(v), max(v)) for n, v in row.items()}
             apart = ranges[lo][1] < ranges[hi][0] or ranges[hi][1] < ranges[lo][0]
-            single = all(len(v) == 1 for v in row.values())
-            out.append(f"| {float(budget):.3g} | " + " | ".join(cells) + " | "
-                       + (f"{lo if l_lo < l_hi else hi} layers" + (" (1 seed each)" if single else "") if apart
-                          else "tie (seeds overlap)") + " |")
+            lower = f"{lo if l_lo < l_hi else hi} layers, by {abs(l_lo - l_hi):.3f}"
+            if all(len(v) == 1 for v in row.values()):
+                winner = f"{lower} (1 seed each: spread unknown)"
+            else:
+                winner = lower if apart else "tie (seeds overlap)"
+            out.append(f"| {float(budget):.3g} | " + " | ".join(cells) + f" | {winner} |")
         out.append("")
     rows, target = score(results)
     if rows:
         out += [f"Budget {results['budget_flops']:.3g} FLOPs; target loss = scratch's final mean "
                 + (f"{target:.4f}." if target else "(scratch not run)."), "",
-                "| run | layers | grown at | seeds | final val loss (mean) | range | final_eval_iters loss | FLOPs to reach target | speedup |",
+                f"| run | layers | grown at | seeds | final val loss (mean) | range | {st['final_eval_iters']}-batch loss | "
+                "FLOPs to reach target | speedup |",
                 "|---|---|---|---|---|---|---|---|---|"]
         for name, row in rows.items():
             run = results["runs"][name]
