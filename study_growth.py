@@ -19,8 +19,8 @@ The growth study at --budget (training FLOPs, the base's included in every grown
 Every run keeps its config's recipe, with its step count set by its FLOPs: warmup over the first 10% of the steps
 (as configs/tiny*.py have it), cosine decay to a tenth of the peak at the end. The defaults are sized for 2 CPU cores:
 4 and 8 layers of width 32 with tied embeddings (~0.12M and ~0.17M parameters at vocab 2048), 8 x 128 tokens per
-step, budgets of 1.25e12 to 1e13 FLOPs (~0.9M to ~7.2M tokens of the 8-layer model; the 4-layer one sees at most
-~1.1 epochs of pystdlib).
+step; crossover budgets of 1.25e12 to 1e13 FLOPs (~0.9M to ~7.2M tokens of the 8-layer model), growth at 2e13,
+past the crossover (~1e13, measured); no run sees more than ~2.2 epochs of pystdlib.
 The first value of --growth_points, --factors, --optims, --noise and --lr_mults is the main setting: every
 operator runs with it, and with every seed. The other values vary one thing at a time for the first operator,
 with the first seed; --lr_mults also sweeps scratch's peak learning rate, and the grown phase's (that of
@@ -33,7 +33,8 @@ Seeds change the initialization; every run reads the same data in the same order
 Runs go to OUT/runs/NAME, logs to OUT/logs/NAME.log. A finished run is never run again and an interrupted one
 resumes from its last checkpoint, so the study continues where it stopped. Results: OUT/growth_study.json
     {"corpus", "corpus_train_tokens", "budget_flops", "settings", "crossover": {budget: {layers: [seed records]}},
-     "runs": {name: {"layers", "growth_point", "seeds": [{"seed", "final_val_loss", "tokens", "flops", "curve"}]}}}
+     "runs": {name: {"layers", "growth_point", "seeds": [{"seed", "final_val_loss", "tokens", "flops", "curve",
+                                                          "final_eval_loss"}]}}}
 with flops counted by train.py (tokens x model.flops_per_token, PaLM's formula), and OUT/*.png.
 stdout carries the tables; progress goes to stderr.
 """
@@ -48,7 +49,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import torch
 
-from data import load_meta, read_shard, shard_paths
+import checkpoint
+from data import ShardLoader, load_meta, read_shard, shard_paths
 from model import LLaMA, ModelConfig
 
 OPERATORS = ["stack", "interleave", "dus", "zero"]
@@ -76,7 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--block_size", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=8)
     # budgets, in training FLOPs
-    p.add_argument("--budget", type=float, default=5e12, help="the growth study's budget (default: %(default).3g)")
+    # past the crossover this study measured for the default pair (~1e13 FLOPs): there the target is the right size
+    p.add_argument("--budget", type=float, default=2e13, help="the growth study's budget (default: %(default).3g)")
     p.add_argument("--crossover_budgets", type=float, nargs="*", default=[1.25e12, 2.5e12, 5e12, 1e13],
                    help="budgets of the small-vs-large scratch runs (none: skip the crossover)")
     # what varies
@@ -96,6 +99,8 @@ def parse_args(argv=None):
                    "only on CPUs with AVX-512 BF16 or AMX; on others it is several times slower than fp32)")
     p.add_argument("--eval_iters", type=int, default=10, help="val batches per evaluation")
     p.add_argument("--evals", type=int, default=12, help="evaluations per run: the points of each curve")
+    p.add_argument("--final_eval_iters", type=int, default=50, help="val batches for each run's final loss, "
+                   "final_eval_loss in the JSON (default: %(default)s, 5x the curve's)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, the CPU's threads shared among them")
     p.add_argument("--quick", action="store_true", help="tiny sizes and budgets: the whole pipeline in minutes (tests)")
     p.add_argument("--no_run", action="store_true", help="run nothing: JSON, plots and tables from the finished runs")
@@ -333,6 +338,31 @@ def run_jobs(args, jobs, rate):
 # -----------------------------------------------------------------------------------------------
 # Results: curves from metrics.jsonl, the JSON, the score
 
+@torch.no_grad()
+def final_eval(args, out_dir):
+    """The final model's mean loss over the first --final_eval_iters val batches, cached beside its checkpoint.
+    train.py's curve uses --eval_iters batches (10 x 8 x 128 = 10k tokens by default): enough to draw a curve,
+    too few to rank two models whose losses differ by a few hundredths."""
+    cache = os.path.join(out_dir, "final_val_loss.json")
+    ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True, mmap=True)
+    if os.path.exists(cache):
+        with open(cache) as f:
+            cached = json.load(f)
+        if (cached["iter"], cached["batches"]) == (ckpt["iter_num"], args.final_eval_iters):
+            return cached["val_loss"]
+    model = checkpoint.build_model(ckpt, args.device)
+    loader = ShardLoader(args.data_dir, "val", args.batch_size, args.block_size, device=args.device)
+    batches = min(args.final_eval_iters, sum(len(read_shard(p)) - 1 for p in loader.paths) // (args.batch_size * args.block_size))
+    autocast = torch.autocast(args.device.split(":")[0], dtype=getattr(torch, args.dtype), enabled=args.dtype != "float32")
+    total = 0.0
+    for _ in range(batches):
+        with autocast:
+            total += model(*loader.next_batch())[1].item()
+    with open(cache, "w") as f:
+        json.dump({"iter": ckpt["iter_num"], "batches": args.final_eval_iters, "val_loss": total / batches}, f)
+    return total / batches
+
+
 def read_run(args, job, seed, offset, wall):
     """A finished run as the JSON's seed record; curve = [(flops incl. the base's, val loss)]; wall_s: its own
     wall time (the base's not included)."""
@@ -342,7 +372,8 @@ def read_run(args, job, seed, offset, wall):
     ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True, mmap=True)
     return {"seed": seed, "final_val_loss": evals[-1]["val_loss"], "tokens": evals[-1]["tokens"],
             "flops": offset + evals[-1]["flops"], "curve": [[offset + e["flops"], e["val_loss"]] for e in evals],
-            "layers": ckpt["model_args"]["n_layer"], "run": job.name, "wall_s": wall.get(job.name)}
+            "layers": ckpt["model_args"]["n_layer"], "run": job.name, "wall_s": wall.get(job.name),
+            "final_eval_loss": final_eval(args, out_dir)}
 
 
 def collect(args, meta, runs, crossover):
@@ -350,7 +381,7 @@ def collect(args, meta, runs, crossover):
     results = {"corpus": args.data_dir, "corpus_train_tokens": train_tokens, "budget_flops": args.budget,
                "settings": {k: getattr(args, k) for k in ("layers", "n_embd", "n_head", "intermediate_size",
                                                          "block_size", "batch_size", "seeds", "growth_points", "factors",
-                                                         "optims", "noise", "lr_mults", "eval_iters", "device", "dtype")},
+                                                         "optims", "noise", "lr_mults", "eval_iters", "final_eval_iters", "device", "dtype")},
                "crossover": {}, "runs": {}}
     results["settings"]["vocab_size"] = meta["vocab_size"]
     wall = wall_times(args)[1]
@@ -399,7 +430,9 @@ def score(results):
     rows = {}
     for name, run in runs.items():
         finals = [s["final_val_loss"] for s in run["seeds"]]
+        full = [s["final_eval_loss"] for s in run["seeds"]]
         row = {"mean": sum(finals) / len(finals), "spread": max(finals) - min(finals), "n": len(finals),
+               "full": sum(full) / len(full),
                "reach": None, "speedup": None, "why": ""}
         if scratch and name != "scratch":
             row["reach"] = flops_to_reach(mean_curve(run), target)
@@ -423,34 +456,40 @@ def report(results):
            f"embeddings), {st['batch_size']} x {st['block_size']} tokens per step, {st['dtype']} on {st['device']}. "
            f"Wall time of all runs, summed: {results['wall_s'] / 60:.0f} min.", ""]
     if results["crossover"]:
-        out += ["| budget (FLOPs) | " + " | ".join(f"{n} layers from scratch: val loss (tokens)"
+        tokens = st["final_eval_iters"] * st["batch_size"] * st["block_size"]
+        out += [f"The crossover: final val loss on the first {st['final_eval_iters']} val batches ({tokens:,} tokens); "
+                "in brackets the tokens each model saw:", "",
+                "| budget (FLOPs) | " + " | ".join(f"{n} layers from scratch"
                                                     for n in next(iter(results["crossover"].values())))
                 + " | winner |", "|---|---|---|---|"]
         for budget, records in results["crossover"].items():
-            row = {n: [r["final_val_loss"] for r in v] for n, v in records.items()}
+            row = {n: [r["final_eval_loss"] for r in v] for n, v in records.items()}
             means = {n: sum(v) / len(v) for n, v in row.items()}
             cells = [f"{means[n]:.4f}" + (f" (range {max(v) - min(v):.4f}, {len(v)} seeds)" if len(v) > 1 else "")
                      + f" ({records[n][0]['tokens'] / 1e6:.2f}M)" for n, v in row.items()]
             (lo, l_lo), (hi, l_hi) = sorted(means.items(), key=lambda kv: int(kv[0]))
             ranges = {n: (min(v), max(v)) for n, v in row.items()}
             apart = ranges[lo][1] < ranges[hi][0] or ranges[hi][1] < ranges[lo][0]
-            single = all(len(v) == 1 for v in row.values())
-            out.append(f"| {float(budget):.3g} | " + " | ".join(cells) + " | "
-                       + (f"{lo if l_lo < l_hi else hi} layers" + (" (1 seed each)" if single else "") if apart
-                          else "tie (seeds overlap)") + " |")
+            lower = f"{lo if l_lo < l_hi else hi} layers, by {abs(l_lo - l_hi):.3f}"
+            if all(len(v) == 1 for v in row.values()):
+                winner = f"{lower} (1 seed each: spread unknown)"
+            else:
+                winner = lower if apart else "tie (seeds overlap)"
+            out.append(f"| {float(budget):.3g} | " + " | ".join(cells) + f" | {winner} |")
         out.append("")
     rows, target = score(results)
     if rows:
         out += [f"Budget {results['budget_flops']:.3g} FLOPs; target loss = scratch's final mean "
                 + (f"{target:.4f}." if target else "(scratch not run)."), "",
-                "| run | layers | grown at | seeds | final val loss (mean) | range | FLOPs to reach target | speedup |",
-                "|---|---|---|---|---|---|---|---|"]
+                f"| run | layers | grown at | seeds | final val loss (mean) | range | {st['final_eval_iters']}-batch loss | "
+                "FLOPs to reach target | speedup |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for name, row in rows.items():
             run = results["runs"][name]
             point = "" if run["growth_point"] is None else f"{run['growth_point']:g}"
             reach = "" if name == "scratch" else (f"{row['reach']:.3g}" if row["reach"] else "not reached")
             speed = "(reference)" if name == "scratch" else (f"{row['speedup']:+.0%}" if row["speedup"] is not None else row["why"])
-            out.append(f"| {name} | {run['layers']} | {point} | {row['n']} | {row['mean']:.4f} | {row['spread']:.4f} | "
+            out.append(f"| {name} | {run['layers']} | {point} | {row['n']} | {row['mean']:.4f} | {row['spread']:.4f} | {row['full']:.4f} | "
                        f"{reach} | {speed} |")
     return "\n".join(out) + "\n"
 
@@ -463,12 +502,12 @@ def plot(args, results):
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
         budgets = [float(b) for b in results["crossover"]]
         for n in next(iter(results["crossover"].values())):
-            losses = [[r["final_val_loss"] for r in results["crossover"][b][n]] for b in results["crossover"]]
+            losses = [[r["final_eval_loss"] for r in results["crossover"][b][n]] for b in results["crossover"]]
             ax.plot(budgets, [sum(v) / len(v) for v in losses], marker="o", label=f"{n} layers, from scratch")
             ax.scatter([b for b, v in zip(budgets, losses) for _ in v], [x for v in losses for x in v], s=8, color="0.4")
         ax.set_xscale("log")
         ax.set_xlabel("training FLOPs")
-        ax.set_ylabel("final val loss")
+        ax.set_ylabel("final val loss (--final_eval_iters batches)")
         ax.set_title("Crossover: small vs large from scratch (mean, seeds as dots)")
         ax.legend()
         fig.tight_layout()

@@ -18,7 +18,8 @@ def test_flops_to_reach_interpolates():
 
 def results(scratch, grown, curve_grown):
     run = lambda finals, curve, layers: {"layers": layers, "growth_point": None, "seeds": [
-        {"seed": i + 1, "final_val_loss": f, "curve": curve[:-1] + [[curve[-1][0], f]]} for i, f in enumerate(finals)]}
+        {"seed": i + 1, "final_val_loss": f, "final_eval_loss": f, "curve": curve[:-1] + [[curve[-1][0], f]]}
+        for i, f in enumerate(finals)]}
     return {"runs": {"scratch": run(scratch, [[0.0, 8.0], [100.0, 5.0]], 8), "stack": run(grown, curve_grown, 8)}}
 
 
@@ -59,7 +60,8 @@ def test_quick_study_end_to_end(pydocs_data, tmp_path, capsys):
     step = 4 * 32  # tokens per step of --quick
     for name, run in res["runs"].items():
         (seed,) = run["seeds"]
-        assert set(seed) >= {"seed", "final_val_loss", "tokens", "flops", "curve"} and seed["seed"] == 1
+        assert set(seed) >= {"seed", "final_val_loss", "tokens", "flops", "curve", "final_eval_loss"} and seed["seed"] == 1
+        assert 0 < seed["final_eval_loss"] < 10
         assert seed["final_val_loss"] == seed["curve"][-1][1] and seed["flops"] == seed["curve"][-1][0]
         assert all(a[0] < b[0] for a, b in zip(seed["curve"], seed["curve"][1:]))
         assert abs(seed["flops"] - 4e9) < step * 2e6  # the budget, to within a step or so of the largest model
