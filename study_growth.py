@@ -50,6 +50,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 import torch
 
 import checkpoint
+from common import atomic_write, log
 from data import ShardLoader, load_meta, read_shard, shard_paths
 from model import LLaMA, ModelConfig
 
@@ -58,10 +59,6 @@ OPERATORS = ["stack", "interleave", "dus", "zero"]
 QUICK = dict(n_embd=32, n_head=2, intermediate_size=64, layers=8, block_size=32, batch_size=4, eval_iters=2,
              evals=4, budget=4e9, crossover_budgets=[4e9], operators=["stack"],
              growth_points=[0.5], factors=[2], optims=["reset"], noise=[0.0], lr_mults=[1.0])
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
 
 
 def parse_args(argv=None):
@@ -176,7 +173,7 @@ def finished_iters(out_dir):
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(path):
         return None
-    ckpt = torch.load(path, weights_only=True, mmap=True)
+    ckpt = checkpoint.load(path)
     return ckpt["iter_num"], ckpt["config"]["max_iters"]
 
 
@@ -193,7 +190,7 @@ def train_job(args, vocab, name, config, flops, n_layer, lr_mult, seed, init_fro
     out_dir = os.path.join(args.out_dir, "runs", name)
 
     def argv():
-        depth = n_layer if isinstance(n_layer, int) else torch.load(n_layer, weights_only=True, mmap=True)["model_args"]["n_layer"]
+        depth = n_layer if isinstance(n_layer, int) else checkpoint.load(n_layer)["model_args"]["n_layer"]
         iters = iters_for(args, flops, depth, vocab)
         base_lr = config_value(config, "learning_rate")  # the config's own peak, scaled by the sweep
         state = finished_iters(out_dir)
@@ -325,9 +322,8 @@ def run_jobs(args, jobs, rate):
                 job = running.pop(future)
                 seconds = future.result()
                 wall[job.name] = wall.get(job.name, 0.0) + seconds
-                with open(wall_path + ".tmp", "w") as f:
+                with atomic_write(wall_path) as tmp, open(tmp, "w") as f:
                     json.dump(wall, f, indent=1)
-                os.replace(wall_path + ".tmp", wall_path)
                 count, spent = count + 1, spent + job.flops
                 left = (total - spent) / max(spent, 1.0) * (time.time() - t_start) if spent else float("nan")
                 log(f"[{time.strftime('%H:%M:%S')}] {count}/{len(todo)} {job.name}: {seconds:.0f} s; "
@@ -344,7 +340,7 @@ def final_eval(args, out_dir):
     train.py's curve uses --eval_iters batches (10 x 8 x 128 = 10k tokens by default): enough to draw a curve,
     too few to rank two models whose losses differ by a few hundredths."""
     cache = os.path.join(out_dir, "final_val_loss.json")
-    ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True, mmap=True)
+    ckpt = checkpoint.load(out_dir)
     if os.path.exists(cache):
         with open(cache) as f:
             cached = json.load(f)
@@ -367,9 +363,8 @@ def read_run(args, job, seed, offset, wall):
     """A finished run as the JSON's seed record; curve = [(flops incl. the base's, val loss)]; wall_s: its own
     wall time (the base's not included)."""
     out_dir = os.path.join(args.out_dir, "runs", job.name)
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        evals = [e for e in map(json.loads, f) if "val_loss" in e]
-    ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True, mmap=True)
+    evals = [e for e in checkpoint.read_metrics(out_dir) if "val_loss" in e]
+    ckpt = checkpoint.load(out_dir)
     return {"seed": seed, "final_val_loss": evals[-1]["val_loss"], "tokens": evals[-1]["tokens"],
             "flops": offset + evals[-1]["flops"], "curve": [[offset + e["flops"], e["val_loss"]] for e in evals],
             "layers": ckpt["model_args"]["n_layer"], "run": job.name, "wall_s": wall.get(job.name),
@@ -396,9 +391,8 @@ def collect(args, meta, runs, crossover):
         if seeds:
             results["runs"][name] = {"layers": seeds[0]["layers"], "growth_point": entries[0][2], "seeds": seeds}
     path = os.path.join(args.out_dir, "growth_study.json")
-    with open(path + ".tmp", "w") as f:
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
         json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)
     log(f"wrote {path}")
     return results
 
