@@ -35,7 +35,9 @@ resumes from its last checkpoint, so the study continues where it stopped. Resul
     {"corpus", "corpus_train_tokens", "budget_flops", "settings", "crossover": {budget: {layers: [seed records]}},
      "runs": {name: {"layers", "growth_point", "seeds": [{"seed", "final_val_loss", "tokens", "flops", "curve",
                                                           "final_eval_loss"}]}}}
-with flops counted by train.py (tokens x model.flops_per_token, PaLM's formula), and OUT/*.png.
+with flops counted by train.py (tokens x model.flops_per_token, PaLM's formula); final_val_loss and the curve are
+train.py's (--eval_iters batches), final_eval_loss the final model on --final_eval_iters batches, the finer
+measure the crossover table uses. Plots: OUT/crossover.png, OUT/growth_study.png.
 stdout carries the tables; progress goes to stderr.
 """
 import argparse
