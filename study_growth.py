@@ -60,7 +60,7 @@ OPERATORS = ["stack", "interleave", "dus", "zero"]
 # what --quick changes: sizes, budgets and variations small enough that every kind of run finishes in seconds
 QUICK = dict(n_embd=32, n_head=2, intermediate_size=64, layers=8, block_size=32, batch_size=4, eval_iters=2,
              evals=4, budget=4e9, crossover_budgets=[4e9], operators=["stack"],
-             growth_points=[0.5], factors=[2], optims=["reset"], noise=[0.0], lr_mults=[1.0])
+             growth_points=[0.5], factors=[2], optims=["reset"], noise=[0.0], lr_mults=[1.0], compile=False)
 
 
 def parse_args(argv=None):
@@ -100,7 +100,12 @@ def parse_args(argv=None):
     p.add_argument("--evals", type=int, default=12, help="evaluations per run: the points of each curve")
     p.add_argument("--final_eval_iters", type=int, default=50, help="val batches for each run's final loss, "
                    "final_eval_loss in the JSON (default: %(default)s, 5x the curve's)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time, the CPU's threads shared among them")
+    p.add_argument("--jobs", type=int, default=None, help="runs at a time, the CPU's threads shared among them "
+                   "(default: one per CPU core, one thread each: at these sizes 2 runs of 1 thread do ~1.8x the work "
+                   "of 1 run of 2 threads; 1 on cuda)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.compile every run (default: on; on 2 CPU cores 1.2x the steps per second, ~50 s to "
+                   "compile once, then seconds from the inductor's cache)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and budgets: the whole pipeline in minutes (tests)")
     p.add_argument("--no_run", action="store_true", help="run nothing: JSON, plots and tables from the finished runs")
     p.add_argument("--report", action="store_true", help="print the markdown tables of OUT/growth_study.json and exit")
@@ -109,6 +114,7 @@ def parse_args(argv=None):
         for key, value in QUICK.items():
             setattr(args, key, value)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    args.jobs = args.jobs or (1 if args.device.startswith("cuda") else os.cpu_count() or 1)
     for g in args.factors:
         if g < 2 or args.layers % g:
             p.error(f"--factors: {g} must be >= 2 and divide --layers {args.layers}")
@@ -198,7 +204,7 @@ def train_job(args, vocab, name, config, flops, n_layer, lr_mult, seed, init_fro
         state = finished_iters(out_dir)
         start = "resume" if state and state[1] == iters else init_from or "scratch"  # an interrupted run resumes
         return ["train.py", config, f"--out_dir={out_dir}", f"--data_dir={args.data_dir}", f"--device={args.device}",
-                f"--dtype={args.dtype}", "--compile=False", f"--block_size={args.block_size}",
+                f"--dtype={args.dtype}", f"--compile={args.compile}", f"--block_size={args.block_size}",
                 f"--batch_size={args.batch_size}", "--gradient_accumulation_steps=1", f"--seed={seed}",
                 f"--max_iters={iters}", f"--lr_decay_iters={iters}", f"--warmup_iters={max(1, iters // 10)}",
                 f"--learning_rate={base_lr * lr_mult}", f"--min_lr={base_lr * lr_mult / 10}",
@@ -226,8 +232,9 @@ def fmt(x):
     return f"{x:g}"
 
 
-def plan(args, vocab):
-    """All jobs, cheapest first, and the study's run names -> [(job, seed, growth point, flops offset)]."""
+def plan(args, vocab, best=None):
+    """All jobs, cheapest first, and the study's run names -> [(job, seed, growth point, flops offset)].
+    best: the operator that runs every seed (None until best_operator() knows it)."""
     jobs, runs = {}, {}
 
     def add(job, priority):
@@ -238,9 +245,9 @@ def plan(args, vocab):
         return add(train_job(args, vocab, f"scratch_L{n_layer}_b{budget:.3g}_lr{fmt(lr_mult)}_s{seed}", "configs/tiny.py",
                              budget, n_layer, lr_mult, seed), priority)
 
-    # the order runs start in: the crossover, cheapest first, and scratch's LR sweep (both say whether the budget is
-    # in the regime where growth can be judged); scratch, no_growth and the first operator, seed by seed; the other
-    # operators with the first seed; the other variations; the other operators' other seeds
+    # the order runs start in: the crossover, cheapest first (it says whether the budget is in the regime where
+    # growth can be judged); scratch and no_growth seed by seed, the first operator with the first seed; the other
+    # operators with the first seed; the best operator's other seeds; scratch's LR sweep; the other variations
     small = args.layers // args.factors[0]
     crossover = {}
     for budget in sorted(args.crossover_budgets):
@@ -254,10 +261,13 @@ def plan(args, vocab):
                                ("optim", args.optims, ""), ("noise", args.noise, "noise"), ("lr", args.lr_mults, "lr")):
         variants += [(f"{first}_{label}{fmt(v) if label else v}", first, dict(main, **{key: v})) for v in values[1:]]
     for index, (name, op, v) in enumerate(variants):
-        seeds = args.seeds if v == main else args.seeds[:1]
+        # every seed for scratch, the control and the best operator (Du et al.'s "best" is by seed 1's final
+        # loss, known once every operator's seed 1 has run); the other operators and variations run seed 1
+        seeds = args.seeds if v == main and op in (None, "none", best) else args.seeds[:1]
         for k, seed in enumerate(seeds):
-            priority = ((0, math.inf, index) if name.startswith("scratch_lr") else (3, index) if v != main
-                        else (1, k, index) if index < 3 else (2, index) if k == 0 else (4, k, index))
+            priority = ((1, k, index) if v == main and (op in (None, "none") or index == 2 and k == 0)
+                        else (2, index) if k == 0 and v == main else (3, k) if v == main
+                        else (4, index) if name.startswith("scratch_lr") else (5, index))
             if op is None:  # scratch
                 runs.setdefault(name, []).append((scratch(args.layers, args.budget, seed, priority, v["lr"]), seed, None, 0.0))
                 continue
@@ -277,6 +287,16 @@ def plan(args, vocab):
     return jobs, runs, crossover
 
 
+def best_operator(args, runs):
+    """The operator whose first seed ends lowest (final_eval_loss), once all of them have run; None before."""
+    if len(args.operators) == 1:
+        return args.operators[0]
+    firsts = {op: runs[op][0][0] for op in args.operators}
+    if not all(job.done() for job in firsts.values()):
+        return None
+    return min(args.operators, key=lambda op: final_eval(args, os.path.join(args.out_dir, "runs", firsts[op].name)))
+
+
 # -----------------------------------------------------------------------------------------------
 # Running: at most --jobs subprocesses at a time, each job once its dependencies are done
 
@@ -289,11 +309,14 @@ def wall_times(args):
         return path, json.load(f)
 
 
-def run_jobs(args, jobs, rate):
+def run_jobs(args, replan, rate, expected):
+    """Run replan()'s jobs; after each one, replan() again: the best operator's other seeds join once it is
+    known. expected: the FLOPs still to run, those seeds included, for the time estimate."""
+    jobs = replan()
     todo = sorted((job for job in jobs.values() if not job.done()), key=lambda job: job.priority)
-    total = sum(job.flops for job in todo)
-    log(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already done; {len(todo)} to run, {total:.3g} FLOPs: "
-        f"expected ~{total / rate / 60 / args.jobs:.1f} min with {args.jobs} at a time ({rate:.3g} FLOP/s each, measured)")
+    total = expected
+    log(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already done; {total:.3g} FLOPs to run: expected "
+        f"~{total / rate / 60 / args.jobs:.1f} min with {args.jobs} at a time ({rate:.3g} FLOP/s each, measured)")
     wall_path, wall = wall_times(args)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     os.makedirs(os.path.join(args.out_dir, "logs"), exist_ok=True)
@@ -320,6 +343,11 @@ def run_jobs(args, jobs, rate):
             if not running:
                 raise SystemExit(f"error: {', '.join(j.name for j in pending)} wait for jobs that cannot finish")
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            known = {j.name for j in todo}
+            for job in replan().values():  # new jobs: the best operator's other seeds
+                if job.name not in known and not job.done():
+                    todo.append(job)
+                    pending = sorted(pending + [job], key=lambda j: j.priority)
             for future in finished:
                 job = running.pop(future)
                 seconds = future.result()
@@ -550,10 +578,14 @@ def main(argv=None):
             raise SystemExit(f"error: {args.out_dir} holds runs with other settings ({old}); use another --out_dir")
     with open(settings_path, "w") as f:
         json.dump(fixed, f)
-    jobs, runs, crossover = plan(args, vocab)
+    def replan():
+        return plan(args, vocab, best_operator(args, plan(args, vocab)[1]))
+
     if not args.no_run:
         rate = measure_flops_per_second(args, vocab, max(1, (os.cpu_count() or 1) // args.jobs))
-        run_jobs(args, jobs, rate)
+        stand_in = plan(args, vocab, args.operators[0])[0]  # as many jobs as the study will have, whichever is best
+        run_jobs(args, lambda: replan()[0], rate, sum(job.flops for job in stand_in.values() if not job.done()))
+    jobs, runs, crossover = replan()
     results = collect(args, meta, runs, crossover)
     plot(args, results)
     print(report(results), end="")

@@ -45,6 +45,22 @@ def test_bad_flags_are_refused():
         assert proc.returncode != 0 and message in proc.stderr
 
 
+def test_every_seed_for_scratch_the_control_and_the_best_operator_only():
+    args = study_growth.parse_args(["--seeds", "1", "2", "--operators", "stack", "zero", "--growth_points", "0.5", "0.25"])
+    seeds = lambda runs: {name: [seed for _, seed, _, _ in entries] for name, entries in runs.items()}
+    before = seeds(study_growth.plan(args, 2048)[1])  # the best operator is not known yet
+    assert before == {"scratch": [1, 2], "no_growth": [1, 2], "stack": [1], "zero": [1], "scratch_lr0.5": [1],
+                      "scratch_lr2": [1], "stack_at0.25": [1], "stack_copy": [1], "stack_noise0.2": [1],
+                      "stack_lr0.5": [1], "stack_lr2": [1]}
+    jobs, runs, _ = study_growth.plan(args, 2048, best="zero")
+    assert seeds(runs) == {**before, "zero": [1, 2]}
+    # the order runs start in: scratch and the control before any operator's second seed, the sweeps last
+    order = [job.name for job in sorted(jobs.values(), key=lambda job: job.priority) if job.flops]
+    first = lambda prefix: next(i for i, name in enumerate(order) if name.startswith(prefix))
+    assert first("nogrowth") < first("stack_") < first("zero_g2_at0.5_reset_noise0_lr1_b2e+13_s1") \
+        < first("zero_g2_at0.5_reset_noise0_lr1_b2e+13_s2") < first("scratch_L8_b2e+13_lr0.5") < first("stack_g2_at0.25")
+
+
 def test_quick_study_end_to_end(pydocs_data, tmp_path, capsys):
     out = tmp_path / "study"
     args = ["study_growth.py", "--quick", "--seeds", "1", "--jobs", "2", f"--data_dir={pydocs_data}", f"--out_dir={out}"]
@@ -74,7 +90,7 @@ def test_quick_study_end_to_end(pydocs_data, tmp_path, capsys):
     assert "1 seed: no spread" in first.stdout
     # resumable: a second run finds every job done, runs nothing and writes the same results
     study_growth.main(args[1:])
-    assert "6 of 6 jobs already done; 0 to run" in capsys.readouterr().err
+    assert "6 of 6 jobs already done; 0 FLOPs to run" in capsys.readouterr().err
     assert json.load(open(out / "growth_study.json")) == res
     # the README's tables come from the JSON alone
     study_growth.main(["--report", f"--out_dir={out}"])
