@@ -5,7 +5,7 @@ Benchmark the training step of model.py: forward + backward + AdamW on random to
     python bench.py configs/phase1.py --device cuda --modes bf16,bf16+compile
 
 Prints tokens/s, the achieved FLOP/s (model.flops_per_token, the PaLM count train.py uses) and MFU against a peak
-this machine reaches right now in the same dtype (model.measure_peak_flops: a matmul probe), one line per mode.
+this machine reaches right now in the same dtype (common.measure_peak_flops: a matmul probe), one line per mode.
 Only the model's shape and batch are read from the config file; train.py's loop adds data loading and logging
 on top of this step.
 """
@@ -16,7 +16,8 @@ from contextlib import nullcontext
 
 import torch
 
-from model import LLaMA, ModelConfig, measure_peak_flops
+from common import measure_peak_flops
+from model import LLaMA, ModelConfig
 
 MODES = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False), "bf16+compile": (torch.bfloat16, True)}
 SHAPE_KEYS = ["n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "rope_theta", "norm_eps", "tie_embeddings",

@@ -1,15 +1,20 @@
 """
-The two helpers that every script and library module shares: log() and atomic_write().
+The helpers that every script and library module shares: log(), atomic_write(), and measure_peak_flops() (the
+matmul peak that train.py and bench.py report MFU against).
 
 They sit below data.py, tokenizer.py and checkpoint.py (this module imports nothing of the project), so that
 no module copies them and nothing has to import a script to get them (nanochat keeps its own in common.py).
 """
 import errno
+import math
 import os
 import shutil
 import sys
+import time
 from contextlib import contextmanager
 
+import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 
@@ -74,3 +79,26 @@ def remove(path):
         shutil.rmtree(path)
     elif os.path.lexists(path):
         os.remove(path)
+
+
+def measure_peak_flops(dtype, device="cpu", seconds=1.0):
+    """The matmul FLOP/s this device reaches in dtype right now: the best of repeated products of two square
+    matrices (2 n^3 FLOPs each). MFU is measured against this rather than a data sheet's figure: CPUs of one kind
+    differ (bf16 peaks of 0.96 to 2.8 TFLOP/s measured on 2-core hosts) and other jobs may share the cores."""
+    device = torch.device(device)
+    n, per_sample = (8192, 10) if device.type == "cuda" else (1024, 1)  # enough work that timing noise is small
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # F.linear is a @ b.T, the layout of every projection in the model (a CPU without native bf16 runs a plain
+    # bf16 a @ b through a path 10x slower than this one)
+    F.linear(a, b)  # warm up: kernel selection, thread pool
+    sync()
+    best, spent, samples = math.inf, 0.0, 0
+    while samples < 2 or (spent < seconds and samples < 50):
+        t0 = time.perf_counter()
+        for _ in range(per_sample):
+            F.linear(a, b)
+        sync()
+        elapsed = time.perf_counter() - t0
+        best, spent, samples = min(best, elapsed), spent + elapsed, samples + 1
+    return 2 * n ** 3 * per_sample / best

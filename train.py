@@ -23,9 +23,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import checkpoint
-from common import log
+from common import log, measure_peak_flops
 from data import ShardLoader, load_meta, load_tokenizer
-from model import LLaMA, ModelConfig, measure_peak_flops
+from model import LLaMA, ModelConfig
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------------------------
@@ -71,7 +71,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16"              # 'float32', 'bfloat16' (autocast, fp32 master weights) or 'float16' (+ grad scaler)
 compile = None                  # torch.compile; None means on for CUDA, off for CPU
 seed = 1337
-peak_flops = None               # FLOP/s that MFU is relative to; None: measured at start (model.measure_peak_flops)
+peak_flops = None               # FLOP/s that MFU is relative to; None: measured at start (common.measure_peak_flops)
 # -----------------------------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
 MODEL_KEYS = ["n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "rope_theta", "norm_eps", "tie_embeddings"]

@@ -104,7 +104,7 @@ def test_rope_halves_equal_rotate_half_bit_for_bit():
 
 
 def test_measured_peak_is_a_positive_rate():
-    from model import measure_peak_flops
+    from common import measure_peak_flops
     peak = measure_peak_flops(torch.float32, "cpu", seconds=0.1)
     assert math.isfinite(peak) and peak > 1e8  # any CPU does 0.1 GFLOP/s
 
