@@ -14,6 +14,10 @@ def test_flops_to_reach_interpolates():
     assert study_growth.flops_to_reach(curve, 5.5) == 15.0  # halfway between 6.0 and 5.0
     assert study_growth.flops_to_reach(curve, 9.0) == 0.0
     assert study_growth.flops_to_reach(curve, 4.9) is None
+    # a dip below the target that the run does not hold does not count: the last crossing does
+    noisy = [[0.0, 8.0], [10.0, 4.0], [20.0, 6.0], [30.0, 4.0]]
+    assert study_growth.flops_to_reach(noisy, 5.0) == 25.0
+    assert study_growth.flops_to_reach(noisy[:3], 5.0) is None
 
 
 def results(scratch, grown, curve_grown):
