@@ -596,7 +596,8 @@ def main(argv=None):
 
     if not args.no_run:
         rate = measure_flops_per_second(args, vocab, max(1, (os.cpu_count() or 1) // args.jobs))
-        stand_in = plan(args, vocab, args.operators[0])[0]  # as many jobs as the study will have, whichever is best
+        # as many jobs as the study will have: the best operator, or the first as a stand-in until it is known
+        stand_in = plan(args, vocab, best_operator(args, plan(args, vocab)[1]) or args.operators[0])[0]
         run_jobs(args, lambda: replan()[0], rate, sum(job.flops for job in stand_in.values() if not job.done()))
     jobs, runs, crossover = replan()
     results = collect(args, meta, runs, crossover)
