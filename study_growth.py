@@ -309,12 +309,11 @@ def wall_times(args):
         return path, json.load(f)
 
 
-def run_jobs(args, replan, rate, expected):
+def run_jobs(args, replan, rate, total):
     """Run replan()'s jobs; after each one, replan() again: the best operator's other seeds join once it is
-    known. expected: the FLOPs still to run, those seeds included, for the time estimate."""
+    known. total: the FLOPs still to run, those seeds included, for the time estimate."""
     jobs = replan()
     todo = sorted((job for job in jobs.values() if not job.done()), key=lambda job: job.priority)
-    total = expected
     log(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already done; {total:.3g} FLOPs to run: expected "
         f"~{total / rate / 60 / args.jobs:.1f} min with {args.jobs} at a time ({rate:.3g} FLOP/s each, measured)")
     wall_path, wall = wall_times(args)
