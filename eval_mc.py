@@ -20,6 +20,7 @@ scoring every pair whole. Contexts of equal length are batched, so no padding en
 On a busy machine, OMP_NUM_THREADS=1 can be several times faster than oversubscribed threads.
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -260,7 +261,7 @@ def build_requests(task, docs, raw, pool, num_fewshot):
 #   encode(texts) -> ids without special tokens; bos: the id the tokenizer prepends by default, or None;
 #   prefix_id: lm-eval's token for an empty context; max_len;
 #   new_cache(batch, length); run(ids, cache, keep) runs ids after the cache (extending it) and returns the
-#   logits at the positions keep (or nothing); select(cache, rows) gives row i of the result cache row rows[i].
+#   logits at the positions keep (or nothing); select(cache, rows) returns a new cache whose row i is row rows[i] of cache.
 
 
 class OurLM:
@@ -285,8 +286,9 @@ class OurLM:
         return logits if keep is not None else None
 
     def select(self, cache, rows):
-        cache.k, cache.v = cache.k[:, rows], cache.v[:, rows]
-        return cache
+        new = copy.copy(cache)  # indexing copies k and v: the source cache stays as it was
+        new.k, new.v = cache.k[:, rows], cache.v[:, rows]
+        return new
 
 
 class HFLM:
@@ -315,8 +317,9 @@ class HFLM:
         return self.model.lm_head(h[keep]) if keep is not None else None
 
     def select(self, cache, rows):
-        cache.batch_select_indices(rows)
-        return cache
+        new = copy.deepcopy(cache)  # batch_select_indices works in place; the source cache serves several chunks
+        new.batch_select_indices(rows)
+        return new
 
 
 def load_lm(name, dtype, device="cpu"):
@@ -365,52 +368,67 @@ def choices_by_context(pairs):
     return {context: sorted(continuations) for context, continuations in groups.items()}
 
 
-def batches_of_equal_length(choices_of, batch_size):
-    """Lists of contexts of one token length holding at most batch_size continuations together (a context with
-    more choices than that gets a batch of its own). Equal lengths put no padding into the KV cache; longest
-    first, so the slowest batches come early and the progress bar's estimate is honest."""
-    order = sorted(choices_of, key=lambda c: (len(c), max(map(len, choices_of[c]))), reverse=True)
-    batches, batch, n_choices = [], [], 0
-    for context in order:
-        if batch and (len(context) != len(batch[0]) or n_choices + len(choices_of[context]) > batch_size):
-            batches.append(batch)
-            batch, n_choices = [], 0
-        batch.append(context)
-        n_choices += len(choices_of[context])
-    return batches + [batch] if batch else batches
+def groups_of_equal_length(choices_of, batch_size):
+    """Lists of at most batch_size contexts of one token length: equal lengths put no padding into the KV cache.
+    Longest first, so the slowest groups come early and the progress bar's estimate is honest; within a length
+    in token order, so contexts that share a prefix (truthfulqa's preamble) fall into one group."""
+    groups = []
+    for context in sorted(choices_of, key=lambda c: (len(c), c), reverse=True):
+        if groups and len(groups[-1][0]) == len(context) and len(groups[-1]) < batch_size:
+            groups[-1].append(context)
+        else:
+            groups.append([context])
+    return groups
 
 
 def encode_contexts(lm, contexts, cache_len):
-    """A cache holding every context but its last token, one row per context. Two stages: the tokens all
-    contexts share (truthfulqa's 6-shot preamble) run once, then each context's own rest."""
-    heads = torch.tensor([list(c[:-1]) for c in contexts], dtype=torch.long, device=lm.device)
-    shared_len = len(os.path.commonprefix([c[:-1] for c in contexts]))
+    """Run every context into a cache, one row per context; return it with the log-probs of the token after each
+    context, (contexts, vocab): every choice's first token is scored there, so a one-token choice (boolq's "yes",
+    commonsense_qa's "A") needs no pass of its own. Two stages: the tokens all contexts share (truthfulqa's 6-shot
+    preamble) run once, then each context's own rest. Contexts of a group are distinct and equally long, so
+    some rest remains; a lone context runs whole."""
+    ids = torch.tensor(contexts, dtype=torch.long, device=lm.device)
+    shared_len = len(os.path.commonprefix(contexts)) if len(contexts) > 1 else 0
     cache = lm.new_cache(1, cache_len)
     if shared_len:
-        lm.run(heads[:1, :shared_len], cache)
+        lm.run(ids[:1, :shared_len], cache)
     cache = lm.select(cache, torch.zeros(len(contexts), dtype=torch.long, device=lm.device))
-    if heads.size(1) > shared_len:
-        lm.run(heads[:, shared_len:], cache)
-    return cache
+    last = torch.zeros(ids[:, shared_len:].shape, dtype=torch.bool, device=lm.device)
+    last[:, -1] = True
+    return cache, torch.log_softmax(lm.run(ids[:, shared_len:], cache, last).float(), dim=-1)
 
 
-def score_batch(lm, contexts, choices_of):
-    """{(context, continuation): log-likelihood} for one batch. Each choice continues a copy of its context's
-    cache row with [last context token] + continuation[:-1] as input, so its logits predict exactly the
-    continuation's tokens; rows are right-padded, and the padding is seen by no real token."""
-    pairs = [(row, continuation) for row, context in enumerate(contexts) for continuation in choices_of[context]]
-    inputs = [(contexts[row][-1],) + continuation[:-1] for row, continuation in pairs]
-    width = max(map(len, inputs))
-    input_ids = torch.tensor([list(ids) + [0] * (width - len(ids)) for ids in inputs], device=lm.device)
-    is_real = torch.tensor([[j < len(ids) for j in range(width)] for ids in inputs], device=lm.device)
-    cache = encode_contexts(lm, contexts, len(contexts[0]) - 1 + width)
-    cache = lm.select(cache, torch.tensor([row for row, _ in pairs], device=lm.device))
-    logits = lm.run(input_ids, cache, is_real).float()  # (real tokens of all choices, vocab)
-    targets = torch.tensor([t for _, continuation in pairs for t in continuation], device=lm.device)
-    token_logprobs = logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
-    choice_of_token = torch.tensor([i for i, (_, continuation) in enumerate(pairs) for _ in continuation], device=lm.device)
-    sums = torch.zeros(len(pairs), dtype=torch.float64, device=lm.device).index_add_(0, choice_of_token, token_logprobs.double())
-    return {(contexts[row], continuation): ll for (row, continuation), ll in zip(pairs, sums.tolist())}
+def score_group(lm, contexts, choices_of, batch_size):
+    """{(context, continuation): log-likelihood} for one group of contexts. The contexts run once into a cache,
+    which scores every choice's first token; then the choices' other tokens, longest first, in chunks of up to
+    batch_size: each chunk row continues a copy of its context's cache row with continuation[:-1] as input, so
+    its logits predict exactly continuation[1:]. Rows are right-padded (the padding is seen by no real token);
+    sorting by length keeps the padding small."""
+    pairs = sorted(((row, continuation) for row, context in enumerate(contexts) for continuation in choices_of[context]),
+                   key=lambda pair: len(pair[1]), reverse=True)
+    context_cache, first_logprobs = encode_contexts(lm, contexts, len(contexts[0]) + len(pairs[0][1]) - 1)
+    rows = torch.tensor([row for row, _ in pairs], device=lm.device)
+    lls = first_logprobs[rows, torch.tensor([c[0] for _, c in pairs], device=lm.device)].double()
+    chunks = []
+    for i, (_, continuation) in enumerate(pairs):
+        # a choice under half the chunk's width starts a new chunk: past that, padding costs more than a smaller matmul
+        if len(continuation) < 2:
+            break
+        if not chunks or len(chunks[-1]) == batch_size or 2 * (len(continuation) - 1) < len(pairs[chunks[-1][0]][1]) - 1:
+            chunks.append([])
+        chunks[-1].append(i)
+    for chunk in chunks:
+        inputs = [pairs[i][1][:-1] for i in chunk]
+        width = len(inputs[0])
+        input_ids = torch.tensor([list(ids) + [0] * (width - len(ids)) for ids in inputs], device=lm.device)
+        is_real = torch.tensor([[j < len(ids) for j in range(width)] for ids in inputs], device=lm.device)
+        cache = lm.select(context_cache, rows[chunk])
+        logits = lm.run(input_ids, cache, is_real).float()  # (real tokens of the chunk's rows, vocab)
+        targets = torch.tensor([t for i in chunk for t in pairs[i][1][1:]], device=lm.device)
+        token_logprobs = logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+        pair_of_token = torch.tensor([i for i in chunk for _ in pairs[i][1][1:]], device=lm.device)
+        lls.index_add_(0, pair_of_token, token_logprobs.double())
+    return {(contexts[row], continuation): ll for (row, continuation), ll in zip(pairs, lls.tolist())}
 
 
 @torch.inference_mode()
@@ -419,8 +437,8 @@ def score(lm, pairs, batch_size, progress=True):
     choices_of = choices_by_context(pairs)
     result = {}
     bar = tqdm(total=sum(map(len, choices_of.values())), desc="scoring", unit="pair", disable=not progress, file=sys.stderr)
-    for contexts in batches_of_equal_length(choices_of, batch_size):
-        scored = score_batch(lm, contexts, choices_of)
+    for contexts in groups_of_equal_length(choices_of, batch_size):
+        scored = score_group(lm, contexts, choices_of, batch_size)
         result.update(scored)
         bar.update(len(scored))
     bar.close()
