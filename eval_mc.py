@@ -13,10 +13,12 @@ context+continuation beyond the context's tokens; BOS is prepended if the tokeni
 The prediction is the argmax of the summed log-probs (acc) or of log-prob / len(choice) in characters
 (acc_norm). stdout gets a markdown table; progress and speed go to stderr.
 
-Speed: the pairs of one context are scored together. The context (minus its last token) runs once
-into a KV cache, the cache is copied to each choice's row, and only the choices' tokens run after it:
-for boolq or truthfulqa, whose long shared context dominates, that is 2-6x fewer tokens than
-scoring every pair whole. Contexts of equal length are batched, so no padding enters the cache.
+Speed: the pairs of one context are scored together. The context runs once into a KV cache, its last
+position scoring every choice's first token; the cache is copied to each choice's row, and only the choices'
+other tokens run after it. Contexts that share a long prefix (truthfulqa's 6-shot preamble, a boolq passage
+asked twice) run it once. Contexts of equal length are batched, so no padding enters the cache, and choices
+run longest first, so little padding enters the batch. For boolq or truthfulqa this is 2-6x fewer tokens than
+scoring every pair whole, and the lm_head runs only where a choice's token is predicted.
 On a busy machine, OMP_NUM_THREADS=1 can be several times faster than oversubscribed threads.
 """
 import argparse
@@ -368,12 +370,31 @@ def choices_by_context(pairs):
     return {context: sorted(continuations) for context, continuations in groups.items()}
 
 
-def groups_of_equal_length(choices_of, batch_size):
-    """Lists of at most batch_size contexts of one token length: equal lengths put no padding into the KV cache.
-    Longest first, so the slowest groups come early and the progress bar's estimate is honest; within a length
-    in token order, so contexts that share a prefix (truthfulqa's preamble) fall into one group."""
+SHARED_MIN = 32  # tokens: a shorter shared prefix saves less than its extra, smaller pass costs on a CPU
+
+
+def runs_by_prefix(contexts):
+    """[(contexts, shared_len)]: the contexts in token order, cut into runs whose neighbours share at least
+    SHARED_MIN tokens, with the length of the prefix the whole run shares (truthfulqa's 6-shot preamble, a boolq
+    passage asked about several times): it runs once per run. Every context keeps a token of its own, whose
+    logits score its choices' first token. The contexts that share with none form one last run, sharing nothing."""
+    runs = []
+    for context in sorted(contexts):
+        n = len(os.path.commonprefix([runs[-1][0][-1], context])) if runs else 0
+        if n >= SHARED_MIN:
+            runs[-1][0].append(context)
+            runs[-1][1] = min(runs[-1][1], n, len(context) - 1)
+        else:
+            runs.append([[context], len(context) - 1])
+    alone = [run[0] for run, _ in runs if len(run) == 1]  # one run, so that equal lengths still batch together
+    return [(run, shared_len) for run, shared_len in runs if len(run) > 1] + ([(alone, 0)] if alone else [])
+
+
+def groups_of_equal_length(contexts, batch_size):
+    """Lists of at most batch_size contexts of one token length, longest first: equal lengths put no padding
+    into the KV cache."""
     groups = []
-    for context in sorted(choices_of, key=lambda c: (len(c), c), reverse=True):
+    for context in sorted(contexts, key=len, reverse=True):
         if groups and len(groups[-1][0]) == len(context) and len(groups[-1]) < batch_size:
             groups[-1].append(context)
         else:
@@ -381,24 +402,23 @@ def groups_of_equal_length(choices_of, batch_size):
     return groups
 
 
-def encode_contexts(lm, contexts, cache_len):
-    """Run every context into a cache, one row per context; return it with the log-probs of the token after each
-    context, (contexts, vocab): every choice's first token is scored there, so a one-token choice (boolq's "yes",
-    commonsense_qa's "A") needs no pass of its own. Two stages: the tokens all contexts share (truthfulqa's 6-shot
-    preamble) run once, then each context's own rest. Contexts of a group are distinct and equally long, so
-    some rest remains; a lone context runs whole."""
-    ids = torch.tensor(contexts, dtype=torch.long, device=lm.device)
-    shared_len = len(os.path.commonprefix(contexts)) if len(contexts) > 1 else 0
-    cache = lm.new_cache(1, cache_len)
-    if shared_len:
-        lm.run(ids[:1, :shared_len], cache)
-    cache = lm.select(cache, torch.zeros(len(contexts), dtype=torch.long, device=lm.device))
-    last = torch.zeros(ids[:, shared_len:].shape, dtype=torch.bool, device=lm.device)
+def encode_contexts(lm, contexts, prefix, cache_len):
+    """Run each context into a cache row of its own: after a copy of the prefix's cache when the contexts share
+    one (prefix = (cache, its length)), else whole into a new cache. Returns the cache and the log-probs of the
+    token after each context, (contexts, vocab): every choice's first token is scored there, so a one-token
+    choice (boolq's "yes", commonsense_qa's "A") needs no pass of its own."""
+    prefix_cache, shared_len = prefix or (None, 0)
+    ids = torch.tensor([c[shared_len:] for c in contexts], dtype=torch.long, device=lm.device)
+    if prefix_cache is None:
+        cache = lm.new_cache(len(contexts), cache_len)
+    else:
+        cache = lm.select(prefix_cache, torch.zeros(len(contexts), dtype=torch.long, device=lm.device))
+    last = torch.zeros(ids.shape, dtype=torch.bool, device=lm.device)
     last[:, -1] = True
-    return cache, torch.log_softmax(lm.run(ids[:, shared_len:], cache, last).float(), dim=-1)
+    return cache, torch.log_softmax(lm.run(ids, cache, last).float(), dim=-1)
 
 
-def score_group(lm, contexts, choices_of, batch_size):
+def score_group(lm, contexts, choices_of, batch_size, prefix=None):
     """{(context, continuation): log-likelihood} for one group of contexts. The contexts run once into a cache,
     which scores every choice's first token; then the choices' other tokens, longest first, in chunks of up to
     batch_size: each chunk row continues a copy of its context's cache row with continuation[:-1] as input, so
@@ -406,7 +426,7 @@ def score_group(lm, contexts, choices_of, batch_size):
     sorting by length keeps the padding small."""
     pairs = sorted(((row, continuation) for row, context in enumerate(contexts) for continuation in choices_of[context]),
                    key=lambda pair: len(pair[1]), reverse=True)
-    context_cache, first_logprobs = encode_contexts(lm, contexts, len(contexts[0]) + len(pairs[0][1]) - 1)
+    context_cache, first_logprobs = encode_contexts(lm, contexts, prefix, len(contexts[0]) + len(pairs[0][1]) - 1)
     rows = torch.tensor([row for row, _ in pairs], device=lm.device)
     lls = first_logprobs[rows, torch.tensor([c[0] for _, c in pairs], device=lm.device)].double()
     chunks = []
@@ -437,10 +457,15 @@ def score(lm, pairs, batch_size, progress=True):
     choices_of = choices_by_context(pairs)
     result = {}
     bar = tqdm(total=sum(map(len, choices_of.values())), desc="scoring", unit="pair", disable=not progress, file=sys.stderr)
-    for contexts in groups_of_equal_length(choices_of, batch_size):
-        scored = score_group(lm, contexts, choices_of, batch_size)
-        result.update(scored)
-        bar.update(len(scored))
+    for run, shared_len in runs_by_prefix(choices_of):
+        prefix = None
+        if shared_len:  # room for the run's longest context and its longest choice but one token
+            prefix = (lm.new_cache(1, max(len(c) + max(map(len, choices_of[c])) - 1 for c in run)), shared_len)
+            lm.run(torch.tensor([run[0][:shared_len]], device=lm.device), prefix[0])
+        for contexts in groups_of_equal_length(run, batch_size):
+            scored = score_group(lm, contexts, choices_of, batch_size, prefix)
+            result.update(scored)
+            bar.update(len(scored))
     bar.close()
     return [result[p] for p in pairs]
 

@@ -455,6 +455,17 @@ def test_every_task_is_a_named_record():
     assert "piqa" not in eval_mc.DEFAULT_TASKS and len(eval_mc.DEFAULT_TASKS) == 13
 
 
+def test_contexts_that_share_a_long_prefix_run_it_once():
+    n = eval_mc.SHARED_MIN
+    pre = tuple(range(100, 100 + n))  # a preamble as long as the threshold
+    a, b, c = pre + (1, 2), pre + (3,), pre  # c is all preamble: it keeps its last token to itself
+    short_a, short_b = tuple(range(n - 1)) + (7,), tuple(range(n - 1)) + (8,)  # share n - 1 tokens: too few
+    runs = eval_mc.runs_by_prefix([a, short_a, b, c, short_b, (5,)])
+    assert runs == [([c, a, b], n - 1), ([short_a, short_b, (5,)], 0)]  # in token order
+    groups = eval_mc.groups_of_equal_length([short_a, (5,), short_b, a], batch_size=2)
+    assert groups == [[a], [short_a, short_b], [(5,)]]  # longest first, equal lengths together
+
+
 def test_llama_hf_dir_scores_through_model_py_as_transformers_does(models, data_dir):
     """A Llama-family hf:DIR runs through model.py (exact import); its log-likelihoods equal the transformers path's."""
     hf_dir, _ = models
