@@ -429,12 +429,12 @@ def score_group(lm, contexts, choices_of, batch_size, prefix=None):
     context_cache, first_logprobs = encode_contexts(lm, contexts, prefix, len(contexts[0]) + len(pairs[0][1]) - 1)
     rows = torch.tensor([row for row, _ in pairs], device=lm.device)
     lls = first_logprobs[rows, torch.tensor([c[0] for _, c in pairs], device=lm.device)].double()
-    chunks = []
-    for i, (_, continuation) in enumerate(pairs):
-        # a choice under half the chunk's width starts a new chunk: past that, padding costs more than a smaller matmul
-        if len(continuation) < 2:
-            break
-        if not chunks or len(chunks[-1]) == batch_size or 2 * (len(continuation) - 1) < len(pairs[chunks[-1][0]][1]) - 1:
+    chunks = []  # indices into pairs; a chunk is full at batch_size rows or when a row would be under half its width:
+    for i, (_, continuation) in enumerate(pairs):  # past that, padding costs more than a smaller matmul saves
+        if len(continuation) == 1:
+            break  # longest first: what is left are one-token choices, scored by their context's pass
+        width = len(continuation) - 1
+        if not chunks or len(chunks[-1]) == batch_size or 2 * width < len(pairs[chunks[-1][0]][1]) - 1:
             chunks.append([])
         chunks[-1].append(i)
     for chunk in chunks:
