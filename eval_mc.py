@@ -562,7 +562,7 @@ def main(argv=None):
     p.add_argument("--data_dir", default=None, help="read DIR/<task>/<split>.jsonl (hub field schema; both truthfulqa tasks read DIR/truthfulqa_mc) instead of the HF hub")
     p.add_argument("--limit", type=int, default=None, help="score only the first N rows of each task")
     p.add_argument("--num_fewshot", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=32, help="continuations per forward pass")
+    p.add_argument("--batch_size", type=int, default=32, help="contexts, or continuations, per forward pass")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="bfloat16: ~4x faster on CPUs with AMX; on SmolLM2-135M it moved acc by <= 1 point (well inside "
                         "one stderr), with 95-99%% of predictions unchanged")
