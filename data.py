@@ -11,14 +11,16 @@ then the tokens, little-endian. Documents are separated by the tokenizer's end-o
 
 A dataset is a directory (written by prepare_data.py, read by train.py and stack.py) holding
     train_000000.bin, ...    the train split's shards, val_000000.bin, ... the val split's
-    meta.json                {"version": 1, "tokenizer": spec, "vocab_size", "eot_id", ...}: the tokenizer's spec
-                             (tokenizer.py), then what prepare_data.py records (sources, token counts, command)
+    meta.json                {"version": 1, "tokenizer": spec, "vocab_size", "eot_id", "fingerprint", ...}: the
+                             tokenizer's spec (tokenizer.py), the dataset's identity (compute_fingerprint), then what
+                             prepare_data.py records (sources, shards and their token counts, command)
     tokenizer.tiktoken       a "bpe" tokenizer's merge ranks, which meta.json's spec names as "file" (too long
                              for JSON you would read); tiktoken's own format
 meta.json is written last: a directory without it is not (yet) a dataset. This module is the one reader and
 writer of all three, so a format change happens here only. Every file is written by common.atomic_write.
 """
 import glob
+import hashlib
 import json
 import os
 import struct
@@ -79,11 +81,12 @@ def check_vocab(path, tokens, vocab_size):
 def write_meta(data_dir, tokenizer, **fields):
     """Write the tokenizer's file (for "bpe") and then meta.json: the last file of a dataset."""
     spec = tokenizer.spec()
+    meta = {"version": META_VERSION, "tokenizer": spec, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, **fields}
+    meta["fingerprint"] = compute_fingerprint(meta, spec)  # of the full spec: a bpe's ranks are part of its identity
     if "ranks" in spec:
         with atomic_write(os.path.join(data_dir, TOKENIZER_FILE)) as tmp, open(tmp, "w") as f:
             f.write(spec.pop("ranks"))
         spec["file"] = TOKENIZER_FILE
-    meta = {"version": META_VERSION, "tokenizer": spec, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, **fields}
     with atomic_write(os.path.join(data_dir, "meta.json")) as tmp, open(tmp, "w") as f:
         json.dump(meta, f, indent=2)
     return meta
@@ -102,6 +105,24 @@ def load_meta(data_dir):
     except (ValueError, AttributeError) as e:  # JSONDecodeError is a ValueError; AttributeError: not an object
         raise ValueError(f"{path} is not a dataset's meta.json ({e}): re-run prepare_data.py") from None
     return meta
+
+
+def compute_fingerprint(meta, tokenizer_spec):
+    """A dataset's identity: a hash of what was built (the full tokenizer, the sources with their weights and
+    revisions, the seed and val fraction, the shards' names and token counts), not of where it lives. Two
+    directories with the same fingerprint hold the same token stream, so a new phase may continue a checkpoint's
+    loader position on it; a re-prepared dataset at the same path gets a new one."""
+    identity = {"tokenizer": tokenizer_spec, "seed": meta.get("seed"), "val_fraction": meta.get("val_fraction"),
+                "sources": [{k: s.get(k) for k in ("spec", "weight", "revision")} for s in meta.get("sources") or []],
+                "shards": meta.get("shards"), "shard_tokens": meta.get("shard_tokens"), "tokens": meta.get("tokens"),
+                "vocab_size": meta.get("vocab_size")}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprint(data_dir):
+    """The fingerprint meta.json records, or, for a dataset prepared before fingerprints, one computed from it."""
+    meta = load_meta(data_dir)
+    return meta.get("fingerprint") or compute_fingerprint(meta, load_tokenizer(data_dir).spec())
 
 
 def load_tokenizer(data_dir):

@@ -264,7 +264,7 @@ class ShardWriter:
     def __init__(self, out_dir, split, dtype, shard_size, written):
         self.out_dir, self.split, self.dtype, self.shard_size = out_dir, split, dtype, shard_size
         self.written = written  # shared with main(), which removes these files if the run fails
-        self.files, self.buf, self.n_buf, self.tokens = [], [], 0, 0
+        self.files, self.file_tokens, self.buf, self.n_buf, self.tokens = [], [], [], 0, 0
 
     def add(self, ids):
         self.buf.append(np.asarray(ids, dtype=self.dtype))
@@ -283,6 +283,7 @@ class ShardWriter:
         self.written.append(path)  # before writing: a half-written .tmp gets cleaned up too
         write_shard(path, buf[:n])
         self.files.append(name)
+        self.file_tokens.append(int(n))
         self.buf, self.n_buf = [buf[n:]], len(buf) - n
 
 
@@ -422,6 +423,7 @@ def main(argv=None):
             sources=[{"spec": s["spec"], "weight": w / sum(weights), **c, **({"provenance": s["provenance"]} if "provenance" in s else {})}
                      for s, w, c in zip(sources, weights, counts)],
             tokens={split: w.tokens for split, w in writers.items()}, shards={split: w.files for split, w in writers.items()},
+            shard_tokens={split: w.file_tokens for split, w in writers.items()},
             shard_size=args.shard_size, max_tokens=args.max_tokens, val_fraction=args.val_fraction, seed=args.seed,
             command=shlex.join(["python", "prepare_data.py", *argv]))
     except BaseException:  # errors and Ctrl-C alike: leave nothing that looks like (part of) a dataset
