@@ -6,7 +6,7 @@ Train a Llama-style model on prepared token shards.
     torchrun --standalone --nproc_per_node=8 train.py configs/phase1.py   # DDP
 
 The story: read the config -> set up devices (and DDP), lock out_dir against a second run -> open the data
-(data.py) -> build or load the model (checkpoint.py) -> AdamW + warmup/cosine -> loop { eval + checkpoint,
+(data.py) -> build or load the model (checkpoint.py) -> AdamW + warmup, then cosine or warmup-stable-decay -> loop { eval + checkpoint,
 forward/backward with gradient accumulation, clip, step, log } -> final eval + checkpoint.
 """
 import ast
@@ -61,10 +61,16 @@ weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0                 # clip the global gradient norm to this; 0 disables
-# schedule: linear warmup, then cosine decay to min_lr at lr_decay_iters (Loshchilov & Hutter, 2017)
+# schedule: linear warmup, then down to min_lr at lr_decay_iters, by one of two shapes:
+#   cosine  decays over the whole run (Loshchilov & Hutter, 2017)
+#   wsd     warmup-stable-decay: the peak is held until the last decay_frac of the run, then falls as 1 - sqrt
+#           (MiniCPM, Hu et al., 2024; the 1-sqrt cooldown over ~20% of the run matches cosine: Hägele et al., 2024).
+#           decay_frac = 0 ends the run at its peak, un-annealed: a phase to be grown, which the next one continues
 decay_lr = True
+lr_schedule = "cosine"
 warmup_iters = 200
 lr_decay_iters = 5000
+decay_frac = 0.2                # wsd only
 min_lr = 6e-5                   # ~learning_rate/10, as in Chinchilla (Hoffmann et al., 2022)
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -117,6 +123,10 @@ explicit_keys = apply_config(sys.argv[1:], config)
 globals().update(config)
 if compile is None:
     compile = device.startswith("cuda")
+if lr_schedule not in ("cosine", "wsd"):
+    raise SystemExit(f"lr_schedule must be 'cosine' or 'wsd', got {lr_schedule!r}")
+if not 0 <= decay_frac <= 1:
+    raise SystemExit(f"decay_frac must be between 0 and 1 (the share of lr_decay_iters spent decaying), got {decay_frac}")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -234,6 +244,12 @@ def get_lr(it):
         return learning_rate
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
+    if lr_schedule == "wsd":
+        decay_start = lr_decay_iters * (1 - decay_frac)
+        if it < decay_start or decay_frac == 0:
+            return learning_rate
+        progress = min(1.0, (it - decay_start) / (lr_decay_iters - decay_start))
+        return min_lr + (1 - math.sqrt(progress)) * (learning_rate - min_lr)
     if it >= lr_decay_iters:
         return min_lr
     ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)

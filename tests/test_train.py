@@ -51,6 +51,29 @@ def test_resume_is_bit_exact(pydocs_data, tmp_path):
     assert iters == list(range(1, 13))
 
 
+def test_wsd_schedule_and_its_exact_resume(pydocs_data, tmp_path):
+    """Warmup-stable-decay: linear warmup, the peak held, then 1 - sqrt down to min_lr over the last decay_frac of
+    lr_decay_iters; decay_frac=0 holds the peak to the end. Resumed inside the decay, it ends bit-identical."""
+    wsd = ["--lr_schedule=wsd", "--warmup_iters=2", "--lr_decay_iters=10", "--decay_frac=0.4", "--eval_interval=5"]
+    train(pydocs_data, tmp_path / "straight", "--max_iters=10", *wsd)
+    lrs = [e["lr"] for e in map(json.loads, open(tmp_path / "straight" / "metrics.jsonl")) if "lr" in e]
+    peak, low = 3e-3, 3e-4  # TINY's learning_rate and min_lr
+    # by hand: warmup peak*(it+1)/3 for it < 2; peak until it = 6; then progress (it - 6)/4
+    expected = [peak / 3, 2 * peak / 3, peak, peak, peak, peak] + [low + (1 - ((it - 6) / 4) ** 0.5) * (peak - low)
+                                                                  for it in range(6, 10)]
+    assert np.allclose(lrs, expected, rtol=1e-12, atol=0), (lrs, expected)
+    train(pydocs_data, tmp_path / "split", "--max_iters=7", *wsd)
+    train(pydocs_data, tmp_path / "split", "--max_iters=10", "--init_from=resume", *wsd)
+    a, b = load(tmp_path / "straight"), load(tmp_path / "split")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    train(pydocs_data, tmp_path / "stable", "--max_iters=6", *wsd[:-2], "--decay_frac=0", "--eval_interval=6")
+    lrs = [e["lr"] for e in map(json.loads, open(tmp_path / "stable" / "metrics.jsonl")) if "lr" in e]
+    assert lrs[2:] == [peak] * 4  # a phase to be grown ends at its peak
+    proc = train(pydocs_data, tmp_path / "bad", "--lr_schedule=linear", check=False)
+    assert proc.returncode != 0 and "lr_schedule must be 'cosine' or 'wsd'" in proc.stderr
+
+
 def test_ddp_two_cpu_ranks_stay_identical(pydocs_data, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "train.py", f"--data_dir={pydocs_data}", f"--out_dir={tmp_path}", *TINY,
