@@ -17,7 +17,12 @@ The growth study at --budget (training FLOPs, the base's included in every grown
                 trained on with configs/tiny_stack.py (fresh warmup and cosine) for the rest of the budget;
     no_growth   the control: the base trained on unchanged, with the same phase-2 recipe, to the same budget.
 Every run keeps its config's recipe, with its step count set by its FLOPs: warmup over the first 10% of the steps
-(as configs/tiny*.py have it), cosine decay to a tenth of the peak at the end. The defaults are sized for 2 CPU cores:
+(as configs/tiny*.py have it), then down to a tenth of the peak at the end, under each of --schedules:
+    cosine      each phase its own cosine: the base anneals before it grows, the grown model warms up and decays again;
+    wsd         warmup-stable-decay (train.py's lr_schedule='wsd'): the base holds its peak to the growth step, the
+                grown phase continues at that peak (tiny.py's, not tiny_stack.py's half) and the decay comes once,
+                over the last --decay_frac of the budget's FLOPs; a fresh AdamW (--optim reset) still warms up.
+Cosine runs keep the names of the study before schedules; the others end in _wsd. The defaults are sized for 2 CPU cores:
 4 and 8 layers of width 32 with tied embeddings (~0.12M and ~0.17M parameters at vocab 2048), 8 x 128 tokens per
 step; crossover budgets of 1.25e12 to 1e13 FLOPs (~0.9M to ~7.2M tokens of the 8-layer model), growth at 2e13,
 past the crossover (~1e13, measured); no run sees more than ~2.2 epochs of pystdlib.
@@ -33,8 +38,10 @@ Seeds change the initialization; every run reads the same data in the same order
 Runs go to OUT/runs/NAME, logs to OUT/logs/NAME.log. A finished run is never run again and an interrupted one
 resumes from its last checkpoint, so the study continues where it stopped. Results: OUT/growth_study.json
     {"corpus", "corpus_train_tokens", "budget_flops", "settings", "crossover": {budget: {layers: [seed records]}},
-     "runs": {name: {"layers", "growth_point", "seeds": [{"seed", "final_val_loss", "tokens", "flops", "curve",
-                                                          "final_eval_loss"}]}}}
+     "runs": {name: {"layers", "growth_point", "schedule", "seeds": [{"seed", "final_val_loss", "tokens", "flops",
+                                                                      "curve", "final_eval_loss"}]}}, "job_wall_s"}
+The JSON is also the study's record: a run it holds is not run again, even where its directory is gone, so a study
+runs in parts (--schedules cosine today, --schedules wsd tomorrow, or on another machine with the JSON copied over).
 with flops counted by train.py (tokens x model.flops_per_token, PaLM's formula); final_val_loss and the curve are
 train.py's (--eval_iters batches), final_eval_loss the final model on --final_eval_iters batches, the finer
 measure the crossover table uses. Plots: OUT/crossover.png, OUT/growth_study.png.
@@ -57,6 +64,7 @@ from data import ShardLoader, load_meta, read_shard, shard_paths
 from model import LLaMA, ModelConfig
 
 OPERATORS = ["stack", "interleave", "dus", "zero"]
+SCHEDULES = ["cosine", "wsd"]
 # what --quick changes: sizes, budgets and variations small enough that every kind of run finishes in seconds
 QUICK = dict(n_embd=32, n_head=2, intermediate_size=64, layers=8, block_size=32, batch_size=4, eval_iters=2,
              evals=4, budget=4e9, crossover_budgets=[4e9], operators=["stack"],
@@ -92,6 +100,10 @@ def parse_args(argv=None):
     p.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.2], help="stack.py --noise values")
     p.add_argument("--lr_mults", type=float, nargs="+", default=[1.0, 0.5, 2.0],
                    help="multipliers of the configs' peak learning rates (a sweep for scratch and the grown phase)")
+    p.add_argument("--schedules", nargs="+", default=SCHEDULES, choices=SCHEDULES,
+                   help="learning-rate schedules, each running the whole growth study (default: %(default)s)")
+    p.add_argument("--decay_frac", type=float, default=0.2, help="wsd: the share of the budget's FLOPs spent "
+                   "decaying, at its end (default: %(default)s, Hägele et al., 2024)")
     # how
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu (bf16 autocast is fast "
@@ -127,6 +139,9 @@ def parse_args(argv=None):
         p.error("--growth_points must be fractions strictly between 0 and 1")
     if args.budget <= 0 or any(b <= 0 for b in args.crossover_budgets) or args.jobs < 1:
         p.error("budgets and --jobs must be positive")
+    if "wsd" in args.schedules and not 0 < args.decay_frac <= min(1 - f for f in args.growth_points):
+        p.error("--decay_frac must be positive and no larger than any grown phase's share of the budget (the decay "
+                "belongs to the grown model)")
     return args
 
 
@@ -193,30 +208,36 @@ def config_value(path, key):
     return namespace[key]
 
 
-def train_job(args, vocab, name, config, flops, n_layer, lr_mult, seed, init_from=None, deps=()):
-    """A train.py run spending `flops`; n_layer is a number, or a grown checkpoint whose model_args give it."""
+def train_job(args, vocab, name, config, flops, n_layer, lr_mult, seed, init_from=None, deps=(), schedule="cosine",
+              decay_frac=None, warmup=True, lr_config=None):
+    """A train.py run spending `flops`; n_layer is a number, or a grown checkpoint whose model_args give it.
+    Its peak learning rate is lr_config's (default: config's) times lr_mult; warmup over its first 10% of steps
+    (or none); `schedule` cosine, or wsd decaying over its last decay_frac (0: it ends at its peak)."""
     out_dir = os.path.join(args.out_dir, "runs", name)
 
     def argv():
         depth = n_layer if isinstance(n_layer, int) else checkpoint.load(n_layer)["model_args"]["n_layer"]
         iters = iters_for(args, flops, depth, vocab)
-        base_lr = config_value(config, "learning_rate")  # the config's own peak, scaled by the sweep
+        base_lr = config_value(lr_config or config, "learning_rate")  # the config's own peak, scaled by the sweep
         state = finished_iters(out_dir)
         start = "resume" if state and state[1] == iters else init_from or "scratch"  # an interrupted run resumes
         return ["train.py", config, f"--out_dir={out_dir}", f"--data_dir={args.data_dir}", f"--device={args.device}",
                 f"--dtype={args.dtype}", f"--compile={args.compile}", f"--block_size={args.block_size}",
                 f"--batch_size={args.batch_size}", "--gradient_accumulation_steps=1", f"--seed={seed}",
-                f"--max_iters={iters}", f"--lr_decay_iters={iters}", f"--warmup_iters={max(1, iters // 10)}",
+                f"--max_iters={iters}", f"--lr_decay_iters={iters}", f"--warmup_iters={max(1, iters // 10) if warmup else 0}",
                 f"--learning_rate={base_lr * lr_mult}", f"--min_lr={base_lr * lr_mult / 10}",
                 f"--eval_interval={max(1, iters // args.evals)}", f"--eval_iters={args.eval_iters}",
-                f"--log_interval={max(1, iters // 20)}", f"--init_from={start}"] + (
+                f"--log_interval={max(1, iters // 20)}", f"--init_from={start}", f"--lr_schedule={schedule}"] + (
+            [f"--decay_frac={decay_frac}"] if schedule == "wsd" else []) + (
             [f"--n_layer={n_layer}", f"--n_embd={args.n_embd}", f"--n_head={args.n_head}", f"--n_kv_head={args.n_head}",
              f"--intermediate_size={args.intermediate_size}", "--tie_embeddings=True"] if init_from is None else [])
 
     def done():
         state = finished_iters(out_dir)
         return state is not None and state[0] == state[1]
-    return Job(name, flops, list(deps), argv, done)
+    job = Job(name, flops, list(deps), argv, done)
+    job.schedule = schedule
+    return job
 
 
 def grow_job(args, name, base, method, noise, optim, factor):
@@ -232,21 +253,29 @@ def fmt(x):
     return f"{x:g}"
 
 
+def run_name(name, schedule):
+    """The JSON's name of a run: cosine runs keep the names of the study before schedules, so its records carry
+    over; the others carry their schedule (scratch_wsd, stack_at0.25_wsd)."""
+    return name if schedule == "cosine" else f"{name}_{schedule}"
+
+
 def plan(args, vocab, best=None):
     """All jobs, cheapest first, and the study's run names -> [(job, seed, growth point, flops offset)].
-    best: the operator that runs every seed (None until best_operator() knows it)."""
+    best: {schedule: the operator that runs every seed}, each known once best_operator() knows it."""
+    best = best or {}
     jobs, runs = {}, {}
 
     def add(job, priority):
         job.priority = min(priority, getattr(jobs.get(job.name), "priority", priority))
         return jobs.setdefault(job.name, job)
 
-    def scratch(n_layer, budget, seed, priority, lr_mult=1.0):
-        return add(train_job(args, vocab, f"scratch_L{n_layer}_b{budget:.3g}_lr{fmt(lr_mult)}_s{seed}", "configs/tiny.py",
-                             budget, n_layer, lr_mult, seed), priority)
+    def scratch(n_layer, budget, seed, priority, lr_mult=1.0, schedule="cosine", decay_frac=None):
+        tag = "" if schedule == "cosine" else "_stable" if decay_frac == 0 else f"_{schedule}"
+        return add(train_job(args, vocab, f"scratch_L{n_layer}_b{budget:.3g}_lr{fmt(lr_mult)}{tag}_s{seed}", "configs/tiny.py",
+                             budget, n_layer, lr_mult, seed, schedule=schedule, decay_frac=decay_frac), priority)
 
     # the order runs start in: the crossover, cheapest first (it says whether the budget is in the regime where
-    # growth can be judged); scratch and no_growth seed by seed, the first operator with the first seed; the other
+    # growth can be judged); scratch, the control and the first operator seed by seed, every schedule; the other
     # operators with the first seed; the best operator's other seeds; scratch's LR sweep; the other variations
     small = args.layers // args.factors[0]
     crossover = {}
@@ -260,41 +289,77 @@ def plan(args, vocab, best=None):
     for key, values, label in (("point", args.growth_points, "at"), ("factor", args.factors, "g"),
                                ("optim", args.optims, ""), ("noise", args.noise, "noise"), ("lr", args.lr_mults, "lr")):
         variants += [(f"{first}_{label}{fmt(v) if label else v}", first, dict(main, **{key: v})) for v in values[1:]]
-    for index, (name, op, v) in enumerate(variants):
-        # every seed for scratch, the control and the best operator (Du et al.'s "best" is by seed 1's final
-        # loss, known once every operator's seed 1 has run); the other operators and variations run seed 1
-        seeds = args.seeds if v == main and op in (None, "none", best) else args.seeds[:1]
-        for k, seed in enumerate(seeds):
-            priority = ((1, k, index) if v == main and (op in (None, "none") or index == 2 and k == 0)
-                        else (2, index) if k == 0 and v == main else (3, k) if v == main
-                        else (4, index) if name.startswith("scratch_lr") else (5, index))
-            if op is None:  # scratch
-                runs.setdefault(name, []).append((scratch(args.layers, args.budget, seed, priority, v["lr"]), seed, None, 0.0))
-                continue
-            base_layers, base_flops = args.layers // v["factor"], v["point"] * args.budget
-            base = scratch(base_layers, base_flops, seed, priority)
-            tag = f"{op}_g{v['factor']}_at{fmt(v['point'])}_{v['optim']}_noise{fmt(v['noise'])}_lr{fmt(v['lr'])}_b{args.budget:.3g}_s{seed}"
-            if op == "none":
-                job = train_job(args, vocab, f"nogrowth_L{base_layers}_at{fmt(v['point'])}_lr{fmt(v['lr'])}_b{args.budget:.3g}_s{seed}",
-                                "configs/tiny_stack.py", args.budget - base_flops, base_layers, v["lr"], seed,
-                                init_from=os.path.join(args.out_dir, "runs", base.name), deps=[base])
-            else:
-                grow, grown_ckpt = grow_job(args, tag, base, op, v["noise"], v["optim"], v["factor"])
-                grow = add(grow, priority)
-                job = train_job(args, vocab, tag, "configs/tiny_stack.py", args.budget - base_flops, grown_ckpt,
-                                v["lr"], seed, init_from=grown_ckpt, deps=[grow])
-            runs.setdefault(name, []).append((add(job, priority), seed, v["point"], base_flops))
+    for sched_index, schedule in enumerate(args.schedules):
+        wsd, suffix = schedule == "wsd", "" if schedule == "cosine" else f"_{schedule}"
+        for index, (name, op, v) in enumerate(variants):
+            # every seed for scratch, the control, the first operator (the recipe's) and the best one (Du et al.'s
+            # "best" is by seed 1's final loss, known once every operator's seed 1 has run); the rest run seed 1
+            seeds = args.seeds if v == main and op in (None, "none", first, best.get(schedule)) else args.seeds[:1]
+            for k, seed in enumerate(seeds):
+                priority = ((1, k, sched_index, index) if v == main and op in (None, "none", first)
+                            else (2, sched_index, index) if k == 0 and v == main else (3, k, sched_index) if v == main
+                            else (4, sched_index, index) if name.startswith("scratch_lr") else (5, sched_index, index))
+                if op is None:  # scratch: one phase, decaying over the budget's last decay_frac under wsd
+                    job = scratch(args.layers, args.budget, seed, priority, v["lr"], schedule, args.decay_frac if wsd else None)
+                    runs.setdefault(run_name(name, schedule), []).append((job, seed, None, 0.0))
+                    continue
+                # under wsd the base ends at its peak, un-annealed, and the grown phase continues at that peak (the
+                # base's config's, not tiny_stack.py's half) with the decay at the very end; a fresh AdamW (reset)
+                # still warms up, since its moments start at zero; --optim copy carries them and needs no warmup
+                base_layers, base_flops = args.layers // v["factor"], v["point"] * args.budget
+                base = scratch(base_layers, base_flops, seed, priority, schedule=schedule, decay_frac=0 if wsd else None)
+                phase2 = dict(schedule=schedule, lr_config="configs/tiny.py" if wsd else None, warmup=not (wsd and v["optim"] == "copy"),
+                              decay_frac=args.decay_frac * args.budget / (args.budget - base_flops) if wsd else None)
+                tag = f"{op}_g{v['factor']}_at{fmt(v['point'])}_{v['optim']}_noise{fmt(v['noise'])}_lr{fmt(v['lr'])}_b{args.budget:.3g}{suffix}_s{seed}"
+                if op == "none":
+                    job = train_job(args, vocab, f"nogrowth_L{base_layers}_at{fmt(v['point'])}_lr{fmt(v['lr'])}_b{args.budget:.3g}{suffix}_s{seed}",
+                                    "configs/tiny_stack.py", args.budget - base_flops, base_layers, v["lr"], seed,
+                                    init_from=os.path.join(args.out_dir, "runs", base.name), deps=[base], **phase2)
+                else:
+                    grow, grown_ckpt = grow_job(args, tag, base, op, v["noise"], v["optim"], v["factor"])
+                    grow = add(grow, priority)
+                    job = train_job(args, vocab, tag, "configs/tiny_stack.py", args.budget - base_flops, grown_ckpt,
+                                    v["lr"], seed, init_from=grown_ckpt, deps=[grow], **phase2)
+                runs.setdefault(run_name(name, schedule), []).append((add(job, priority), seed, v["point"], base_flops))
     return jobs, runs, crossover
 
 
-def best_operator(args, runs):
-    """The operator whose first seed ends lowest (final_eval_loss), once all of them have run; None before."""
+def best_operator(args, runs, records, schedule):
+    """The operator whose first seed ends lowest (final_eval_loss) under `schedule`, once all of them have run or
+    are recorded; None before."""
     if len(args.operators) == 1:
         return args.operators[0]
-    firsts = {op: runs[op][0][0] for op in args.operators}
-    if not all(job.done() for job in firsts.values()):
-        return None
-    return min(args.operators, key=lambda op: final_eval(args, os.path.join(args.out_dir, "runs", firsts[op].name)))
+    losses = {}
+    for op in args.operators:
+        name = run_name(op, schedule)
+        job, seed = runs[name][0][:2]
+        if job.done():
+            losses[op] = final_eval(args, os.path.join(args.out_dir, "runs", job.name))
+        elif (name, seed) in records["runs"]:
+            losses[op] = records["runs"][name, seed]["final_eval_loss"]
+        else:
+            return None
+    return min(losses, key=losses.get)
+
+
+def best_operators(args, vocab, records):
+    runs = plan(args, vocab)[1]
+    return {s: op for s in args.schedules if (op := best_operator(args, runs, records, s))}
+
+
+def to_run(args, jobs, runs, crossover, records):
+    """The jobs still to run: every run of the study neither finished here nor recorded in the JSON, and the
+    unfinished jobs it waits for (a base whose grown runs are all recorded is not run again)."""
+    wanted = [job for name, entries in runs.items() for job, seed, _, _ in entries if (name, seed) not in records["runs"]]
+    wanted += [job for budget, sizes in crossover.items() for n, js in sizes.items()
+               for job, seed in zip(js, args.crossover_seeds) if (f"{budget:g}", str(n), seed) not in records["crossover"]]
+    todo, stack = {}, [job for job in wanted if not job.done()]
+    while stack:
+        job = stack.pop()
+        if job.name not in todo:
+            todo[job.name] = job
+            stack += [dep for dep in job.deps if not dep.done()]
+    return todo
 
 
 # -----------------------------------------------------------------------------------------------
@@ -310,11 +375,11 @@ def wall_times(args):
 
 
 def run_jobs(args, replan, rate, total):
-    """Run replan()'s jobs; after each one, replan() again: the best operator's other seeds join once it is
-    known. total: the FLOPs still to run, those seeds included, for the time estimate."""
-    jobs = replan()
-    todo = sorted((job for job in jobs.values() if not job.done()), key=lambda job: job.priority)
-    log(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already done; {total:.3g} FLOPs to run: expected "
+    """Run the jobs replan() says are to run; after each one, replan() again: the best operator's other seeds join
+    once it is known. total: the FLOPs still to run, those seeds included, for the time estimate."""
+    jobs, todo = replan()
+    todo = sorted(todo.values(), key=lambda job: job.priority)
+    log(f"{len(jobs) - len(todo)} of {len(jobs)} jobs done or recorded; {total:.3g} FLOPs to run: expected "
         f"~{total / rate / 60 / args.jobs:.1f} min with {args.jobs} at a time ({rate:.3g} FLOP/s each, measured)")
     wall_path, wall = wall_times(args)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
@@ -343,8 +408,8 @@ def run_jobs(args, replan, rate, total):
                 raise SystemExit(f"error: {', '.join(j.name for j in pending)} wait for jobs that cannot finish")
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             known = {j.name for j in todo}
-            for job in replan().values():  # new jobs: the best operator's other seeds
-                if job.name not in known and not job.done():
+            for job in replan()[1].values():  # new jobs: the best operator's other seeds
+                if job.name not in known:
                     todo.append(job)
                     pending = sorted(pending + [job], key=lambda j: j.priority)
             for future in finished:
@@ -400,25 +465,72 @@ def read_run(args, job, seed, offset, wall):
             "final_eval_loss": final_eval(args, out_dir)}
 
 
-def collect(args, meta, runs, crossover):
+def load_records(args, meta):
+    """What OUT/growth_study.json already holds, so that a study runs in parts (one schedule now, another later,
+    or on another machine): {"runs": {(name, seed): record}, "crossover": {(budget, layers, seed): record},
+    "extra": runs of other invocations, "wall": {job: seconds}}. A record is kept even where its run directory is
+    gone. A JSON of other settings is refused rather than mixed. Runs recorded before schedules existed are cosine."""
+    records = {"runs": {}, "crossover": {}, "extra": {}, "wall": {}}
+    path = os.path.join(args.out_dir, "growth_study.json")
+    if not os.path.exists(path):
+        return records
+    with open(path) as f:
+        old = json.load(f)
+    keys = ("layers", "n_embd", "n_head", "intermediate_size", "block_size", "batch_size", "eval_iters",
+            "final_eval_iters", "dtype", "vocab_size")
+    mine = {**{k: getattr(args, k) for k in keys[:-1]}, "vocab_size": meta["vocab_size"]}
+    theirs = {k: old["settings"].get(k) for k in keys}
+    train_tokens = sum(len(read_shard(path)) for path in shard_paths(args.data_dir, "train"))
+    if theirs != mine or old["budget_flops"] != args.budget or old["corpus_train_tokens"] != train_tokens:
+        raise SystemExit(f"error: {path} holds a study with other settings ({theirs}, budget {old['budget_flops']:g}, "
+                         f"{old['corpus_train_tokens']:,} train tokens); use another --out_dir")
+    for name, run in old["runs"].items():
+        run.setdefault("schedule", "cosine")
+        records["extra"][name] = run
+        for record in run["seeds"]:
+            records["runs"][name, record["seed"]] = record
+    for budget, row in old["crossover"].items():
+        for layers, seeds in row.items():
+            for record in seeds:
+                records["crossover"][budget, layers, record["seed"]] = record
+    records["wall"] = old.get("job_wall_s") or {"earlier runs (per job not recorded)": old.get("wall_s", 0.0)}
+    return records
+
+
+def collect(args, meta, runs, crossover, records):
+    """The JSON: every run finished here, plus what the JSON already held (load_records)."""
     train_tokens = sum(len(read_shard(path)) for path in shard_paths(args.data_dir, "train"))
     results = {"corpus": args.data_dir, "corpus_train_tokens": train_tokens, "budget_flops": args.budget,
                "settings": {k: getattr(args, k) for k in ("layers", "n_embd", "n_head", "intermediate_size",
                                                          "block_size", "batch_size", "seeds", "growth_points", "factors",
-                                                         "optims", "noise", "lr_mults", "eval_iters", "final_eval_iters", "device", "dtype")},
+                                                         "optims", "noise", "lr_mults", "schedules", "decay_frac",
+                                                         "eval_iters", "final_eval_iters", "device", "dtype")},
                "crossover": {}, "runs": {}}
     results["settings"]["vocab_size"] = meta["vocab_size"]
-    wall = wall_times(args)[1]
-    results["wall_s"] = sum(wall.values())
+    wall = {**records["wall"], **wall_times(args)[1]}
+    results["job_wall_s"], results["wall_s"] = wall, sum(wall.values())
+
+    def record(job, seed, offset, key, kept):  # a run finished here, else its record from the JSON, else None
+        return read_run(args, job, seed, offset, wall) if job.done() else kept.get(key)
     for budget, sizes in crossover.items():
-        row = {str(n): [read_run(args, job, seed, 0.0, wall) for job, seed in zip(jobs, args.crossover_seeds) if job.done()]
+        row = {str(n): [r for job, seed in zip(jobs, args.crossover_seeds)
+                        if (r := record(job, seed, 0.0, (f"{budget:g}", str(n), seed), records["crossover"]))]
                for n, jobs in sizes.items()}
         if all(row.values()):
             results["crossover"][f"{budget:g}"] = row
+    for (budget, layers, _), kept in records["crossover"].items():  # budgets this invocation does not plan
+        if float(budget) not in crossover:
+            results["crossover"].setdefault(budget, {}).setdefault(layers, []).append(kept)
+    results["crossover"] = dict(sorted(results["crossover"].items(), key=lambda kv: float(kv[0])))
     for name, entries in runs.items():
-        seeds = [read_run(args, job, seed, offset, wall) for job, seed, _, offset in entries if job.done()]
+        seeds = [r for job, seed, _, offset in entries if (r := record(job, seed, offset, (name, seed), records["runs"]))]
+        planned = {seed for _, seed, _, _ in entries}
+        seeds += [r for (n, seed), r in records["runs"].items() if n == name and seed not in planned]
         if seeds:
-            results["runs"][name] = {"layers": seeds[0]["layers"], "growth_point": entries[0][2], "seeds": seeds}
+            results["runs"][name] = {"layers": seeds[0]["layers"], "growth_point": entries[0][2],
+                                     "schedule": entries[0][0].schedule, "seeds": seeds}
+    for name, run in records["extra"].items():  # runs of other invocations (another --operators, say)
+        results["runs"].setdefault(name, run)
     path = os.path.join(args.out_dir, "growth_study.json")
     with atomic_write(path) as tmp, open(tmp, "w") as f:
         json.dump(results, f, indent=1)
@@ -504,15 +616,21 @@ def report(results):
                 winner = lower if apart else "tie (seeds overlap)"
             out.append(f"| {float(budget):.3g} | " + " | ".join(cells) + f" | {winner} |")
         out.append("")
-    rows, target = score(results)
-    if rows:
-        out += [f"Budget {results['budget_flops']:.3g} FLOPs; target loss = scratch's final mean "
+    schedules = [sc for sc in SCHEDULES if any(run.get("schedule", "cosine") == sc for run in results["runs"].values())]
+    finals = {}  # (schedule, name) -> the 50-batch final losses of its seeds
+    for schedule in schedules:
+        suffix = "" if schedule == "cosine" else f"_{schedule}"
+        sub = {name[:len(name) - len(suffix)]: run for name, run in results["runs"].items()
+               if run.get("schedule", "cosine") == schedule}
+        finals |= {(schedule, name): [s["final_eval_loss"] for s in run["seeds"]] for name, run in sub.items()}
+        rows, target = score({"runs": sub})
+        out += [f"Schedule **{schedule}**, budget {results['budget_flops']:.3g} FLOPs; target loss = scratch's final mean "
                 + (f"{target:.4f}." if target else "(scratch not run)."), "",
                 f"| run | layers | grown at | seeds | final val loss (mean) | range | {st['final_eval_iters']}-batch loss | "
                 "FLOPs to reach target | speedup |",
                 "|---|---|---|---|---|---|---|---|---|"]
         for name, row in rows.items():
-            run = results["runs"][name]
+            run = sub[name]
             point = "" if run["growth_point"] is None else f"{run['growth_point']:g}"
             reach = "" if name == "scratch" else (f"{row['reach']:.3g}" if row["reach"] else "not reached")
             speed = "(reference)" if name == "scratch" else (f"{row['speedup']:+.0%}" if row["speedup"] is not None else row["why"])
@@ -520,14 +638,28 @@ def report(results):
                        f"{reach} | {speed} |")
         # the sweeps, seed 1 against seed 1: the issue's "best of each"
         mults = st["lr_mults"]
-        swept = [n for n in results["runs"] if len(mults) > 1 and f"{n}_lr{fmt(mults[1])}" in results["runs"]]
+        swept = [n for n in sub if len(mults) > 1 and f"{n}_lr{fmt(mults[1])}" in sub]
         for base in swept:
             names = {m: base if i == 0 else f"{base}_lr{fmt(m)}" for i, m in enumerate(mults)}
-            loss = {m: results["runs"][n]["seeds"][0]["final_val_loss"] for m, n in names.items() if n in results["runs"]}
+            loss = {m: sub[n]["seeds"][0]["final_val_loss"] for m, n in names.items() if n in sub}
             best = min(loss, key=loss.get)
-            out += ["", f"Learning-rate sweep of {base} (seed {results['runs'][base]['seeds'][0]['seed']}, multiples of its "
+            out += ["", f"Learning-rate sweep of {base} (seed {sub[base]['seeds'][0]['seed']}, multiples of its "
                     "config's peak): " + ", ".join(f"x{m:g} {l:.4f}" for m, l in sorted(loss.items())) + f"; best x{best:g}."]
-    return "\n".join(out) + "\n"
+        out.append("")
+    if len(schedules) > 1:  # the runs every schedule has, side by side, on the finer 50-batch loss
+        names = [n for n in ("scratch", "no_growth", *OPERATORS) if all((sc, n) in finals for sc in schedules)]
+        out += [f"The schedules side by side: {st['final_eval_iters']}-batch final val loss, mean (range, seeds), and "
+                "the gap to that schedule's scratch:", "",
+                "| run | " + " | ".join(schedules) + " |", "|---" * (len(schedules) + 1) + "|"]
+        for name in names:
+            cells = []
+            for sc in schedules:
+                v, ref = finals[sc, name], finals[sc, "scratch"]
+                gap = "" if name == "scratch" else f", {sum(v) / len(v) - sum(ref) / len(ref):+.4f}"
+                cells.append(f"{sum(v) / len(v):.4f} ({max(v) - min(v):.4f}, {len(v)}){gap}")
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out).rstrip("\n") + "\n"
 
 
 def plot(args, results):
@@ -543,24 +675,30 @@ def plot(args, results):
             ax.scatter([b for b, v in zip(budgets, losses) for _ in v], [x for v in losses for x in v], s=8, color="0.4")
         ax.set_xscale("log")
         ax.set_xlabel("training FLOPs")
-        ax.set_ylabel("final val loss (--final_eval_iters batches)")
+        st = results["settings"]
+        ax.set_ylabel(f"final val loss ({st['final_eval_iters'] * st['batch_size'] * st['block_size']:,} val tokens)")
         ax.set_title("Crossover: small vs large from scratch (mean, seeds as dots)")
         ax.legend()
         fig.tight_layout()
         fig.savefig(os.path.join(args.out_dir, "crossover.png"))
     if results["runs"]:
-        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-        main = [n for n in results["runs"] if n in ("scratch", "no_growth", *OPERATORS)]
-        for name in main:
-            curve = mean_curve(results["runs"][name])
-            ax.plot(*zip(*curve), label=f"{name} ({results['runs'][name]['layers']} layers)",
-                    color="black" if name == "scratch" else None, ls=":" if name == "no_growth" else "-")
-        final = [l for n in main for _, l in mean_curve(results["runs"][n])]
-        ax.set_ylim(min(final) - 0.05, min(final) + 1.0)  # the early drop is off the top
-        ax.set_xlabel("training FLOPs (the base's included)")
-        ax.set_ylabel("val loss (mean over seeds)")
-        ax.set_title(f"Growth vs scratch at {results['budget_flops']:.3g} FLOPs")
-        ax.legend()
+        schedules = [sc for sc in SCHEDULES if any(r.get("schedule", "cosine") == sc for r in results["runs"].values())]
+        fig, axes = plt.subplots(1, len(schedules), figsize=(7 * len(schedules), 4.5), dpi=100, sharey=True, squeeze=False)
+        lows = []
+        for ax, schedule in zip(axes[0], schedules):
+            for name in ("scratch", "no_growth", *OPERATORS):
+                run = results["runs"].get(run_name(name, schedule))
+                if run is None:
+                    continue
+                curve = mean_curve(run)
+                lows.append(min(loss for _, loss in curve))
+                ax.plot(*zip(*curve), label=f"{name} ({run['layers']} layers, {len(run['seeds'])} seeds)",
+                        color="black" if name == "scratch" else None, ls=":" if name == "no_growth" else "-")
+            ax.set_xlabel("training FLOPs (the base's included)")
+            ax.set_title(f"{schedule}: growth vs scratch at {results['budget_flops']:.3g} FLOPs")
+            ax.legend()
+        axes[0][0].set_ylim(min(lows) - 0.05, min(lows) + 1.0)  # the early drop is off the top
+        axes[0][0].set_ylabel(f"val loss, mean over seeds ({results['settings']['eval_iters']} batches: noisy to a few hundredths)")
         fig.tight_layout()
         fig.savefig(os.path.join(args.out_dir, "growth_study.png"))
 
@@ -590,16 +728,22 @@ def main(argv=None):
             raise SystemExit(f"error: {args.out_dir} holds runs with other settings ({old}); use another --out_dir")
     with open(settings_path, "w") as f:
         json.dump(fixed, f)
-    def replan():
-        return plan(args, vocab, best_operator(args, plan(args, vocab)[1]))
+    records = load_records(args, meta)
+
+    def replan(stand_in=False):
+        """(all jobs, those to run). stand_in: a schedule whose best operator is not known yet counts the second
+        operator's seeds in its place, for the time estimate."""
+        best = best_operators(args, vocab, records)
+        if stand_in:
+            best = {sc: best.get(sc, args.operators[min(1, len(args.operators) - 1)]) for sc in args.schedules}
+        jobs, runs, crossover = plan(args, vocab, best)
+        return jobs, to_run(args, jobs, runs, crossover, records)
 
     if not args.no_run:
         rate = measure_flops_per_second(args, vocab, max(1, (os.cpu_count() or 1) // args.jobs))
-        # as many jobs as the study will have: the best operator, or the first as a stand-in until it is known
-        stand_in = plan(args, vocab, best_operator(args, plan(args, vocab)[1]) or args.operators[0])[0]
-        run_jobs(args, lambda: replan()[0], rate, sum(job.flops for job in stand_in.values() if not job.done()))
-    jobs, runs, crossover = replan()
-    results = collect(args, meta, runs, crossover)
+        run_jobs(args, replan, rate, sum(job.flops for job in replan(stand_in=True)[1].values()))
+    jobs, runs, crossover = plan(args, vocab, best_operators(args, vocab, records))
+    results = collect(args, meta, runs, crossover, records)
     plot(args, results)
     print(report(results), end="")
 
