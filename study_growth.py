@@ -308,7 +308,8 @@ def plan(args, vocab, best=None):
                 # still warms up, since its moments start at zero; --optim copy carries them and needs no warmup
                 base_layers, base_flops = args.layers // v["factor"], v["point"] * args.budget
                 base = scratch(base_layers, base_flops, seed, priority, schedule=schedule, decay_frac=0 if wsd else None)
-                phase2 = dict(schedule=schedule, lr_config="configs/tiny.py" if wsd else None, warmup=not (wsd and v["optim"] == "copy"),
+                phase2 = dict(schedule=schedule, lr_config="configs/tiny.py" if wsd else None,
+                              warmup=not (wsd and op != "none" and v["optim"] == "copy"),  # the control: a fresh AdamW
                               decay_frac=args.decay_frac * args.budget / (args.budget - base_flops) if wsd else None)
                 tag = f"{op}_g{v['factor']}_at{fmt(v['point'])}_{v['optim']}_noise{fmt(v['noise'])}_lr{fmt(v['lr'])}_b{args.budget:.3g}{suffix}_s{seed}"
                 if op == "none":

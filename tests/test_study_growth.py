@@ -49,20 +49,46 @@ def test_bad_flags_are_refused():
         assert proc.returncode != 0 and message in proc.stderr
 
 
-def test_every_seed_for_scratch_the_control_and_the_best_operator_only():
-    args = study_growth.parse_args(["--seeds", "1", "2", "--operators", "stack", "zero", "--growth_points", "0.5", "0.25"])
+def test_every_seed_for_scratch_the_control_the_first_and_the_best_operator_only():
+    args = study_growth.parse_args(["--seeds", "1", "2", "--operators", "stack", "zero", "interleave",
+                                    "--growth_points", "0.5", "0.25", "--schedules", "cosine"])
     seeds = lambda runs: {name: [seed for _, seed, _, _ in entries] for name, entries in runs.items()}
     before = seeds(study_growth.plan(args, 2048)[1])  # the best operator is not known yet
-    assert before == {"scratch": [1, 2], "no_growth": [1, 2], "stack": [1], "zero": [1], "scratch_lr0.5": [1],
-                      "scratch_lr2": [1], "stack_at0.25": [1], "stack_copy": [1], "stack_noise0.2": [1],
-                      "stack_lr0.5": [1], "stack_lr2": [1]}
-    jobs, runs, _ = study_growth.plan(args, 2048, best="zero")
+    assert before == {"scratch": [1, 2], "no_growth": [1, 2], "stack": [1, 2], "zero": [1], "interleave": [1],
+                      "scratch_lr0.5": [1], "scratch_lr2": [1], "stack_at0.25": [1], "stack_copy": [1],
+                      "stack_noise0.2": [1], "stack_lr0.5": [1], "stack_lr2": [1]}
+    jobs, runs, _ = study_growth.plan(args, 2048, best={"cosine": "zero"})
     assert seeds(runs) == {**before, "zero": [1, 2]}
-    # the order runs start in: scratch and the control before any operator's second seed, the sweeps last
+    # the order runs start in: scratch, the control and the first operator before any other operator's second
+    # seed, the sweeps last
     order = [job.name for job in sorted(jobs.values(), key=lambda job: job.priority) if job.flops]
     first = lambda prefix: next(i for i, name in enumerate(order) if name.startswith(prefix))
-    assert first("nogrowth") < first("stack_") < first("zero_g2_at0.5_reset_noise0_lr1_b2e+13_s1") \
+    assert first("nogrowth") < first("stack_g2_at0.5_reset_noise0_lr1_b2e+13_s2") < first("zero_g2_at0.5_reset_noise0_lr1_b2e+13_s1") \
         < first("zero_g2_at0.5_reset_noise0_lr1_b2e+13_s2") < first("scratch_L8_b2e+13_lr0.5") < first("stack_g2_at0.25")
+
+
+def test_wsd_runs_hold_the_peak_to_the_growth_step_and_decay_once():
+    args = study_growth.parse_args(["--seeds", "1", "--operators", "stack", "--growth_points", "0.75", "--optims", "copy", "--noise", "0"])
+    jobs, runs, _ = study_growth.plan(args, 2048)
+    assert set(runs) == {"scratch", "no_growth", "stack", "scratch_lr0.5", "scratch_lr2", "stack_lr0.5", "stack_lr2",
+                         "scratch_wsd", "no_growth_wsd", "stack_wsd", "scratch_lr0.5_wsd", "scratch_lr2_wsd",
+                         "stack_lr0.5_wsd", "stack_lr2_wsd"}
+    assert {name: entries[0][0].schedule for name, entries in runs.items()} == {
+        name: "wsd" if name.endswith("_wsd") else "cosine" for name in runs}
+    flags = lambda name: dict(a[2:].split("=", 1) for a in jobs[name].argv() if a.startswith("--"))
+    scratch = flags("scratch_L8_b2e+13_lr1_wsd_s1")
+    assert scratch["lr_schedule"] == "wsd" and scratch["decay_frac"] == "0.2" and scratch["learning_rate"] == "0.002"
+    base = flags("scratch_L4_b1.5e+13_lr1_stable_s1")  # the base ends at its peak: no decay
+    assert base["lr_schedule"] == "wsd" and base["decay_frac"] == "0"
+    control = flags("nogrowth_L4_at0.75_lr1_b2e+13_wsd_s1")
+    # the grown phase continues at tiny.py's peak (not tiny_stack.py's half) and spends the budget's last 20% decaying
+    assert control["learning_rate"] == "0.002" and float(control["decay_frac"]) == pytest.approx(0.2 / 0.25)
+    assert control["init_from"].endswith("scratch_L4_b1.5e+13_lr1_stable_s1") and int(control["warmup_iters"]) > 0
+    # under cosine each phase is as before: tiny_stack.py's own peak, its own warmup, no decay_frac
+    cosine = flags("nogrowth_L4_at0.75_lr1_b2e+13_s1")
+    assert cosine["learning_rate"] == "0.001" and cosine["lr_schedule"] == "cosine" and "decay_frac" not in cosine
+    proc = run_script("study_growth.py", "--growth_points", "0.9", check=False)
+    assert proc.returncode != 0 and "--decay_frac must be positive and no larger than any grown phase's share" in proc.stderr
 
 
 def test_quick_study_end_to_end(pydocs_data, tmp_path, capsys):
@@ -75,8 +101,10 @@ def test_quick_study_end_to_end(pydocs_data, tmp_path, capsys):
     # the JSON shape of the issue, with train.py's own FLOPs and the base's included in the grown runs'
     assert res["corpus"] == pydocs_data and res["budget_flops"] == 4e9
     assert res["corpus_train_tokens"] == (os.path.getsize(os.path.join(pydocs_data, "train_000000.bin")) - 256) // 2
-    assert sorted(res["runs"]) == ["no_growth", "scratch", "stack"]
-    assert {k: res["runs"][k]["layers"] for k in res["runs"]} == {"scratch": 8, "no_growth": 4, "stack": 8}
+    assert sorted(res["runs"]) == ["no_growth", "no_growth_wsd", "scratch", "scratch_wsd", "stack", "stack_wsd"]
+    assert {k: res["runs"][k]["layers"] for k in res["runs"]} == {"scratch": 8, "no_growth": 4, "stack": 8,
+                                                                 "scratch_wsd": 8, "no_growth_wsd": 4, "stack_wsd": 8}
+    assert {k: res["runs"][k]["schedule"] for k in res["runs"]} == {k: "wsd" if k.endswith("wsd") else "cosine" for k in res["runs"]}
     step = 4 * 32  # tokens per step of --quick
     for name, run in res["runs"].items():
         (seed,) = run["seeds"]
@@ -85,16 +113,23 @@ def test_quick_study_end_to_end(pydocs_data, tmp_path, capsys):
         assert seed["final_val_loss"] == seed["curve"][-1][1] and seed["flops"] == seed["curve"][-1][0]
         assert all(a[0] < b[0] for a, b in zip(seed["curve"], seed["curve"][1:]))
         assert abs(seed["flops"] - 4e9) < step * 2e6  # the budget, to within a step or so of the largest model
-        if name != "scratch":  # the curve starts where the base stopped
+        if not name.startswith("scratch"):  # the curve starts where the base stopped
             assert run["growth_point"] == 0.5 and 0.45 * 4e9 < seed["curve"][0][0] < 0.55 * 4e9
     assert list(res["crossover"]) == ["4e+09"] and set(res["crossover"]["4e+09"]) == {"4", "8"}
     assert res["crossover"]["4e+09"]["8"] == res["runs"]["scratch"]["seeds"]  # one run, shared
     assert os.path.getsize(out / "growth_study.png") > 0 and os.path.getsize(out / "crossover.png") > 0
     assert "| scratch | 8 |" in first.stdout and "| stack | 8 | 0.5 | 1 |" in first.stdout
-    assert "1 seed: no spread" in first.stdout
+    assert "1 seed: no spread" in first.stdout and "Schedule **wsd**" in first.stdout
+    assert "| stack | " in first.stdout.split("The schedules side by side")[1]
     # resumable: a second run finds every job done, runs nothing and writes the same results
     study_growth.main(args[1:])
-    assert "6 of 6 jobs already done; 0 FLOPs to run" in capsys.readouterr().err
+    assert "11 of 11 jobs done or recorded; 0 FLOPs to run" in capsys.readouterr().err
+    assert json.load(open(out / "growth_study.json")) == res
+    # the JSON is the record: a run it holds is not run again, even where its directory is gone
+    import shutil
+    shutil.rmtree(out / "runs" / res["runs"]["stack_wsd"]["seeds"][0]["run"])
+    study_growth.main(args[1:])
+    assert "11 of 11 jobs done or recorded; 0 FLOPs to run" in capsys.readouterr().err
     assert json.load(open(out / "growth_study.json")) == res
     # the README's tables come from the JSON alone
     study_growth.main(["--report", f"--out_dir={out}"])
