@@ -362,6 +362,34 @@ def tokenize_pairs(lm, pairs, bos):
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# Scoring. The definition first, then the same numbers fast.
+#
+# A pair's score is log p(continuation | context): the sum, over the continuation's tokens, of the log-probability
+# the model gives each one after everything before it. A worked example with GPT-2's tokenizer (COPA, "cause"):
+#     context       "The man broke his toe because"       -> [464, 582, 6265, 465, 21189, 780]
+#     continuation  " he dropped a hammer on his foot."   -> [339, 5710, 257, 15554, 319, 465, 2366, 13]
+#     one pass over [464, ..., 780, 339, ..., 2366] (the last token, 13, is never an input): the logits at the
+#     context's last position (after "because") score 339 (" he"), the next position's score 5710 (" dropped"),
+#     ..., the last position's score 13 ("."); the pair's score is the sum of those 8 log-probabilities.
+# The other choice (" he got a hole in his sock.") is scored the same way, and the prediction
+# is the choice with the higher sum (acc), or the higher sum per character of the choice (acc_norm).
+
+@torch.inference_mode()
+def score_plain(lm, pairs):
+    """The definition, one (context ids, continuation ids) pair at a time: context + continuation[:-1] in one
+    pass, the log-probabilities of the continuation's tokens at the positions that predict them, summed.
+    score() below returns the same numbers (tests check it) with a shared cache, batches and prefixes."""
+    lls = []
+    for context, continuation in pairs:
+        ids = torch.tensor([list(context) + list(continuation[:-1])], device=lm.device)
+        predicts = torch.zeros(ids.shape, dtype=torch.bool, device=lm.device)
+        predicts[0, len(context) - 1:] = True  # the context's last position onwards: one per continuation token
+        logprobs = torch.log_softmax(lm.run(ids, lm.new_cache(1, ids.shape[1]), predicts).double(), dim=-1)
+        lls.append(logprobs[torch.arange(len(continuation)), torch.tensor(continuation)].sum().item())
+    return lls
+
+
 def choices_by_context(pairs):
     """{context ids: sorted continuation ids}: every context is encoded once, whatever its number of choices."""
     groups = defaultdict(set)

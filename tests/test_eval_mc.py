@@ -466,6 +466,16 @@ def test_contexts_that_share_a_long_prefix_run_it_once():
     assert groups == [[a], [short_a, short_b], [(5,)]]  # longest first, equal lengths together
 
 
+def test_fast_scorer_equals_the_definition(models, data_dir):
+    """score() (shared contexts, batches, prefixes run once, first tokens from the context's pass) returns what
+    score_plain() (one pair at a time, the definition) does, on every task's pairs, through both model paths."""
+    hf_dir, ours = models
+    _, pairs, _ = eval_mc.prepare(list(eval_mc.TASKS), data_dir)
+    for lm in (eval_mc.load_lm(ours, torch.float32), eval_mc.HFLM(hf_dir, torch.float32, "cpu")):
+        ids = eval_mc.tokenize_pairs(lm, pairs, lm.bos)
+        assert eval_mc.score(lm, ids, 4, progress=False) == pytest.approx(eval_mc.score_plain(lm, ids), abs=1e-4)
+
+
 def test_llama_hf_dir_scores_through_model_py_as_transformers_does(models, data_dir):
     """A Llama-family hf:DIR runs through model.py (exact import); its log-likelihoods equal the transformers path's."""
     hf_dir, _ = models
