@@ -3,6 +3,7 @@ Benchmark the training step of model.py: forward + backward + AdamW on random to
 
     python bench.py configs/tiny.py --vocab_size 4096             # fp32, bf16 autocast, bf16 + torch.compile
     python bench.py configs/phase1.py --device cuda --modes bf16,bf16+compile
+    python bench.py configs/phase1.py --n_layer 24 --params      # parameter counts and FLOPs per token, no timing
 
 Prints tokens/s, the achieved FLOP/s (model.flops_per_token, the PaLM count train.py uses) and MFU against a peak
 this machine reaches right now in the same dtype (common.measure_peak_flops: a matmul probe), one line per mode.
@@ -64,6 +65,10 @@ def main(argv=None):
     p.add_argument("config", nargs="?", help="a train.py config file: its model shape, block_size and batch_size")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)} (default: all)")
     p.add_argument("--vocab_size", type=int, default=None, help="default: the config's, else ModelConfig's 50304")
+    p.add_argument("--n_layer", type=int, default=None, help="default: the config's (configs/phase2.py takes its depth "
+                   "from the stacked checkpoint: --n_layer 24 with configs/phase1.py is its model)")
+    p.add_argument("--params", action="store_true", help="print the model's parameter counts and FLOPs per token, "
+                   "and exit: the figures the README and configs quote")
     p.add_argument("--batch_size", type=int, default=None, help="default: the config's, else 16")
     p.add_argument("--steps", type=int, default=10, help="timed steps per mode")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
@@ -79,7 +84,16 @@ def main(argv=None):
     shape.pop("batch_size", None)
     if args.vocab_size:
         shape["vocab_size"] = args.vocab_size
+    if args.n_layer:
+        shape["n_layer"] = args.n_layer
     config = ModelConfig(**shape)
+    if args.params:
+        with torch.device("meta"):  # shapes only
+            model = LLaMA(config)
+        print(f"{config.n_layer} layers x {config.n_embd}, vocab {config.vocab_size}: {model.num_params():,} parameters "
+              f"({model.num_params(non_embedding=True):,} non-embedding), {model.flops_per_token(config.block_size):,} "
+              f"training FLOPs per token at {config.block_size} tokens of context")
+        return
 
     torch.manual_seed(0)
     model = LLaMA(config).to(args.device)

@@ -1,7 +1,8 @@
 # Phase 2 of the MTLM1-200M recipe: the 24-layer model grown from phase 1, trained on for 3.5B tokens.
 #   python stack.py                 # out/phase1 -> out/stacked.pt: stack, factor 2 (its defaults)
 #   torchrun --standalone --nproc_per_node=8 train.py configs/phase2.py
-# 24 layers x 768: 170.0M non-embedding + 38.6M tied embedding = 208.6M parameters.
+# 24 layers x 768: 169.9M non-embedding + 38.6M tied embedding = 208.5M parameters
+# (python bench.py configs/phase1.py --n_layer 24 --params).
 # The architecture comes from the stacked checkpoint; only training settings live here.
 out_dir = "out/phase2"
 data_dir = "data/reference"  # the same data: training continues where phase 1's loader stopped

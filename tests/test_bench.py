@@ -19,3 +19,15 @@ def test_bench_refuses_unknown_modes(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--modes", "fp8"])
     assert "--modes takes" in capsys.readouterr().err
+
+
+def test_params_are_counted_by_hand(tmp_path, capsys):
+    config = tmp_path / "small.py"
+    config.write_text("n_layer = 2\nn_head = 2\nn_kv_head = 1\nn_embd = 32\nintermediate_size = 64\nblock_size = 16\n")
+    bench.main([str(config), "--vocab_size", "64", "--params"])
+    # per layer: q, o 32x32; k, v 32x16 (one kv head of 16); SwiGLU 3 x 32x64; two RMSNorm gains of 32
+    layer = 2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64 + 2 * 32
+    total = 64 * 32 + 2 * layer + 32 + 64 * 32  # embedding, layers, final norm, untied lm_head
+    flops = 6 * (total - 64 * 32) + 12 * 2 * 32 * 16  # 6 per matmul weight (the lookup is none) + attention (PaLM)
+    assert capsys.readouterr().out == (f"2 layers x 32, vocab 64: {total:,} parameters ({total - 2 * 64 * 32:,} "
+                                       f"non-embedding), {flops:,} training FLOPs per token at 16 tokens of context\n")
