@@ -182,7 +182,8 @@ def parse_source(spec, text_column="text"):
         name, _, config = name.partition(":")
         if not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or (hash_sign and not ref):
             raise SystemExit(f"unknown source {spec!r}: a hub dataset is written hf:org/name[:config][#REVISION]")
-        return source | {"kind": "hf", "name": name.split("/")[1], "path": name, "config": config or None, "ref": ref or "main"}
+        return source | {"kind": "hf", "name": name.split("/")[1], "path": name, "config": config or None,
+                         "ref": ref or "main"}
     if os.path.isdir(spec):
         files = sorted(p for ext in BUILDERS for p in glob.glob(os.path.join(spec, "*" + ext)))
     else:
@@ -251,7 +252,8 @@ def open_dataset(source, label):
     """
     from datasets import load_dataset  # imported here: slow to import, and pydocs does not need it
     if source["kind"] == "hf":
-        args, kwargs, column = (source["path"], source["config"]), {"revision": source["revision"]}, source["text_column"]
+        args, kwargs = (source["path"], source["config"]), {"revision": source["revision"]}
+        column = source["text_column"]
     elif label.endswith(".txt"):  # a .txt file is one document, whatever --text_column says
         args, kwargs, column = ("text",), {"data_files": label, "sample_by": "document"}, "text"
     else:
@@ -348,7 +350,8 @@ class SourceStream:
 
     def go_to(self, where):
         self.turn, self.at = where["turn"], [lane["piece"] for lane in where["lanes"]]
-        self.readers = [self.open_piece(lane, state["rows"]) if state["rows"] else None for lane, state in enumerate(where["lanes"])]
+        self.readers = [self.open_piece(lane, state["rows"]) if state["rows"] else None
+                        for lane, state in enumerate(where["lanes"])]
 
     def next_text(self):
         """The next row's text (None or "" too), from the open pieces in turn; StopIteration once all are read."""
@@ -474,7 +477,7 @@ class ShardWriter:
     def load_state_dict(self, state):
         self.files, self.file_tokens, self.tokens = list(state["files"]), list(state["file_tokens"]), state["tokens"]
         self.n_buf = self.n_saved = state["buffered"]
-        buffered = np.fromfile(self.part_path(), dtype=self.dtype, count=self.n_buf) if self.n_buf else np.zeros(0, self.dtype)
+        buffered = np.fromfile(self.part_path(), self.dtype, self.n_buf) if self.n_buf else np.zeros(0, self.dtype)
         if len(buffered) != self.n_buf:
             raise ValueError(f"{self.part_path()} holds {len(buffered)} of the {self.n_buf} tokens progress.json names")
         if self.n_buf:
@@ -533,7 +536,8 @@ def check_arguments(args):
     # A vocab size only means something for a tokenizer we train, so asking for one asks for the BPE.
     kind = args.tokenizer = args.tokenizer or ("bpe" if only_builtin or args.vocab_size else "gpt2")
     if kind != "bpe" and args.vocab_size is not None:
-        raise SystemExit(f"--vocab_size is the size of a BPE to train (--tokenizer bpe); {kind} comes with its own vocabulary: drop --vocab_size")
+        raise SystemExit(f"--vocab_size is the size of a BPE to train (--tokenizer bpe); {kind} comes with its own "
+                         "vocabulary: drop --vocab_size")
     tok = None
     if kind.startswith("hf:"):
         try:
@@ -553,8 +557,9 @@ def check_arguments(args):
         raise SystemExit(f"vocab_size {vocab_size} ({kind}) does not fit --dtype uint16 (at most 65536 ids): use uint32 or auto")
     if kind in TIKTOKEN:
         tok = load_tiktoken(kind)
-    args.out_dir = os.path.normpath(args.out_dir or os.path.join("data", args.preset or (sources[0]["name"] if len(sources) == 1 else "mix")))
-    for path in (args.out_dir, args.out_dir + ".partial"):  # both are replaced whole: they must hold only our files
+    name = args.preset or (sources[0]["name"] if len(sources) == 1 else "mix")
+    args.out_dir = os.path.normpath(args.out_dir or os.path.join("data", name))
+    for path in (args.out_dir, args.out_dir + ".partial", args.out_dir + ".old"):  # replaced whole: only our files
         if os.path.isfile(path):
             raise SystemExit(f"--out_dir {args.out_dir}: {path} is a file; give another --out_dir")
         if os.path.isdir(path) and (other := sorted(f for f in os.listdir(path) if not OWN_FILES.fullmatch(f))):
@@ -686,11 +691,12 @@ def write_shards(args, sources, weights, tok, build, progress):
 
 
 def swap_in(build, out_dir):
-    """Move the finished dataset into out_dir: the one there (if any) is moved aside first, then removed, so that
-    out_dir always holds a complete dataset, and says what became of the old one. A process that has the old
-    shards open or memory-mapped keeps reading them: on POSIX a file outlives its name until it is closed."""
-    for name in os.listdir(build):  # what only a build in progress needs
-        if name == "progress.json" or name.endswith(".part"):
+    """Move the finished dataset into out_dir by two renames, the one there (if any) moved aside first and removed
+    last, and say what became of it: out_dir holds the old dataset or the new one, but for the instant between the
+    renames. A process that has the old shards open or memory-mapped keeps reading them: on POSIX a file outlives
+    its name until it is closed."""
+    for name in os.listdir(build):  # what only a build in progress needs, and temporaries a killed run left
+        if name == "progress.json" or name.endswith((".part", ".tmp")):
             remove(os.path.join(build, name))
     old = out_dir + ".old"
     old_meta = None
@@ -699,14 +705,14 @@ def swap_in(build, out_dir):
             old_meta = load_meta(out_dir)
         except (OSError, ValueError):
             pass
-        if os.path.isdir(old) and not [f for f in os.listdir(old) if not OWN_FILES.fullmatch(f)]:
-            remove(old)  # left by a swap that was killed between its two renames
+        remove(old)  # left by a swap killed between its renames (check_arguments made sure it holds only our files)
         os.replace(out_dir, old)
     os.replace(build, out_dir)
     if os.path.exists(old):
         remove(old)
-        what = (f"the dataset it held (fingerprint {old_meta.get('fingerprint')}, from: {old_meta.get('command')})" if old_meta
-                else "the incomplete files it held")
+        what = "the incomplete files it held"
+        if old_meta:
+            what = f"the dataset it held (fingerprint {old_meta.get('fingerprint')}, from: {old_meta.get('command')})"
         log(f"{out_dir}: replaced {what}; those files are removed (a process that has them open keeps reading them)")
 
 
@@ -715,7 +721,9 @@ def summary(out_dir, meta, seconds=None, tokens=None):
     n_shards = sum(map(len, meta["shards"].values()))
     line = (f"{out_dir}: {meta['tokens']['train']:,} train + {meta['tokens']['val']:,} val tokens in {n_shards} shards "
             f"({meta['dtype']}, vocab {meta['vocab_size']})")
-    return line + (f" in {seconds:.1f}s ({tokens / seconds:,.0f} tok/s)" if seconds else ": already prepared by this command, nothing to do")
+    if seconds is None:
+        return line + ": already prepared by this command, nothing to do"
+    return line + f" in {seconds:.1f}s ({tokens / seconds:,.0f} tok/s)"
 
 
 def build_dataset(args, sources, tok, recipe, command, build):
@@ -761,10 +769,13 @@ def main(argv=None):
     if meta := finished_dataset(args.out_dir, recipe):
         print(summary(args.out_dir, meta))
         return meta
-    build, done = args.out_dir + ".partial", 0
+    build = args.out_dir + ".partial"
     if os.path.exists(args.out_dir):
-        log(f"{args.out_dir} holds another dataset (or an incomplete one): it stays until the new one, built in {build}, is complete")
-    if not (meta := finished_dataset(build, recipe)):  # else: finished, but stopped before its swap
+        log(f"{args.out_dir} holds another dataset (or an incomplete one): it stays until the new one, built in "
+            f"{build}, is complete")
+    if meta := finished_dataset(build, recipe):  # finished, but stopped before its swap
+        done = sum(meta["tokens"].values())
+    else:
         meta, done = build_dataset(args, sources, tok, recipe, shlex.join(["python", "prepare_data.py", *argv]), build)
     swap_in(build, args.out_dir)
     dt = time.time() - t0
