@@ -13,7 +13,8 @@ A dataset is a directory (written by prepare_data.py, read by train.py and stack
     train_000000.bin, ...    the train split's shards, val_000000.bin, ... the val split's
     meta.json                {"version": 1, "tokenizer": spec, "vocab_size", "eot_id", "fingerprint", ...}: the
                              tokenizer's spec (tokenizer.py), the dataset's identity (compute_fingerprint), then what
-                             prepare_data.py records (sources, shards and their token counts, command)
+                             prepare_data.py records (sources with the revision each was read at, shards and their
+                             token counts, the shuffle, the recipe it was built from, command)
     tokenizer.tiktoken       a "bpe" tokenizer's merge ranks, which meta.json's spec names as "file" (too long
                              for JSON you would read); tiktoken's own format
 meta.json is written last: a directory without it is not (yet) a dataset. This module is the one reader and
@@ -109,10 +110,11 @@ def load_meta(data_dir):
 
 def compute_fingerprint(meta, tokenizer_spec):
     """A dataset's identity: a hash of what was built (the full tokenizer, the sources with their weights and
-    revisions, the seed and val fraction, the shards' names and token counts), not of where it lives. Two
+    revisions, the seed, val fraction and shuffle, the shards' names and token counts), not of where it lives. Two
     directories with the same fingerprint hold the same token stream, so a new phase may continue a checkpoint's
     loader position on it; a re-prepared dataset at the same path gets a new one."""
     identity = {"tokenizer": tokenizer_spec, "seed": meta.get("seed"), "val_fraction": meta.get("val_fraction"),
+                "shuffle": meta.get("shuffle"),
                 "sources": [{k: s.get(k) for k in ("spec", "weight", "revision")} for s in meta.get("sources") or []],
                 "shards": meta.get("shards"), "shard_tokens": meta.get("shard_tokens"), "tokens": meta.get("tokens"),
                 "vocab_size": meta.get("vocab_size")}

@@ -5,36 +5,45 @@ Prepare a token dataset: text documents -> tokenizer -> train/val shards + meta.
     python prepare_data.py --sources pystdlib --vocab_size 2048   # the stdlib's own source, ~10M tokens -> data/pystdlib
     python prepare_data.py --sources 'notes/*.txt' books.jsonl  # local files, read fully -> data/mix
     python prepare_data.py --sources a.jsonl@0.75 b.parquet@0.25 --max_tokens 1_000_000
+    python prepare_data.py --sources 'hf:HuggingFaceFW/fineweb-edu:sample-10BT#COMMIT' --max_tokens 1_000_000_000
     python prepare_data.py --preset reference --max_tokens 9_000_000_000   # the hub blend -> data/reference
 
-A source is a built-in corpus (`pydocs`, `pystdlib`: text that ships with Python), a local .txt/.jsonl/.json/.parquet file (or a directory or glob of
-them), or a Hugging Face hub dataset `hf:org/name[:config]`, each optionally suffixed `@WEIGHT`. Local files and
-hub datasets go through one code path, datasets.load_dataset(..., streaming=True). Weighted sources are
-interleaved until each has its share of --max_tokens; without a budget every source is read fully.
+A source is a built-in corpus (`pydocs`, `pystdlib`: text that ships with Python), a local .txt/.jsonl/.json/.parquet
+file (or a directory or glob of them), or a Hugging Face hub dataset `hf:org/name[:config][#REVISION]` (a commit,
+branch or tag; main if not given), each optionally suffixed `@WEIGHT`. Local files and hub datasets go through one
+code path, datasets.load_dataset(..., streaming=True), and are shuffled as they stream (SourceStream). Weighted
+sources are interleaved until each has its share of --max_tokens; without a budget every source is read fully.
 
-The story, main() at the bottom: check the arguments -> clear any stale dataset in out_dir -> tokenizer
-(tiktoken by name, a Hugging Face model's own, or a BPE trained with rustbpe on the train side of the same mix)
--> stream, mix, encode in batches on all cores, send each document (plus end-of-text) to train or val -> shards
--> meta.json, written last (data.py). Until meta.json exists the directory is not a dataset; on any error the
-files this run wrote are removed.
+A run never destroys a dataset and never loses its work. It builds in OUT_DIR.partial, records its progress there
+at every train shard (progress.json, and the unwritten start of the next shard of each split in its .part file),
+and moves the finished dataset into out_dir, which until then keeps the dataset it had. Run again, the same
+command continues an unfinished build where it stopped, to the same bytes as a run never stopped; finds a finished
+one and has nothing to do; and any other command starts over, saying so. "The same" is the recipe: everything
+that decides the bytes, each source pinned to what it was read from (a hub commit, a hash of local contents).
+
+The story, main() at the bottom: check the arguments -> pin the sources -> done already? -> an unfinished build to
+continue? -> tokenizer (tiktoken by name, a Hugging Face model's own, or a BPE trained with rustbpe on the train
+side of the same mix) -> stream, shuffle, mix, encode in batches on all cores, send each document (plus
+end-of-text) to train or val -> shards -> meta.json (data.py) -> swap into out_dir.
 """
 import argparse
 import ast
 import glob
+import hashlib
 import importlib.util
+import json
 import os
 import random
 import re
 import shlex
 import sys
 import time
-from itertools import islice
 
 import numpy as np
 from tqdm import tqdm
 
-from common import log, remove
-from data import write_meta, write_shard
+from common import atomic_write, log, remove
+from data import load_meta, read_shard, write_meta, write_shard
 from tokenizer import TIKTOKEN, Tokenizer
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -43,13 +52,27 @@ BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parq
 # benchmarks (FineWeb paper, 2024); plain FineWeb keeps the breadth of the web; Cosmopedia's synthetic textbooks
 # help but are repetitive, so they get less; Wikipedia is high quality but small, 10%.
 # At 9B tokens no share exceeds what its subset holds (~10B, ~28B, ~10B, ~5B tokens).
-PRESETS = {"reference": ["hf:HuggingFaceFW/fineweb-edu:sample-10BT@0.4", "hf:HuggingFaceTB/smollm-corpus:cosmopedia-v2@0.2",
-                         "hf:HuggingFaceFW/fineweb:sample-10BT@0.3", "hf:wikimedia/wikipedia:20231101.en@0.1"]}
+# #main: these revisions could not be looked up where this was written (no access to the hub), so each names the
+# branch; a run resolves it to the commit it reads and records that in meta.json (sources[i].revision). Put those
+# commits here, in place of main, to build the same dataset again later.
+PRESETS = {"reference": ["hf:HuggingFaceFW/fineweb-edu:sample-10BT#main@0.4",
+                         "hf:HuggingFaceTB/smollm-corpus:cosmopedia-v2#main@0.2",
+                         "hf:HuggingFaceFW/fineweb:sample-10BT#main@0.3",
+                         "hf:wikimedia/wikipedia:20231101.en#main@0.1"]}
+# A streamed source is read from this many of its pieces at a time, in turn, as datasets' own shuffle does
+# (IterableDataset.shuffle's max_buffer_input_shards): a prefix of the stream then starts in 10 places of the
+# source, not one. Each open piece holds a parquet row group in memory.
+OPEN_PIECES = 10
+# Bumped whenever a change here would build other bytes from the same arguments: a partial build of another
+# version starts over instead of being continued.
+BUILD_VERSION = 2
+# The files this script writes in a dataset directory or its OUT_DIR.partial: the only ones it ever removes.
+OWN_FILES = re.compile(r"(meta\.json|tokenizer\.tiktoken|progress\.json|(train|val)_\d{6}\.(bin|part))(\.tmp)?")
 
 
 # -----------------------------------------------------------------------------------------------
-# Readers: one per kind of source, each `read_<kind>(source) -> iterable of documents (str)`, where source is
-# what parse_source made of its spec. They are registered in READERS, below them.
+# Built-in corpora: each `read_<name>(source) -> list of documents (str)`, registered in BUILTIN_CORPORA below.
+# They are small, held in memory and shuffled whole (pin_sources).
 
 def read_pydocs(source):
     """The English that ships inside every CPython, read without importing anything: pydoc's help topics plus
@@ -132,48 +155,16 @@ def read_pystdlib(source):
     return docs
 
 
-def stream_texts(label, text_column, *args, **kwargs):
-    """Documents of one dataset via load_dataset(streaming=True): the one path for local files and the hub."""
-    from datasets import load_dataset  # imported here: slow to import, and pydocs does not need it
-    try:
-        for row in load_dataset(*args, split="train", streaming=True, **kwargs):
-            if text_column not in row:
-                raise SystemExit(f"{label}: no column {text_column!r}; its columns are {sorted(row)} (pick one with --text_column)")
-            text = row[text_column]
-            if text is not None and not isinstance(text, str):
-                raise SystemExit(f"{label}: column {text_column!r} holds {type(text).__name__}, not text")
-            if text:  # an empty document would only add a stray end-of-text
-                yield text
-    except SystemExit:
-        raise
-    except Exception as e:  # unreadable, corrupt, unreachable: say which source and why, then stop
-        raise SystemExit(f"{label}: cannot read it ({type(e).__name__}: {e})") from e
-
-
-def read_hub(source):
-    """A Hugging Face hub dataset, streamed."""
-    return stream_texts(source["spec"], source["text_column"], source["path"], source["config"])
-
-
-def read_local(source):
-    """Local files, one load_dataset per file so that an error names the file; a .txt file is one document."""
-    return (text for f in source["files"] for text in (
-        stream_texts(f, "text", "text", data_files=f, sample_by="document") if f.endswith(".txt") else
-        stream_texts(f, source["text_column"], BUILDERS[os.path.splitext(f)[1]], data_files=f)))
-
-
-# Every kind of source and its reader. A built-in corpus is named by a bare word on the command line; it is
-# small and held in memory, read once, shuffled (seeded, so that the per-document train/val split is iid) and
-# tokenized with a BPE trained on it by default. To add a corpus: write its reader above, list it here.
+# Every built-in corpus, named by a bare word on the command line and tokenized with a BPE trained on it by
+# default. To add a corpus: write its reader above, list it here.
 BUILTIN_CORPORA = {"pydocs": read_pydocs, "pystdlib": read_pystdlib}
-READERS = {**BUILTIN_CORPORA, "hf": read_hub, "local": read_local}
 
 
 # -----------------------------------------------------------------------------------------------
-# Sources: parse a spec, then open it as an iterator of document strings
+# Sources: parse a spec, pin it to what exactly it reads, then stream it as (document, is_val)
 
 def parse_source(spec, text_column="text"):
-    """A source spec (see the module docstring) -> {"spec", "weight", "kind", "name", ...what its reader needs}."""
+    """A source spec (see the module docstring) -> {"spec", "weight", "kind", "name", ...what reading it needs}."""
     head, _, tail = spec.rpartition("@")
     try:
         weight = float(tail) if head else None
@@ -187,10 +178,12 @@ def parse_source(spec, text_column="text"):
     if spec in BUILTIN_CORPORA:
         return source | {"kind": spec, "name": spec}
     if spec.startswith("hf:"):
-        name, _, config = spec[3:].partition(":")
-        if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-            raise SystemExit(f"unknown source {spec!r}: a hub dataset is written hf:org/name[:config]")
-        return source | {"kind": "hf", "name": name.split("/")[1], "path": name, "config": config or None}
+        name, hash_sign, ref = spec[3:].partition("#")
+        name, _, config = name.partition(":")
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or (hash_sign and not ref):
+            raise SystemExit(f"unknown source {spec!r}: a hub dataset is written hf:org/name[:config][#REVISION]")
+        return source | {"kind": "hf", "name": name.split("/")[1], "path": name, "config": config or None,
+                         "ref": ref or "main"}
     if os.path.isdir(spec):
         files = sorted(p for ext in BUILDERS for p in glob.glob(os.path.join(spec, "*" + ext)))
     else:
@@ -200,8 +193,8 @@ def parse_source(spec, text_column="text"):
             raise SystemExit(f"source {spec!r}: no .txt/.jsonl/.json/.parquet files match")
         if os.path.splitext(spec)[1] in BUILDERS:
             raise SystemExit(f"source {spec!r}: no such file")
-        raise SystemExit(f"unknown source {spec!r}: expected {', '.join(BUILTIN_CORPORA)}, hf:org/name[:config], or a "
-                         ".txt/.jsonl/.json/.parquet file, directory or glob (each optionally @WEIGHT)")
+        raise SystemExit(f"unknown source {spec!r}: expected {', '.join(BUILTIN_CORPORA)}, hf:org/name[:config][#REVISION], "
+                         "or a .txt/.jsonl/.json/.parquet file, directory or glob (each optionally @WEIGHT)")
     for f in files:
         if os.path.splitext(f)[1] not in BUILDERS:
             raise SystemExit(f"unknown source {f!r}: local files must be .txt, .jsonl, .json or .parquet")
@@ -209,62 +202,248 @@ def parse_source(spec, text_column="text"):
     return source | {"kind": "local", "name": name, "files": files}
 
 
-def open_source(source, seed):
-    """An iterator over a source's documents (a built-in corpus is extracted once, ~2 s, and kept)."""
-    if source["kind"] not in BUILTIN_CORPORA:
-        return iter(READERS[source["kind"]](source))
-    if "docs" not in source:
-        source["docs"] = list(READERS[source["kind"]](source))
-        random.Random(seed).shuffle(source["docs"])
-    return iter(source["docs"])
+def pin_sources(sources, seed):
+    """
+    Set each source's "revision" to what exactly it reads, so that the recipe (and meta.json) names the data:
+    a hub dataset's commit (its branch or tag resolved once, now, so the whole run reads that commit), a sha256 of
+    local files' contents (a copy elsewhere is the same source; an edited file is not), a sha256 of a built-in
+    corpus's documents (they depend on the Python that runs this). A built-in corpus is read here, once (~2 s),
+    and shuffled whole (seeded), so that its per-document train/val split is iid.
+    """
+    for source in sources:
+        if source["kind"] == "hf":
+            source["revision"] = hub_commit(source)
+        elif source["kind"] == "local":
+            digest = hashlib.sha256()
+            for path in source["files"]:
+                with open(path, "rb") as f:
+                    digest.update(hashlib.file_digest(f, "sha256").digest())
+            source["revision"] = "sha256:" + digest.hexdigest()[:16]
+        else:
+            docs = BUILTIN_CORPORA[source["kind"]](source)
+            digest = hashlib.sha256()
+            for doc in docs:
+                data = doc.encode("utf-8", "surrogatepass")
+                digest.update(len(data).to_bytes(8, "little") + data)
+            source["revision"] = "sha256:" + digest.hexdigest()[:16]
+            random.Random(seed).shuffle(docs)
+            source["docs"] = docs
 
 
-def split_docs(source, i, seed, val_fraction):
-    """(doc, is_val) for source i: each document goes to val with probability val_fraction. The source's k-th
-    document gets the same decision in every pass over it, so the BPE trained on the train side never sees val."""
-    rng = random.Random(f"{seed}/{i}")
-    for doc in open_source(source, seed):
-        yield doc, rng.random() < val_fraction
+def hub_commit(source):
+    """The commit a hub source's revision names (a 40-hex commit is one already: no need to ask the hub)."""
+    if re.fullmatch(r"[0-9a-f]{40}", source["ref"]):
+        return source["ref"]
+    from huggingface_hub import HfApi
+    try:
+        return HfApi().dataset_info(source["path"], revision=source["ref"]).sha
+    except Exception as e:  # unknown dataset or revision, offline, unreachable
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"{source['spec']}: cannot read it: the hub did not resolve revision {source['ref']!r} "
+                         f"({type(e).__name__}: {reason}); check the name and the network, or, with the dataset in "
+                         "the Hugging Face cache, pin its commit: hf:org/name[:config]#<40-hex commit>") from None
 
 
-def mix(streams, weights, budget, measure):
+def open_dataset(source, label):
+    """
+    The streamed dataset behind a label (a hub source's spec, or one local file: one load_dataset per file, so that
+    an error names the file), split into its parquet row groups (reshard(); other formats stay one piece per file)
+    and reduced to its text column. Returns (dataset, column).
+    """
+    from datasets import load_dataset  # imported here: slow to import, and pydocs does not need it
+    if source["kind"] == "hf":
+        args, kwargs = (source["path"], source["config"]), {"revision": source["revision"]}
+        column = source["text_column"]
+    elif label.endswith(".txt"):  # a .txt file is one document, whatever --text_column says
+        args, kwargs, column = ("text",), {"data_files": label, "sample_by": "document"}, "text"
+    else:
+        args, kwargs, column = (BUILDERS[os.path.splitext(label)[1]],), {"data_files": label}, source["text_column"]
+    try:
+        dataset = load_dataset(*args, split="train", streaming=True, **kwargs).reshard()
+    except Exception as e:  # unreadable, corrupt, unreachable: say which source and why, then stop
+        raise SystemExit(f"{label}: cannot read it ({type(e).__name__}: {e})") from e
+    if dataset.column_names is None:  # not known before reading (text files): the rows will tell
+        return dataset, column
+    if column not in dataset.column_names:
+        raise SystemExit(f"{label}: no column {column!r}; its columns are {sorted(dataset.column_names)} (pick one with --text_column)")
+    return dataset.select_columns([column]), column
+
+
+class SourceStream:
+    """
+    Source i's documents in the order they enter the dataset, each with its split: next() gives (text, is_val), or,
+    given a tokenizer, (ids, is_val), encoded batch_docs documents at a time on all cores and ending with end-of-text.
+
+    A built-in corpus is its list, shuffled by pin_sources. A streamed source is read in pieces (a parquet file's
+    row groups, a .jsonl/.json file, a .txt file) in a random order, from OPEN_PIECES of them at a time in turn,
+    and its documents are taken block_docs at a time, each block in a random order: a prefix of the stream is then
+    a sample of the whole source, not its first files (the README measures how close). This is what datasets'
+    IterableDataset.shuffle(seed, buffer_size) does too, but its state_dict() drops the buffer, so a resumed build
+    would differ; here a block is read again instead. The orders are seeded by (seed, i, the block's number), so
+    every pass over the source is the same. Each document goes to val with probability val_fraction, drawn from an
+    RNG seeded by (seed, i): the k-th document gets the same decision in every pass, so a BPE trained on the train
+    side never sees val. With block_docs = 0 nothing is shuffled: pieces and documents come in file order.
+
+    state_dict() is small and holds no text: where the current block started (each open piece, with datasets' own
+    state_dict() of it, which restarts it at a row without reading the rows before), how far into the block, and
+    the split's RNG. load_state_dict() reads that block again and continues at the same document.
+    """
+
+    def __init__(self, source, i, args, tok=None):
+        self.source, self.tok, self.batch_docs, self.val_fraction = source, tok, args.batch_docs, args.val_fraction
+        self.seed = f"{args.seed}/{i}"
+        self.split_rng = random.Random(self.seed)
+        self.shuffle = args.shuffle_block > 0
+        self.block_docs = args.shuffle_block or args.batch_docs  # unshuffled, a block only paces the reading
+        self.datasets = {}  # label -> (dataset, column), each opened once
+        self.lanes = []  # the pieces each open piece is taken from in turn: pieces[lane::OPEN_PIECES]
+        self.block = []
+        if "docs" in source:  # a built-in corpus: one block, shuffled already
+            self.block = source["docs"]
+        else:
+            labels = [source["spec"]] if source["kind"] == "hf" else source["files"]
+            pieces = [(label, k) for label in labels for k in range(self.count_pieces(label))]
+            if self.shuffle:
+                random.Random(f"{self.seed}/pieces").shuffle(pieces)
+            open_pieces = OPEN_PIECES if self.shuffle else 1
+            self.lanes = [pieces[lane::open_pieces] for lane in range(min(open_pieces, len(pieces)))]
+        self.index = 0  # the next document of the block
+        self.encoded = []  # the block's documents from index on, encoded, last first
+        self.turn, self.at, self.readers = 0, [0] * len(self.lanes), [None] * len(self.lanes)  # where the reading is
+        self.start = self.next_start = {"block": 0, **self.where()}  # where the current and the next block start
+
+    def count_pieces(self, label):
+        """How many pieces a label holds: only parquet has to be opened to tell (a .jsonl/.txt file is one)."""
+        return self.dataset(label)[0].num_shards if self.source["kind"] == "hf" or label.endswith(".parquet") else 1
+
+    def dataset(self, label):
+        if label not in self.datasets:
+            self.datasets[label] = open_dataset(self.source, label)
+        return self.datasets[label]
+
+    def open_piece(self, lane, rows_state):
+        """A lane's current piece: (its dataset, an iterator over its texts), at rows_state if given."""
+        label, k = self.lanes[lane][self.at[lane]]
+        dataset, column = self.dataset(label)
+        piece = dataset.shard(dataset.num_shards, k)
+        if rows_state:
+            piece.load_state_dict(rows_state)
+        return piece, self.texts(label, piece, column)
+
+    @staticmethod
+    def texts(label, rows, column):
+        try:
+            for row in rows:
+                text = row.get(column)
+                if text is not None and not isinstance(text, str):
+                    raise SystemExit(f"{label}: column {column!r} holds {type(text).__name__}, not text")
+                yield text
+        except SystemExit:
+            raise
+        except Exception as e:  # corrupt, unreachable, a dropped connection: say which piece and why, then stop
+            raise SystemExit(f"{label}: cannot read it ({type(e).__name__}: {e})") from e
+
+    def where(self):
+        """Where the reading is: whose turn it is, each lane's piece and datasets' state_dict() of it if open."""
+        return {"turn": self.turn, "lanes": [{"piece": at, "rows": reader[0].state_dict() if reader else None}
+                                             for at, reader in zip(self.at, self.readers)]}
+
+    def go_to(self, where):
+        self.turn, self.at = where["turn"], [lane["piece"] for lane in where["lanes"]]
+        self.readers = [self.open_piece(lane, state["rows"]) if state["rows"] else None
+                        for lane, state in enumerate(where["lanes"])]
+
+    def next_text(self):
+        """The next row's text (None or "" too), from the open pieces in turn; StopIteration once all are read."""
+        while any(at < len(pieces) for at, pieces in zip(self.at, self.lanes)):
+            lane, self.turn = self.turn, (self.turn + 1) % len(self.lanes)
+            while self.at[lane] < len(self.lanes[lane]):
+                if self.readers[lane] is None:
+                    self.readers[lane] = self.open_piece(lane, None)
+                text = next(self.readers[lane][1], StopIteration)
+                if text is not StopIteration:
+                    return text
+                self.at[lane], self.readers[lane] = self.at[lane] + 1, None
+        return StopIteration
+
+    def read_block(self):
+        """The next block_docs documents from where the last block ended, shuffled; [] at the end of the source."""
+        self.start, docs = self.next_start, []
+        while len(docs) < self.block_docs and (text := self.next_text()) is not StopIteration:
+            if text:  # an empty document would only add a stray end-of-text
+                docs.append(text)
+        self.next_start = {"block": self.start["block"] + 1, **self.where()}
+        if self.shuffle:
+            random.Random(f"{self.seed}/block {self.start['block']}").shuffle(docs)
+        return docs
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.index == len(self.block):
+            self.block, self.index = self.read_block(), 0
+            if not self.block:
+                raise StopIteration
+        doc, self.index = self.block[self.index], self.index + 1
+        is_val = self.split_rng.random() < self.val_fraction
+        if self.tok is None:
+            return doc, is_val
+        if not self.encoded:
+            self.encoded = self.tok.encode_batch(self.block[self.index - 1:self.index - 1 + self.batch_docs])[::-1]
+        ids = self.encoded.pop()
+        ids.append(self.tok.eot_id)
+        return ids, is_val
+
+    def state_dict(self):
+        return {"start": self.start, "index": self.index, "split_rng": self.split_rng.getstate()}
+
+    def load_state_dict(self, state):
+        version, internal, gauss = state["split_rng"]
+        self.split_rng.setstate((version, tuple(internal), gauss))
+        if self.lanes:  # read the block the state is in again
+            self.next_start = state["start"]
+            self.go_to(state["start"])
+            self.block = self.read_block()
+        self.index, self.encoded = state["index"], []
+
+
+def mix(streams, weights, budget, measure, state=None):
     """
     Interleave iterators by weight: next comes from the source furthest behind its share, so the mix is even
     all along (a cut anywhere holds the right proportions). With a budget, source i stops once measure() of its
     items reaches weights[i]/sum(weights) * budget; a source that runs out early just ends. Yields (i, item).
+    state ({"used": measure so far per source, "live": sources not done}) is kept up to date with every item
+    given out, so that a copy of it saved along with the streams' positions continues the same mix.
     """
     total = sum(weights)
     caps = [None if budget is None else budget * w / total for w in weights]
-    used = [0] * len(streams)
-    live = list(range(len(streams)))
+    state = state or {"used": [0] * len(streams), "live": list(range(len(streams)))}
+    used, live = state["used"], state["live"]
     while live:
         i = min(live, key=lambda j: used[j] / weights[j])
         item = next(streams[i], None)
         if item is None:
             live.remove(i)
             continue
-        yield i, item
         used[i] += measure(item)
         if caps[i] is not None and used[i] >= caps[i]:
             live.remove(i)
-
-
-def encoded(docs, tok, batch_docs):
-    """(doc, is_val) -> (ids, is_val), encoding batch_docs documents at a time on all cores. Every document
-    ends with end-of-text: that is what separates documents in a shard."""
-    while batch := list(islice(docs, batch_docs)):
-        for (_, is_val), ids in zip(batch, tok.encode_batch([d for d, _ in batch])):
-            ids.append(tok.eot_id)
-            yield ids, is_val
+        yield i, item
 
 
 class ShardWriter:
-    """Buffers one split's tokens and writes a shard of exactly shard_size tokens whenever the buffer fills."""
+    """
+    Buffers one split's tokens and writes a shard of exactly shard_size tokens whenever the buffer fills. The
+    buffer is the start of the next shard: state_dict() appends what it has not saved yet to that shard's .part
+    file (a val buffer can hold most of a shard: it is written once, not at every save) and load_state_dict()
+    reads it back, cut to the length the state names (a killed run may have appended more after its last save).
+    """
 
-    def __init__(self, out_dir, split, dtype, shard_size, written):
-        self.out_dir, self.split, self.dtype, self.shard_size = out_dir, split, dtype, shard_size
-        self.written = written  # shared with main(), which removes these files if the run fails
-        self.files, self.file_tokens, self.buf, self.n_buf, self.tokens = [], [], [], 0, 0
+    def __init__(self, out_dir, split, dtype, shard_size):
+        self.out_dir, self.split, self.dtype, self.shard_size = out_dir, split, np.dtype(dtype), shard_size
+        self.files, self.file_tokens, self.tokens = [], [], 0
+        self.buf, self.n_buf, self.n_saved = [], 0, 0  # n_saved: tokens of the buffer already in the .part file
 
     def add(self, ids):
         self.buf.append(np.asarray(ids, dtype=self.dtype))
@@ -279,29 +458,47 @@ class ShardWriter:
         buf = np.concatenate(self.buf)
         n = len(buf) if n is None else n
         name = f"{self.split}_{len(self.files):06d}.bin"
-        path = os.path.join(self.out_dir, name)
-        self.written.append(path)  # before writing: a half-written .tmp gets cleaned up too
-        write_shard(path, buf[:n])
+        write_shard(os.path.join(self.out_dir, name), buf[:n])
         self.files.append(name)
         self.file_tokens.append(int(n))
-        self.buf, self.n_buf = [buf[n:]], len(buf) - n
+        self.buf, self.n_buf, self.n_saved = [buf[n:]], len(buf) - n, 0
 
+    def part_path(self):
+        return os.path.join(self.out_dir, f"{self.split}_{len(self.files):06d}.part")
+
+    def state_dict(self):
+        if self.n_buf > self.n_saved:
+            self.buf = [np.concatenate(self.buf)]
+            with open(self.part_path(), "ab" if self.n_saved else "wb") as f:  # wb: a killed run's stale part
+                f.write(self.buf[0][self.n_saved:].tobytes())
+            self.n_saved = self.n_buf
+        return {"files": self.files, "file_tokens": self.file_tokens, "tokens": self.tokens, "buffered": self.n_buf}
+
+    def load_state_dict(self, state):
+        self.files, self.file_tokens, self.tokens = list(state["files"]), list(state["file_tokens"]), state["tokens"]
+        self.n_buf = self.n_saved = state["buffered"]
+        buffered = np.fromfile(self.part_path(), self.dtype, self.n_buf) if self.n_buf else np.zeros(0, self.dtype)
+        if len(buffered) != self.n_buf:
+            raise ValueError(f"{self.part_path()} holds {len(buffered)} of the {self.n_buf} tokens progress.json names")
+        if self.n_buf:
+            os.truncate(self.part_path(), self.n_buf * self.dtype.itemsize)
+        self.buf = [buffered]
 
 
 # -----------------------------------------------------------------------------------------------
 # The steps of main(), in order
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\nThe story")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\nA run never")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=f"SPEC: {' | '.join(BUILTIN_CORPORA)} | PATH/DIR/GLOB of .txt .jsonl .json .parquet | "
-                                       "hf:org/name[:config], each optionally @WEIGHT")
+                                       "hf:org/name[:config][#REVISION], each optionally @WEIGHT")
     p.add_argument("--sources", nargs="+", metavar="SPEC", help="what to read (default: pydocs)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named blend instead of --sources (reference: 4 hub corpora, needs --max_tokens)")
     p.add_argument("--max_tokens", type=int, metavar="N", help="token budget over train+val, shared by weight (equally without weights; default: read everything)")
     p.add_argument("--out_dir", help="default: data/<preset or source name>, data/mix for several sources")
     p.add_argument("--tokenizer", metavar="NAME", help=f"bpe, {', '.join(TIKTOKEN)}, or hf:DIR (a Hugging Face model's own "
-                   "tokenizer.json, to continue training that model); default: bpe for built-in corpora, gpt2 otherwise")
-    p.add_argument("--vocab_size", type=int, default=4096, metavar="N", help="for --tokenizer bpe (default: %(default)s)")
+                   "tokenizer.json, to continue training that model); default: bpe for built-in corpora or with --vocab_size, gpt2 otherwise")
+    p.add_argument("--vocab_size", type=int, metavar="N", help="train a BPE of this size (--tokenizer bpe; default 4096)")
     p.add_argument("--bpe_train_chars", type=int, default=200_000_000, metavar="N",
                    help="at most this many characters of train text (mixed by weight) to train the BPE on (default: %(default)s)")
     p.add_argument("--text_column", default="text", help="column holding the text in .jsonl/.json/.parquet and hub rows (default: %(default)s)")
@@ -309,71 +506,140 @@ def parse_args(argv):
     p.add_argument("--shard_size", type=int, default=100_000_000, metavar="N", help="tokens per shard (default: %(default)s)")
     p.add_argument("--val_fraction", type=float, metavar="F", help="share of documents for val (default 0.05 for built-in corpora: "
                    "pydocs' ~600k tokens need 5%% for a steady val loss; 0.005 otherwise, already millions of tokens at scale)")
-    p.add_argument("--seed", type=int, default=1337, help="built-in corpus shuffle and train/val split (default: %(default)s)")
+    p.add_argument("--shuffle_block", type=int, default=10_000, metavar="N",
+                   help="streamed sources: read their pieces in a random order and shuffle every N documents; "
+                        "0: file order, no shuffling (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=1337, help="shuffles and the train/val split (default: %(default)s)")
     p.add_argument("--batch_docs", type=int, default=1024, metavar="N", help="documents per encode batch (default: %(default)s)")
     return p.parse_args(argv)
 
 
 def check_arguments(args):
-    """Check everything that can be checked before the disk is touched, and fill in the defaults that depend on
-    the sources (val_fraction, tokenizer, dtype, out_dir). Returns the parsed sources, and the tokenizer if it is
-    a Hugging Face model's (loaded now: its vocab size decides the dtype)."""
+    """Check everything that can be checked before reading any data, and fill in the defaults that depend on the
+    sources (val_fraction, tokenizer, vocab_size, dtype, out_dir). Returns the parsed sources, and the tokenizer
+    unless it is a BPE still to train (a named one is loaded now: a download that fails should fail first)."""
     if args.preset and args.sources:
         raise SystemExit("give either --preset or --sources, not both")
     sources = [parse_source(s, args.text_column) for s in (PRESETS[args.preset] if args.preset else args.sources or ["pydocs"])]
     if any(s["weight"] is not None for s in sources) and args.max_tokens is None:
         raise SystemExit("source weights need a budget to share: add --max_tokens N")
-    for flag in ("max_tokens", "shard_size", "batch_docs", "bpe_train_chars"):
+    for flag in ("max_tokens", "shard_size", "batch_docs", "bpe_train_chars", "vocab_size"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise SystemExit(f"--{flag} must be positive, got {getattr(args, flag)}")
+    if args.shuffle_block < 0:
+        raise SystemExit(f"--shuffle_block must be 0 (no shuffling) or more, got {args.shuffle_block}")
     only_builtin = all(s["kind"] in BUILTIN_CORPORA for s in sources)
     if args.val_fraction is None:
         args.val_fraction = 0.05 if only_builtin else 0.005
     if not 0 < args.val_fraction < 1:
         raise SystemExit(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
-    kind = args.tokenizer = args.tokenizer or ("bpe" if only_builtin else "gpt2")
-    hf_tokenizer = None
+    # A vocab size only means something for a tokenizer we train, so asking for one asks for the BPE.
+    kind = args.tokenizer = args.tokenizer or ("bpe" if only_builtin or args.vocab_size else "gpt2")
+    if kind != "bpe" and args.vocab_size is not None:
+        raise SystemExit(f"--vocab_size is the size of a BPE to train (--tokenizer bpe); {kind} comes with its own "
+                         "vocabulary: drop --vocab_size")
+    tok = None
     if kind.startswith("hf:"):
         try:
-            hf_tokenizer = Tokenizer.from_hf(kind[3:])
+            tok = Tokenizer.from_hf(kind[3:])
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"--tokenizer {kind}: {e}")
     elif kind not in ("bpe", *TIKTOKEN):
         raise SystemExit(f"unknown --tokenizer {kind!r}: choose bpe, {', '.join(TIKTOKEN)} or hf:DIR")
-    vocab_size = args.vocab_size if kind == "bpe" else hf_tokenizer.vocab_size if hf_tokenizer else TIKTOKEN[kind][1]
-    if kind == "bpe" and vocab_size < 258:
-        raise SystemExit(f"--vocab_size {vocab_size} is too small: a byte-level BPE needs 256 byte tokens + <|endoftext|>")
+    if kind == "bpe":
+        args.vocab_size = args.vocab_size or 4096
+        if args.vocab_size < 258:
+            raise SystemExit(f"--vocab_size {args.vocab_size} is too small: a byte-level BPE needs 256 byte tokens + <|endoftext|>")
+    vocab_size = args.vocab_size if kind == "bpe" else tok.vocab_size if tok else TIKTOKEN[kind][1]
     if args.dtype == "auto":
         args.dtype = "uint16" if vocab_size <= 2**16 else "uint32"
     if args.dtype == "uint16" and vocab_size > 2**16:
         raise SystemExit(f"vocab_size {vocab_size} ({kind}) does not fit --dtype uint16 (at most 65536 ids): use uint32 or auto")
-    args.out_dir = args.out_dir or os.path.join("data", args.preset or (sources[0]["name"] if len(sources) == 1 else "mix"))
-    return sources, hf_tokenizer
+    if kind in TIKTOKEN:
+        tok = load_tiktoken(kind)
+    name = args.preset or (sources[0]["name"] if len(sources) == 1 else "mix")
+    args.out_dir = os.path.normpath(args.out_dir or os.path.join("data", name))
+    for path in (args.out_dir, args.out_dir + ".partial", args.out_dir + ".old"):  # replaced whole: only our files
+        if os.path.isfile(path):
+            raise SystemExit(f"--out_dir {args.out_dir}: {path} is a file; give another --out_dir")
+        if os.path.isdir(path) and (other := sorted(f for f in os.listdir(path) if not OWN_FILES.fullmatch(f))):
+            raise SystemExit(f"--out_dir {args.out_dir}: {path} holds files that are not a dataset's ({', '.join(other[:3])}"
+                             f"{', ...' if len(other) > 3 else ''}), which a build would replace: give another --out_dir")
+    return sources, tok
 
 
-def clear_stale_dataset(out_dir):
-    """Remove an older dataset's files: old shards too, since a loader globs train_*.bin and would mix them in."""
-    os.makedirs(out_dir, exist_ok=True)
-    stale = [os.path.join(out_dir, n) for n in ("meta.json", "tokenizer.tiktoken")]
-    stale += glob.glob(os.path.join(out_dir, "train_*.bin*")) + glob.glob(os.path.join(out_dir, "val_*.bin*"))
-    for path in stale:
-        remove(path)
+def load_tiktoken(kind):
+    try:
+        return Tokenizer.from_tiktoken(kind)
+    except Exception as e:  # tiktoken downloads an encoding the first time and caches it
+        raise SystemExit(f"cannot load the tiktoken encoding {kind!r} ({TIKTOKEN[kind][0]}): {type(e).__name__} while "
+                         "downloading it; offline, set TIKTOKEN_CACHE_DIR to a directory that holds its cached file, "
+                         "or use --tokenizer bpe (a BPE trained on your data)") from None
 
 
-def build_tokenizer(args, sources, weights, hf_tokenizer):
-    """The tokenizer by name, the Hugging Face model's, or a BPE trained on the train side of the mix."""
-    kind = args.tokenizer
-    if hf_tokenizer:
-        return hf_tokenizer
-    if kind != "bpe":
-        try:
-            tok = Tokenizer.from_tiktoken(kind)
-        except Exception as e:
-            raise SystemExit(f"cannot load tiktoken encoding {kind!r} ({type(e).__name__}: {e}); "
-                             "offline it needs a cache in TIKTOKEN_CACHE_DIR") from e
-        assert args.dtype == "uint32" or tok.vocab_size <= 2**16, (kind, tok.vocab_size)  # TIKTOKEN is out of date
-        return tok
-    streams = [(d for d, is_val in split_docs(s, i, args.seed, args.val_fraction) if not is_val) for i, s in enumerate(sources)]
+def recipe_of(args, sources, tok):
+    """Everything that decides the bytes of the dataset, hashed: two runs with the same recipe build the same
+    dataset. Not the out_dir, not --batch_docs (encoding in other batches gives the same ids)."""
+    identity = {"version": BUILD_VERSION, "seed": args.seed, "val_fraction": args.val_fraction, "dtype": args.dtype,
+                "shard_size": args.shard_size, "max_tokens": args.max_tokens, "shuffle_block": args.shuffle_block,
+                "sources": [{k: s[k] for k in ("spec", "weight", "revision", "text_column")} for s in sources],
+                "tokenizer": ({"kind": "bpe", "vocab_size": args.vocab_size, "bpe_train_chars": args.bpe_train_chars}
+                              if args.tokenizer == "bpe" else tok.spec())}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def finished_dataset(directory, recipe):
+    """directory's meta.json if it holds the dataset of this recipe, complete (every shard it lists, at its size)."""
+    try:
+        meta = load_meta(directory)
+        if meta.get("recipe") != recipe:
+            return None
+        for split, names in meta["shards"].items():
+            for name, n in zip(names, meta["shard_tokens"][split], strict=True):
+                if len(read_shard(os.path.join(directory, name))) != n:
+                    return None
+    except (OSError, ValueError, KeyError, TypeError):  # missing or damaged: not this dataset
+        return None
+    return meta
+
+
+def open_build(build, recipe, command):
+    """The progress of the unfinished build of this recipe in build, or None after making build an empty directory
+    (saying why when it held another command's build)."""
+    try:
+        with open(os.path.join(build, "progress.json")) as f:
+            progress = json.load(f)
+        if progress["recipe"] == recipe:
+            done = progress.get("writers", {}).get("train", {}).get("files", [])
+            log(f"continuing the unfinished build in {build}: {len(done)} train shards done")
+            return progress
+        log(f"{build} holds an unfinished build of another command ({progress['command']}); starting over")
+    except FileNotFoundError:
+        pass
+    except (ValueError, KeyError, TypeError):
+        log(f"{build}/progress.json is unreadable; starting over")
+    remove(build)
+    os.makedirs(build)
+    return None
+
+
+def save_progress(build, progress, writers=None, streams=(), mixing=None, counts=None):
+    """Record where the build is: the writers' buffers first (their .part files), then progress.json in one rename,
+    then drop the .part files of shards that are now written. Without writers: the tokenizer, before any shard."""
+    if writers:
+        progress |= {"writers": {split: w.state_dict() for split, w in writers.items()},
+                     "streams": [s.state_dict() for s in streams], "mix": mixing, "counts": counts}
+    with atomic_write(os.path.join(build, "progress.json")) as tmp, open(tmp, "w") as f:
+        json.dump(progress, f)
+    current = {os.path.basename(w.part_path()) for w in (writers or {}).values()}
+    for name in os.listdir(build):
+        if name.endswith(".part") and name not in current:
+            remove(os.path.join(build, name))
+
+
+def build_tokenizer(args, sources, weights):
+    """A BPE trained on the train side of the mix (the same documents, in the same order, the shards will get)."""
+    streams = [(doc for doc, is_val in SourceStream(s, i, args) if not is_val) for i, s in enumerate(sources)]
     texts = [doc for _, doc in mix(streams, weights, args.bpe_train_chars, len)]
     if not texts:
         raise SystemExit(f"empty corpus: {' '.join(s['spec'] for s in sources)} gave no train text")
@@ -384,57 +650,136 @@ def build_tokenizer(args, sources, weights, hf_tokenizer):
     return tok
 
 
-def write_shards(args, sources, weights, tok, written):
-    """Stream, mix and encode every source, send each document to train or val, write the shards.
-    Returns the writers of both splits and per-source counts of documents and tokens."""
-    log(f"encoding {', '.join(s['spec'] for s in sources)} with {args.tokenizer} (vocab {tok.vocab_size}) into {args.out_dir}")
-    streams = [encoded(split_docs(s, i, args.seed, args.val_fraction), tok, args.batch_docs) for i, s in enumerate(sources)]
-    writers = {split: ShardWriter(args.out_dir, split, args.dtype, args.shard_size, written) for split in ("train", "val")}
+def write_shards(args, sources, weights, tok, build, progress):
+    """Stream, shuffle, mix and encode every source, send each document to train or val, write the shards, and
+    save the progress at every train shard; continue from progress if it has any. Returns the writers of both
+    splits, the streams and per-source counts of documents and tokens."""
+    streams = [SourceStream(s, i, args, tok) for i, s in enumerate(sources)]
+    writers = {split: ShardWriter(build, split, args.dtype, args.shard_size) for split in ("train", "val")}
     counts = [{"docs": {"train": 0, "val": 0}, "tokens": {"train": 0, "val": 0}} for _ in sources]
-    with tqdm(total=args.max_tokens, unit="tok", unit_scale=True, file=sys.stderr, desc="tokens") as bar:
-        for i, (ids, is_val) in mix(streams, weights, args.max_tokens, lambda item: len(item[0])):
+    mixing = None
+    if "streams" in progress:
+        for stream, state in zip(streams, progress["streams"]):
+            stream.load_state_dict(state)
+        for split, writer in writers.items():
+            writer.load_state_dict(progress["writers"][split])
+        counts, mixing = progress["counts"], progress["mix"]
+    mixing = mixing or {"used": [0] * len(streams), "live": list(range(len(streams)))}
+    written = {name for writer in writers.values() for name in writer.files}
+    for name in os.listdir(build):  # shards a killed run wrote after its last save: they will be written again
+        if name.endswith(".bin") and name not in written:
+            remove(os.path.join(build, name))
+    log(f"encoding {', '.join(s['spec'] for s in sources)} with {args.tokenizer} (vocab {tok.vocab_size}) into {build}")
+    done = sum(w.tokens for w in writers.values())
+    with tqdm(total=args.max_tokens, initial=done, unit="tok", unit_scale=True, file=sys.stderr, desc="tokens") as bar:
+        for i, (ids, is_val) in mix(streams, weights, args.max_tokens, lambda item: len(item[0]), mixing):
             split = "val" if is_val else "train"
+            train_shards = len(writers["train"].files)
             writers[split].add(ids)
             counts[i]["docs"][split] += 1
             counts[i]["tokens"][split] += len(ids)
             bar.update(len(ids))
+            if len(writers["train"].files) > train_shards:
+                save_progress(build, progress, writers, streams, mixing, counts)
     for split, writer in writers.items():
         if not writer.tokens:
             n_docs = sum(c["docs"]["train"] + c["docs"]["val"] for c in counts)
             raise SystemExit(f"empty corpus: no documents for {split} ({n_docs} documents in all, --val_fraction "
                              f"{args.val_fraction}); give more data" + (" or a larger --val_fraction" if split == "val" else ""))
         writer.flush()
-    return writers, counts
+    return writers, streams, counts
+
+
+def swap_in(build, out_dir):
+    """Move the finished dataset into out_dir by two renames, the one there (if any) moved aside first and removed
+    last, and say what became of it: out_dir holds the old dataset or the new one, but for the instant between the
+    renames. A process that has the old shards open or memory-mapped keeps reading them: on POSIX a file outlives
+    its name until it is closed."""
+    for name in os.listdir(build):  # what only a build in progress needs, and temporaries a killed run left
+        if name == "progress.json" or name.endswith((".part", ".tmp")):
+            remove(os.path.join(build, name))
+    old = out_dir + ".old"
+    old_meta = None
+    if os.path.exists(out_dir):
+        try:
+            old_meta = load_meta(out_dir)
+        except (OSError, ValueError):
+            pass
+        remove(old)  # left by a swap killed between its renames (check_arguments made sure it holds only our files)
+        os.replace(out_dir, old)
+    os.replace(build, out_dir)
+    if os.path.exists(old):
+        remove(old)
+        what = "the incomplete files it held"
+        if old_meta:
+            what = f"the dataset it held (fingerprint {old_meta.get('fingerprint')}, from: {old_meta.get('command')})"
+        log(f"{out_dir}: replaced {what}; those files are removed (a process that has them open keeps reading them)")
+
+
+def summary(out_dir, meta, seconds=None, tokens=None):
+    """The one line a run prints on stdout."""
+    n_shards = sum(map(len, meta["shards"].values()))
+    line = (f"{out_dir}: {meta['tokens']['train']:,} train + {meta['tokens']['val']:,} val tokens in {n_shards} shards "
+            f"({meta['dtype']}, vocab {meta['vocab_size']})")
+    if seconds is None:
+        return line + ": already prepared by this command, nothing to do"
+    return line + f" in {seconds:.1f}s ({tokens / seconds:,.0f} tok/s)"
+
+
+def build_dataset(args, sources, tok, recipe, command, build):
+    """Build the dataset in build, or continue the unfinished build there; on any error or Ctrl-C the work done so
+    far stays there for the next run of the same command. Returns its meta and the tokens it had already."""
+    weights = [s["weight"] or 1.0 for s in sources]
+    progress = open_build(build, recipe, command)
+    try:
+        if progress:
+            tok = Tokenizer(progress["tokenizer"])
+        else:
+            tok = tok or build_tokenizer(args, sources, weights)
+            progress = {"recipe": recipe, "command": command, "tokenizer": tok.spec()}
+            save_progress(build, progress)
+        done = sum(w["tokens"] for w in progress.get("writers", {}).values())
+        writers, streams, counts = write_shards(args, sources, weights, tok, build, progress)
+    except BaseException:
+        if os.path.exists(os.path.join(build, "progress.json")):
+            log(f"stopped: {build} keeps the work done so far; the same command continues it, another starts over")
+        else:
+            remove(build)
+        raise
+    meta = write_meta(
+        build, tok, dtype=args.dtype,
+        sources=[{"spec": s["spec"], "weight": w / sum(weights), "revision": s["revision"], **c,
+                  **({"pieces": sum(map(len, stream.lanes))} if stream.lanes else {}),
+                  **({"provenance": s["provenance"]} if "provenance" in s else {})}
+                 for s, w, c, stream in zip(sources, weights, counts, streams)],
+        tokens={split: w.tokens for split, w in writers.items()}, shards={split: w.files for split, w in writers.items()},
+        shard_tokens={split: w.file_tokens for split, w in writers.items()},
+        shard_size=args.shard_size, max_tokens=args.max_tokens, val_fraction=args.val_fraction, seed=args.seed,
+        shuffle={"block_docs": args.shuffle_block}, recipe=recipe, command=command)
+    return meta, done
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     t0 = time.time()
-    sources, hf_tokenizer = check_arguments(args)
-    weights = [s["weight"] or 1.0 for s in sources]
-    clear_stale_dataset(args.out_dir)  # from here on, out_dir holds no dataset until meta.json is written at the end
-    written = []  # every shard this run starts, removed again if it fails
-    try:
-        tok = build_tokenizer(args, sources, weights, hf_tokenizer)
-        writers, counts = write_shards(args, sources, weights, tok, written)
-        meta = write_meta(
-            args.out_dir, tok, dtype=args.dtype,
-            sources=[{"spec": s["spec"], "weight": w / sum(weights), **c, **({"provenance": s["provenance"]} if "provenance" in s else {})}
-                     for s, w, c in zip(sources, weights, counts)],
-            tokens={split: w.tokens for split, w in writers.items()}, shards={split: w.files for split, w in writers.items()},
-            shard_tokens={split: w.file_tokens for split, w in writers.items()},
-            shard_size=args.shard_size, max_tokens=args.max_tokens, val_fraction=args.val_fraction, seed=args.seed,
-            command=shlex.join(["python", "prepare_data.py", *argv]))
-    except BaseException:  # errors and Ctrl-C alike: leave nothing that looks like (part of) a dataset
-        for path in written + [os.path.join(args.out_dir, "tokenizer.tiktoken")]:
-            remove(path)
-            remove(path + ".tmp")
-        raise
+    sources, tok = check_arguments(args)
+    pin_sources(sources, args.seed)
+    recipe = recipe_of(args, sources, tok)
+    if meta := finished_dataset(args.out_dir, recipe):
+        print(summary(args.out_dir, meta))
+        return meta
+    build = args.out_dir + ".partial"
+    if os.path.exists(args.out_dir):
+        log(f"{args.out_dir} holds another dataset (or an incomplete one): it stays until the new one, built in "
+            f"{build}, is complete")
+    if meta := finished_dataset(build, recipe):  # finished, but stopped before its swap
+        done = sum(meta["tokens"].values())
+    else:
+        meta, done = build_dataset(args, sources, tok, recipe, shlex.join(["python", "prepare_data.py", *argv]), build)
+    swap_in(build, args.out_dir)
     dt = time.time() - t0
-    total, n_shards = sum(meta["tokens"].values()), sum(map(len, meta["shards"].values()))
-    print(f"{args.out_dir}: {meta['tokens']['train']:,} train + {meta['tokens']['val']:,} val tokens in "
-          f"{n_shards} shards ({args.dtype}, vocab {tok.vocab_size}) in {dt:.1f}s ({total / dt:,.0f} tok/s)")
+    print(summary(args.out_dir, meta, dt, sum(meta["tokens"].values()) - done))
     return meta
 
 
