@@ -36,6 +36,7 @@ import glob
 import json
 import math
 import os
+import pickle
 import shutil
 
 import torch
@@ -61,8 +62,9 @@ def load(name, map_location="cpu", mmap=False):
     path = resolve(name)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path!r}: it is corrupt or not a checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:  # torch's own message runs to several lines, and for a pickle suggests weights_only=False
+        why = "not a file torch.save wrote" if isinstance(e, pickle.UnpicklingError) else str(e).splitlines()[0][:200]
+        raise ValueError(f"cannot read checkpoint {path!r}: it is corrupt or not a checkpoint ({why})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise ValueError(f"{path!r} is not an mtlm checkpoint (expected a dict with 'model' and 'model_args')")
     return ckpt

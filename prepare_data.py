@@ -348,6 +348,8 @@ def check_arguments(args):
     if args.dtype == "uint16" and vocab_size > 2**16:
         raise SystemExit(f"vocab_size {vocab_size} ({kind}) does not fit --dtype uint16 (at most 65536 ids): use uint32 or auto")
     args.out_dir = args.out_dir or os.path.join("data", args.preset or (sources[0]["name"] if len(sources) == 1 else "mix"))
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise SystemExit(f"--out_dir {args.out_dir!r} is a file, not a directory: give another --out_dir")
     return sources, hf_tokenizer
 
 

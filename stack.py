@@ -41,7 +41,7 @@ import sys
 import torch
 
 import checkpoint
-from common import log
+from common import device_error, log
 from data import ShardLoader, load_meta, load_tokenizer
 from model import LLaMA, ModelConfig
 from tokenizer import Tokenizer
@@ -182,6 +182,8 @@ def parse_args(argv):
         p.error(f"--noise must be >= 0, got {args.noise}")
     if args.eval_iters is not None and args.eval_iters < 1:
         p.error(f"--eval_iters must be >= 1, got {args.eval_iters}")
+    if device_error(args.device):
+        p.error(device_error(args.device))
     args.out_path = args.out if args.out.endswith(".pt") else os.path.join(args.out, "ckpt.pt")
     args.recipe = args.src == p.get_default("src") and args.out == p.get_default("out")  # `python stack.py`
     return args

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import checkpoint
-from common import log, measure_peak_flops, remove
+from common import device_error, log, measure_peak_flops, remove
 from data import ShardLoader, load_meta, load_tokenizer
 from model import LLaMA, ModelConfig
 from tokenizer import Tokenizer
@@ -138,7 +138,8 @@ def apply_config(args, config):
 
 def check_values(config):
     """Values no run can use, refused in one line before anything starts (each would fail deep inside torch)."""
-    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters"):
+    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters",
+                "n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size"):
         if config[key] < 1:
             raise SystemExit(f"{key} must be >= 1, got {config[key]}")
     for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
@@ -151,10 +152,8 @@ def check_values(config):
         raise SystemExit("out_dir is empty: give the run a directory, e.g. --out_dir=out/run1")
     if config["overwrite"] and config["init_from"] == "resume":
         raise SystemExit("overwrite=True starts a run over, init_from=resume continues it: choose one")
-    try:
-        torch.empty(0, device=config["device"])
-    except (RuntimeError, AssertionError) as e:  # a CPU-only torch raises AssertionError for 'cuda'
-        raise SystemExit(f"device {config['device']!r} is not usable here ({str(e).splitlines()[0]}); try --device=cpu")
+    if device_error(config["device"]):
+        raise SystemExit(device_error(config["device"]))
 
 
 config = {k: globals()[k] for k in config_keys}
@@ -243,6 +242,8 @@ def stop_together(line, status=1):
 error = None
 if master_process:
     try:
+        if init_from == "resume" and not os.path.exists(os.path.join(out_dir, "ckpt.pt")):
+            raise RuntimeError(f"nothing to resume in {out_dir}: it holds no ckpt.pt; start the run without --init_from=resume")
         run_lock = checkpoint.RunLock(out_dir)  # held until this process ends, however it ends
     except RuntimeError as e:
         error = f"error: {e}"
@@ -368,7 +369,10 @@ def out_dir_verdict():
 
 stop_together(*(out_dir_verdict() if master_process else (None, 0)))
 
-model = LLaMA(ModelConfig(**model_args))
+try:
+    model = LLaMA(ModelConfig(**model_args))
+except ValueError as e:  # a shape ModelConfig refuses, e.g. n_embd not divisible by n_head
+    raise SystemExit(f"error: {e}")
 if ckpt is not None:
     model.load_state_dict(ckpt["model"])
 model.to(device)
