@@ -215,3 +215,20 @@ def test_a_new_phase_continues_the_stream_by_fingerprint_wherever_the_data_lives
     proc = train(moved, tmp_path / "d", f"--init_from={tmp_path / 'old.pt'}", *short)
     assert (f"warning: the checkpoint predates dataset fingerprints, so only paths compare: its data_dir '{first}' is "
             f"not '{moved}': starting {moved} at its beginning (token 0)") in proc.stderr
+
+
+def test_the_quick_start_runs_twice(pydocs_data, tmp_path):
+    """phase 1 -> stack.py -> phase 2, then the same commands again: each step says it reuses its work, and changes nothing."""
+    short = ["--max_iters=2", "--lr_decay_iters=2", "--eval_interval=2"]
+    phase1 = ["train.py", f"--data_dir={pydocs_data}", f"--out_dir={tmp_path / 'tiny'}", *TINY, *short]
+    grow = ["stack.py", "--src", str(tmp_path / "tiny"), "--out", str(tmp_path / "tiny_stacked.pt")]
+    phase2 = ["train.py", f"--data_dir={pydocs_data}", f"--out_dir={tmp_path / 'tiny_stack'}", *TINY[:3], *TINY[8:], *short,
+              f"--init_from={tmp_path / 'tiny_stacked.pt'}"]
+    for command in (phase1, grow, phase2):
+        run_script(*command)
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.suffix in (".pt", ".jsonl")}
+    again = [run_script(*command) for command in (phase1, grow, phase2)]
+    assert "already holds this run, finished at step 2" in again[0].stderr
+    assert f"{tmp_path / 'tiny_stacked.pt'} already holds {tmp_path / 'tiny'} grown by stack x2: reusing it" in again[1].stdout
+    assert "already holds this run, finished at step 2" in again[2].stderr
+    assert {p: p.read_bytes() for p in files} == files
