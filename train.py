@@ -90,7 +90,8 @@ MODEL_KEYS = ["n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "
 OPTIMIZER_KEYS = ["learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "decay_lr", "beta1", "beta2", "weight_decay",
                   "grad_clip"]
 # keys that change how a run is watched, not what it trains: a finished run re-run with other values is still that run
-WATCH_KEYS = ["log_interval", "wandb_log", "wandb_project", "wandb_run_name", "compile", "keep_last", "peak_flops", "overwrite"]
+WATCH_KEYS = ["eval_interval", "eval_iters", "log_interval", "keep_last", "wandb_log", "wandb_project", "wandb_run_name",
+              "compile", "peak_flops", "overwrite"]
 
 
 def apply_config(args, config):
