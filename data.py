@@ -151,7 +151,7 @@ def shard_paths(data_dir, split):
     """The split's shards, in order: exactly those meta.json lists. A listed shard that is missing, or a shard in the
     directory that meta.json does not list (an interrupted copy, or the rest of another dataset), is an error naming
     the file: either would change the token stream without a word. A dataset prepared before meta.json listed its
-    shards (or written by hand, as the tests' fixture) has its {split}_*.bin files, in name order."""
+    shards (or one written by hand) has its {split}_*.bin files, in name order."""
     meta_path = os.path.join(data_dir, "meta.json")
     found = sorted(glob.glob(os.path.join(data_dir, f"{split}_*.bin")))
     listed = (load_meta(data_dir).get("shards") or {}).get(split)
@@ -181,6 +181,9 @@ def shard_sizes(data_dir, split, paths):
     meta, meta_path = load_meta(data_dir), os.path.join(data_dir, "meta.json")
     sizes = [len(read_shard(path)) for path in paths]
     expected = (meta.get("shard_tokens") or {}).get(split)
+    if expected is not None and len(expected) != len(paths):
+        raise ValueError(f"{meta_path} lists {len(paths)} {split} shards but {len(expected)} token counts: it is damaged; "
+                         "re-run prepare_data.py")
     if expected is not None:
         for path, n, want in zip(paths, sizes, expected):
             if n != want:

@@ -581,8 +581,6 @@ def main(argv=None):
         p.error(device_error(args.device))
 
     try:
-        if not args.ckpt.startswith("hf:"):
-            checkpoint.resolve(args.ckpt)  # a checkpoint that is not there fails before any data is fetched
         prepared = prepare(tasks, args.data_dir, args.limit, args.num_fewshot)  # bad data fails before the model loads
         t0 = time.time()
         lm = load_lm(args.ckpt, getattr(torch, args.dtype), args.device)

@@ -70,7 +70,7 @@ MISTAKES = {  # name: (command, a phrase of the one line that must say what is w
     "sample device cuda without one": (["sample.py", "--ckpt={run}", "--device=cuda"], "device 'cuda' is not usable here"),
     "stack source corrupt": (["stack.py", "--src={root}/corrupt.pt", "--out={root}/g.pt"], "not a checkpoint"),
     "stack device cuda without one": (["stack.py", "--src={run}", "--out={root}/g.pt", "--device=cuda"], "not usable here"),
-    "eval_mc checkpoint missing": (["eval_mc.py", "--ckpt={root}/nowhere"], "checkpoint not found"),
+    "eval_mc device cuda without one": (["eval_mc.py", "--ckpt={run}", "--device=cuda"], "not usable here"),
     "eval_mc data_dir missing": (["eval_mc.py", "--ckpt={run}", "--tasks=copa", "--data_dir={root}/nowhere"], "not found"),
     "export_hf output not empty": (["export_hf.py", "--ckpt={run}", "--out={root}/nonempty"], "pass --force"),
     "export_hf eval file bad": (["export_hf.py", "--ckpt={run}", "--out={root}/hf", "--eval={root}/bad_eval.json"],
