@@ -11,13 +11,14 @@ Only the model's shape and batch are read from the config file; train.py's loop 
 on top of this step.
 """
 import argparse
+import os
 import sys
 import time
 from contextlib import nullcontext
 
 import torch
 
-from common import measure_peak_flops
+from common import device_error, measure_peak_flops
 from model import LLaMA, ModelConfig
 
 MODES = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False), "bf16+compile": (torch.bfloat16, True)}
@@ -79,6 +80,10 @@ def main(argv=None):
         p.error(f"--modes takes a comma list of {', '.join(MODES)}")
     if args.steps < 1 or args.warmup < 1:
         p.error("need --steps >= 1 and --warmup >= 1")
+    if args.config and not os.path.isfile(args.config):
+        p.error(f"no config file {args.config!r}")
+    if device_error(args.device):
+        p.error(device_error(args.device))
     shape = read_config(args.config) if args.config else {}
     batch_size = args.batch_size or shape.pop("batch_size", 16)
     shape.pop("batch_size", None)

@@ -7,9 +7,12 @@ plain Python values):
     model_args   ModelConfig as a dict
     tokenizer    the tokenizer's self-contained spec (see tokenizer.py)
     optimizer    AdamW state dict, or None (a fresh phase starts a new optimizer)
+    scaler       the fp16 grad scaler's state ({} in other dtypes)
     iter_num     optimizer steps taken in this phase
     config       the training config of the run that wrote it
-    loader       the train loader's position {shard, offset, epoch}
+    world_size   the number of processes that trained it
+    loader       the train loader's position {shard, offset, epoch, fingerprint}: the fingerprint names the dataset
+                 (data.compute_fingerprint) whose stream the position belongs to
     rng          torch (and CUDA) RNG states
     best_val_loss, tokens_seen
     history      list of dicts, one per phase (train runs, stacking), oldest first: the model's lineage
@@ -19,7 +22,8 @@ Hugging Face Llama-family directory (config.json, safetensors or pytorch_model.b
 same dict by import_hf below. It lives here, not beside the export in export_hf.py, because it is one more way to
 *read* a checkpoint, and every script reads checkpoints through this module; export_hf.py only writes.
 
-A training run's out_dir holds, besides ckpt.pt (and ckpt_<iter>.pt copies with keep_last):
+A training run's out_dir holds, besides ckpt.pt (and ckpt_<iter>.pt copies with keep_last: hard links, or copies
+where the file system refuses links):
     metrics.jsonl  one JSON object per line, appended by train.py: {"iter", "loss", "lr", "tokens", "flops",
                    "tok_per_s", "mfu"} after a logged step, {"iter", "val_loss", "tokens", "flops"} after an eval
     train.lock     holds the pid of the train.py writing to the out_dir, locked while it runs (RunLock)
@@ -32,10 +36,12 @@ import glob
 import json
 import math
 import os
+import pickle
+import shutil
 
 import torch
 
-from common import atomic_write, log
+from common import atomic_write, disk_full, log
 from model import LLaMA, ModelConfig
 from tokenizer import Tokenizer, tokenizer_spec_from_hf
 
@@ -48,15 +54,17 @@ def resolve(name):
     return path
 
 
-def load(name, map_location="cpu"):
-    """Load a checkpoint dict from a file or out_dir, or import an hf:DIR model as one."""
+def load(name, map_location="cpu", mmap=False):
+    """Load a checkpoint dict from a file or out_dir, or import an hf:DIR model as one. mmap=True maps the tensors
+    instead of reading them: a look at a checkpoint's config and history costs nothing, whatever its size."""
     if name.startswith("hf:"):
         return import_hf(name[3:])
     path = resolve(name)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path!r}: it is corrupt or not a checkpoint ({type(e).__name__}: {e})") from None
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:  # torch's own message runs to several lines, and for a pickle suggests weights_only=False
+        why = "not a file torch.save wrote" if isinstance(e, pickle.UnpicklingError) else str(e).splitlines()[0][:200]
+        raise ValueError(f"cannot read checkpoint {path!r}: it is corrupt or not a checkpoint ({why})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise ValueError(f"{path!r} is not an mtlm checkpoint (expected a dict with 'model' and 'model_args')")
     return ckpt
@@ -70,7 +78,15 @@ def save(ckpt, out_dir, keep_last=0):
         numbered = os.path.join(out_dir, f"ckpt_{ckpt['iter_num']:07d}.pt")
         if os.path.exists(numbered):
             os.remove(numbered)
-        os.link(path, numbered)  # a hard link: no second copy on disk
+        try:
+            os.link(path, numbered)  # a hard link: no second copy on disk
+        except OSError as e:
+            if disk_full(e):
+                raise
+            # bucket mounts (gcsfuse, s3fs) and FAT refuse hard links (EPERM, ENOTSUP): a copy costs space, not the run
+            log(f"keep_last: {out_dir} refuses hard links ({e.strerror}): copying {os.path.basename(path)} instead")
+            with atomic_write(numbered) as tmp:
+                shutil.copyfile(path, tmp)
         for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_[0-9]*.pt")))[:-keep_last]:
             os.remove(old)
     return path
@@ -234,7 +250,12 @@ class RunLock:
     """
 
     def __init__(self, out_dir):
-        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise RuntimeError(f"out_dir {out_dir!r} is a file, not a directory: give the run another out_dir")
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as e:
+            raise RuntimeError(f"cannot create out_dir {out_dir!r}: {e.strerror}") from None
         self.path = os.path.join(out_dir, "train.lock")
         self.file = open(self.path, "a+")  # a+: do not truncate the holder's pid before we hold the lock
         try:

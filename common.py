@@ -1,6 +1,6 @@
 """
-The helpers that every script and library module shares: log(), atomic_write(), and measure_peak_flops() (the
-matmul peak that train.py and bench.py report MFU against).
+The helpers that every script and library module shares: log(), atomic_write(), device_error() (every script's
+check of its --device), and measure_peak_flops() (the matmul peak that train.py and bench.py report MFU against).
 
 They sit below data.py, tokenizer.py and checkpoint.py (this module imports nothing of the project), so that
 no module copies them and nothing has to import a script to get them (nanochat keeps its own in common.py).
@@ -79,6 +79,16 @@ def remove(path):
         shutil.rmtree(path)
     elif os.path.lexists(path):
         os.remove(path)
+
+
+def device_error(device):
+    """None if this machine can use `device`, else a one-line error naming it: 'cuda' without a GPU (or with a CPU
+    build of torch) or a misspelled name would otherwise fail in the first tensor op, as a traceback."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # a CPU-only torch raises AssertionError for 'cuda'
+        return f"device {device!r} is not usable here ({str(e).splitlines()[0][:120]}); use another device, e.g. cpu"
+    return None
 
 
 def measure_peak_flops(dtype, device="cpu", seconds=1.0):

@@ -17,7 +17,8 @@ A dataset is a directory (written by prepare_data.py, read by train.py and stack
                              token counts, the shuffle, the recipe it was built from, command)
     tokenizer.tiktoken       a "bpe" tokenizer's merge ranks, which meta.json's spec names as "file" (too long
                              for JSON you would read); tiktoken's own format
-meta.json is written last: a directory without it is not (yet) a dataset. This module is the one reader and
+meta.json is written last: a directory without it is not (yet) a dataset, and it is the manifest: the loader reads
+exactly the shards it lists and checks each one's token count against it. This module is the one reader and
 writer of all three, so a format change happens here only. Every file is written by common.atomic_write.
 """
 import glob
@@ -105,6 +106,11 @@ def load_meta(data_dir):
             raise ValueError("no tokenizer spec or vocab_size")
     except (ValueError, AttributeError) as e:  # JSONDecodeError is a ValueError; AttributeError: not an object
         raise ValueError(f"{path} is not a dataset's meta.json ({e}): re-run prepare_data.py") from None
+    eot_id = meta.get("eot_id")
+    if eot_id is not None and not (isinstance(eot_id, int) and 0 <= eot_id < meta["vocab_size"]):
+        # the separator of every document: outside the vocabulary, each one would fail inside the model's embedding
+        raise ValueError(f"{path}: eot_id {eot_id!r} is outside the vocabulary of {meta['vocab_size']}: "
+                         "meta.json is damaged or was edited; re-run prepare_data.py")
     return meta
 
 
@@ -144,10 +150,52 @@ def load_tokenizer(data_dir):
 
 
 def shard_paths(data_dir, split):
-    paths = sorted(glob.glob(os.path.join(data_dir, f"{split}_*.bin")))
+    """The split's shards, in order: exactly those meta.json lists. A listed shard that is missing, or a shard in the
+    directory that meta.json does not list (an interrupted copy, or the rest of another dataset), is an error naming
+    the file: either would change the token stream without a word. A dataset prepared before meta.json listed its
+    shards (or one written by hand) has its {split}_*.bin files, in name order."""
+    meta_path = os.path.join(data_dir, "meta.json")
+    found = sorted(glob.glob(os.path.join(data_dir, f"{split}_*.bin")))
+    listed = (load_meta(data_dir).get("shards") or {}).get(split)
+    if listed is None:
+        if not found:
+            raise FileNotFoundError(f"no {split}_*.bin shards in {data_dir!r}: run prepare_data.py first")
+        return found
+    paths = [os.path.join(data_dir, name) for name in listed]
+    missing = [path for path in paths if not os.path.exists(path)]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]} is missing ({len(missing)} of the {len(paths)} {split} shards {meta_path} "
+                                "lists): the dataset is incomplete; copy it again, or re-run prepare_data.py")
+    unlisted = sorted(set(map(os.path.basename, found)) - set(listed))
+    if unlisted:
+        raise ValueError(f"{os.path.join(data_dir, unlisted[0])} is not one of the {split} shards {meta_path} lists"
+                         f"{f' ({len(unlisted)} such files)' if len(unlisted) > 1 else ''}: it belongs to another dataset; "
+                         "remove it, or re-run prepare_data.py")
     if not paths:
-        raise FileNotFoundError(f"no {split}_*.bin shards in {data_dir!r}: run prepare_data.py first")
+        raise FileNotFoundError(f"{meta_path} lists no {split} shards: re-run prepare_data.py")
     return paths
+
+
+def shard_sizes(data_dir, split, paths):
+    """Each shard's token count, from its header, checked against what meta.json recorded when it was written: a
+    count that disagrees means the shard or meta.json comes from another build. meta.json has per-shard counts
+    (shard_tokens) since fingerprints; an older one has only each split's total, which is checked instead."""
+    meta, meta_path = load_meta(data_dir), os.path.join(data_dir, "meta.json")
+    sizes = [len(read_shard(path)) for path in paths]
+    expected = (meta.get("shard_tokens") or {}).get(split)
+    if expected is not None and len(expected) != len(paths):
+        raise ValueError(f"{meta_path} lists {len(paths)} {split} shards but {len(expected)} token counts: it is damaged; "
+                         "re-run prepare_data.py")
+    if expected is not None:
+        for path, n, want in zip(paths, sizes, expected):
+            if n != want:
+                raise ValueError(f"{path} holds {n:,} tokens, but {meta_path} says {want:,}: the shard and meta.json come "
+                                 "from different builds; copy the dataset again, or re-run prepare_data.py")
+    total = (meta.get("tokens") or {}).get(split)
+    if expected is None and total is not None and sum(sizes) != total:
+        raise ValueError(f"the {split} shards of {data_dir!r} hold {sum(sizes):,} tokens, but {meta_path} says {total:,}: "
+                         "the shards and meta.json come from different builds; copy the dataset again, or re-run prepare_data.py")
+    return sizes
 
 
 class ShardLoader:
@@ -158,17 +206,20 @@ class ShardLoader:
     so the ranks see disjoint data. The position (shard, offset, epoch) is plain ints: state_dict()
     goes into the checkpoint and load_state_dict() resumes exactly where the run stopped.
     A window never crosses a shard boundary; the unused tail of a shard is skipped.
-    Each shard's token ids are checked against the vocabulary the first time it is opened.
+    It reads exactly the shards meta.json lists, each checked against its recorded token count (shard_paths,
+    shard_sizes), and each shard's token ids against the vocabulary the first time it is opened. The state also
+    holds the dataset's fingerprint, so a position is never applied to another dataset's stream (train.py).
     """
 
     def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, device="cpu"):
         self.vocab_size = load_meta(data_dir)["vocab_size"]
+        self.fingerprint = fingerprint(data_dir)
         self.checked = set()  # shards whose ids were checked against the vocabulary
         self.paths = shard_paths(data_dir, split)
         self.B, self.T, self.rank, self.world_size, self.device = batch_size, block_size, rank, world_size, device
         self.window = batch_size * block_size
         self.step_tokens = self.window * world_size + 1  # +1: the target of the last position
-        sizes = [len(read_shard(p)) for p in self.paths]
+        sizes = shard_sizes(data_dir, split, self.paths)
         if max(sizes) < self.step_tokens:
             raise ValueError(f"{split} split of {data_dir!r} has at most {max(sizes)} tokens in a shard, fewer than one "
                              f"step needs ({self.step_tokens} = batch_size*block_size*world_size+1): lower batch_size/block_size")
@@ -184,9 +235,12 @@ class ShardLoader:
         return tokens
 
     def state_dict(self):
-        return {"shard": self.shard, "offset": self.offset, "epoch": self.epoch}
+        return {"shard": self.shard, "offset": self.offset, "epoch": self.epoch, "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state):
+        if not 0 <= state["shard"] < len(self.paths):
+            raise ValueError(f"the loader position (shard {state['shard']}) is outside this dataset's {len(self.paths)} "
+                             f"shards ({os.path.dirname(self.paths[0])}): the position belongs to another dataset")
         self.shard, self.offset, self.epoch = state["shard"], state["offset"], state["epoch"]
         self.tokens = self.open(self.shard)
 

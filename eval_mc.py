@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 import checkpoint
-from common import atomic_write
+from common import atomic_write, device_error
 from tokenizer import prepended_bos
 
 # ----------------------------------------------------------------------------------------------
@@ -605,6 +605,8 @@ def main(argv=None):
         p.error(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
     if args.limit is not None and args.limit < 1 or args.num_fewshot < 0 or args.batch_size < 1:
         p.error("need --limit >= 1, --num_fewshot >= 0 and --batch_size >= 1")
+    if device_error(args.device):
+        p.error(device_error(args.device))
 
     try:
         prepared = prepare(tasks, args.data_dir, args.limit, args.num_fewshot)  # bad data fails before the model loads

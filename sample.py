@@ -13,6 +13,7 @@ import time
 import torch
 
 import checkpoint
+from common import device_error
 
 
 def main(argv=None):
@@ -30,6 +31,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1) or (args.top_k is not None and args.top_k < 1):
         p.error("need temperature >= 0, 0 < top_p <= 1 and top_k >= 1")
+    if args.max_new_tokens < 1 or args.num_samples < 1:
+        p.error("need --max_new_tokens >= 1 and --num_samples >= 1")
+    if device_error(args.device):
+        p.error(device_error(args.device))
     prompt = args.prompt
     if prompt.startswith("@"):
         with open(prompt[1:]) as f:

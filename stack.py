@@ -41,7 +41,7 @@ import sys
 import torch
 
 import checkpoint
-from common import log
+from common import device_error, log
 from data import ShardLoader, load_meta, load_tokenizer
 from model import LLaMA, ModelConfig
 from tokenizer import Tokenizer
@@ -182,9 +182,9 @@ def parse_args(argv):
         p.error(f"--noise must be >= 0, got {args.noise}")
     if args.eval_iters is not None and args.eval_iters < 1:
         p.error(f"--eval_iters must be >= 1, got {args.eval_iters}")
+    if device_error(args.device):
+        p.error(device_error(args.device))
     args.out_path = args.out if args.out.endswith(".pt") else os.path.join(args.out, "ckpt.pt")
-    if os.path.exists(args.out_path) and not args.force:
-        sys.exit(f"error: {args.out_path} already exists; pass --force to overwrite it")
     args.recipe = args.src == p.get_default("src") and args.out == p.get_default("out")  # `python stack.py`
     return args
 
@@ -204,6 +204,23 @@ def load_source(args):
         sys.exit(f"error: --drop m must be between 1 and {(n_layer - 1) // 2} (m < L/2) for dus on {n_layer} layers, "
                  f"got {drop}" + ("" if n_layer > 2 else ": a model this shallow cannot be depth-up-scaled"))
     return ckpt, drop
+
+
+def reuse_existing(args, ckpt, drop):
+    """An existing output is never replaced without --force. It is reused (exit 0) when it is this very growth of this
+    source: the same operator and settings, from a source with the same history. So a chain of commands (the quick
+    start) can run again."""
+    try:
+        existing = checkpoint.load(args.out_path, mmap=True)  # its history only: the tensors are mapped, not read
+    except ValueError:
+        existing = {}
+    *lineage, entry = existing.get("history") or [{}]
+    settings = dict(event="stack", method=args.method, factor=args.factor, drop=drop, optim=args.optim, noise=args.noise)
+    if lineage == list(ckpt.get("history", [])) and all(entry.get(k) == v for k, v in settings.items()):
+        print(f"{args.out_path} already holds {args.src} grown by {args.method} x{args.factor}: reusing it "
+              "(--force grows it again)")
+        sys.exit(0)
+    sys.exit(f"error: {args.out_path} already exists (not this growth of {args.src}); pass --force to overwrite it")
 
 
 def compare(source, grown, ckpt, args):
@@ -227,6 +244,8 @@ def compare(source, grown, ckpt, args):
 def main(argv=None):
     args = parse_args(argv)
     ckpt, drop = load_source(args)
+    if os.path.exists(args.out_path) and not args.force:
+        reuse_existing(args, ckpt, drop)
 
     # -- grow -------------------------------------------------------------------------------------------------
     src_args = ckpt["model_args"]

@@ -229,6 +229,7 @@ def train_job(args, vocab, name, config, flops, n_layer, lr_mult, seed, init_fro
                 f"--eval_interval={max(1, iters // args.evals)}", f"--eval_iters={args.eval_iters}",
                 f"--log_interval={max(1, iters // 20)}", f"--init_from={start}", f"--lr_schedule={schedule}"] + (
             [f"--decay_frac={decay_frac}"] if schedule == "wsd" else []) + (
+            ["--overwrite=True"] if start != "resume" else []) + (  # a run of another length is redone, deliberately
             [f"--n_layer={n_layer}", f"--n_embd={args.n_embd}", f"--n_head={args.n_head}", f"--n_kv_head={args.n_head}",
              f"--intermediate_size={args.intermediate_size}", "--tie_embeddings=True"] if init_from is None else [])
 

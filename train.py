@@ -3,17 +3,27 @@ Train a Llama-style model on prepared token shards.
 
     python train.py configs/tiny.py                         # one process (CPU or one GPU)
     python train.py configs/phase1.py --max_iters=100       # any config key can be overridden
+    python train.py configs/tiny.py --init_from=resume      # continue out_dir/ckpt.pt exactly where it stopped
     torchrun --standalone --nproc_per_node=8 train.py configs/phase1.py   # DDP
 
 The story: read the config -> set up devices (and DDP), lock out_dir against a second run -> open the data
-(data.py) -> build or load the model (checkpoint.py) -> AdamW + warmup, then cosine or warmup-stable-decay -> loop { eval + checkpoint,
-forward/backward with gradient accumulation, clip, step, log } -> final eval + checkpoint.
+(data.py) -> build or load the model (checkpoint.py), never replacing a run's checkpoint by accident -> AdamW +
+warmup, then cosine or warmup-stable-decay -> loop { eval + checkpoint, stop if a signal asked, forward/backward
+with gradient accumulation, clip, step, log } -> final eval + checkpoint.
+
+Nothing trained is lost: SIGTERM (a scheduler's time limit), SIGINT (Ctrl-C) or SIGUSR1 saves the step reached
+and exits with status 128 + the signal's number; a run that is not a resume refuses an out_dir that holds a
+checkpoint (re-running a finished run's command reuses it); under DDP whatever stops one rank stops them all.
 """
 import ast
+import glob
 import math
 import os
+import shlex
+import signal
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import asdict
 
@@ -23,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import checkpoint
-from common import log, measure_peak_flops
+from common import device_error, log, measure_peak_flops, remove
 from data import ShardLoader, load_meta, load_tokenizer
 from model import LLaMA, ModelConfig
 from tokenizer import Tokenizer
@@ -38,6 +48,7 @@ log_interval = 10
 eval_iters = 50                 # val batches per evaluation (the same batches every time)
 keep_last = 0                   # > 0: also keep ckpt_<iter>.pt for the last k checkpoints
 init_from = "scratch"           # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint file / out_dir / hf:DIR
+overwrite = False               # True: a run that is not a resume starts over in an out_dir that holds a checkpoint
 wandb_log = False
 wandb_project = "mtlm"
 wandb_run_name = "run"
@@ -81,6 +92,12 @@ peak_flops = None               # FLOP/s that MFU is relative to; None: measured
 # -----------------------------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
 MODEL_KEYS = ["n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "rope_theta", "norm_eps", "tie_embeddings"]
+# what a resume applies to the restored AdamW (and the schedule), saying which changed
+OPTIMIZER_KEYS = ["learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "decay_lr", "lr_schedule", "decay_frac",
+                  "beta1", "beta2", "weight_decay", "grad_clip"]
+# keys that change how a run is watched, not what it trains: a finished run re-run with other values is still that run
+WATCH_KEYS = ["eval_interval", "eval_iters", "log_interval", "keep_last", "wandb_log", "wandb_project", "wandb_run_name",
+              "compile", "peak_flops", "overwrite"]
 
 
 def apply_config(args, config):
@@ -109,8 +126,16 @@ def apply_config(args, config):
             explicit.add(key)
         else:
             namespace = {}
-            with open(arg) as f:
-                exec(f.read(), namespace)
+            if not os.path.isfile(arg):
+                raise SystemExit(f"no config file {arg!r} (arguments are config files, e.g. configs/tiny.py, or --key=value)")
+            try:
+                with open(arg) as f:
+                    exec(f.read(), namespace)
+            except Exception as e:  # a config file is Python: its error and where it is, in one line
+                lines = [e.lineno] if isinstance(e, SyntaxError) else \
+                    [frame.lineno for frame in traceback.extract_tb(e.__traceback__) if frame.filename == "<string>"]
+                message = e.msg if isinstance(e, SyntaxError) else e
+                raise SystemExit(f"{arg}, line {lines[-1] if lines else '?'}: {type(e).__name__}: {message}") from None
             for key, value in namespace.items():
                 if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":
                     check(key, value, arg)
@@ -118,8 +143,29 @@ def apply_config(args, config):
     return explicit
 
 
+def check_values(config):
+    """Values no run can use, refused in one line before anything starts (each would fail deep inside torch)."""
+    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters",
+                "n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size"):
+        if config[key] < 1:
+            raise SystemExit(f"{key} must be >= 1, got {config[key]}")
+    for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
+        if not config[key] >= 0:
+            raise SystemExit(f"{key} must be >= 0, got {config[key]}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= config[key] < 1:
+            raise SystemExit(f"{key} must be in [0, 1), got {config[key]}")
+    if not config["out_dir"]:
+        raise SystemExit("out_dir is empty: give the run a directory, e.g. --out_dir=out/run1")
+    if config["overwrite"] and config["init_from"] == "resume":
+        raise SystemExit("overwrite=True starts a run over, init_from=resume continues it: choose one")
+    if device_error(config["device"]):
+        raise SystemExit(device_error(config["device"]))
+
+
 config = {k: globals()[k] for k in config_keys}
 explicit_keys = apply_config(sys.argv[1:], config)
+check_values(config)
 globals().update(config)
 if compile is None:
     compile = device.startswith("cuda")
@@ -128,6 +174,39 @@ if lr_schedule not in ("cosine", "wsd"):
 if not 0 <= decay_frac <= 1:
     raise SystemExit(f"decay_frac must be between 0 and 1 (the share of lr_decay_iters spent decaying), got {decay_frac}")
 
+# -----------------------------------------------------------------------------------------------
+# Stopping signals. A scheduler stops a run with SIGTERM far more often than it crashes (SLURM's time limit and
+# scancel, Kubernetes, spot instances; `#SBATCH --signal=TERM@120` sends it 2 minutes early), a person with Ctrl-C
+# (SIGINT), and Lightning's SLURM convention is SIGUSR1. During training a signal only sets a flag: at the next step
+# boundary the run saves that step and exits with status 128 + signum (what a shell reports for a process the
+# signal killed), so a signal during an evaluation or torch.compile is honoured when it ends. Before the loop there
+# is nothing to save, and a second signal means "now": both exit at once.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+stop_signal, stop_signal_time = 0, 0.0  # the first signal received, and when
+phase = "start-up"                      # -> "training" -> "stopping" (the run is saved and exits)
+
+
+def on_stop_signal(signum, frame):
+    global stop_signal, stop_signal_time
+    name = signal.Signals(signum).name
+    if phase == "stopping":  # saved and leaving: torchrun ending the other ranks' processes changes nothing
+        return
+    if phase == "start-up":
+        log(f"stopped by {name} during start-up, before the first step: nothing to save")
+        raise SystemExit(128 + signum)
+    if not stop_signal:
+        stop_signal, stop_signal_time = signum, time.monotonic()
+        log(f"{name}: saving at the end of this step, then stopping (a second signal stops at once, without saving)")
+    elif signum != stop_signal or time.monotonic() - stop_signal_time > 1.0:
+        # (the same signal again within a second is one event delivered twice: SLURM signals every process of a job
+        # step and torchrun forwards what it receives, so each worker under `srun torchrun` gets SIGTERM twice)
+        kept = os.path.join(out_dir, "ckpt.pt")
+        log(f"stopped by a second signal ({name}): nothing saved" + (f"; {kept} is intact" if os.path.exists(kept) else ""))
+        raise SystemExit(128 + signum)
+
+
+for sig in STOP_SIGNALS:
+    signal.signal(sig, on_stop_signal)
 
 # -----------------------------------------------------------------------------------------------
 # Devices and DDP
@@ -145,11 +224,41 @@ if ddp:
 else:
     rank, local_rank, world_size = 0, 0, 1
 master_process = rank == 0
-if master_process:  # one run per out_dir: a second one stops here, before it reads or writes anything
+
+
+def stop_together(line, status=1):
+    """Go on if no rank has a reason to stop (line None); else every rank stops at once with that line. At start-up
+    and at a save one rank can fail alone (the lock and the writes are rank 0's; a file may be missing on one node):
+    under DDP the ranks exchange what stopped them (one all-gather), so the others do not wait in the next
+    collective until a timeout kills them, minutes later across nodes. One line per node says why."""
+    if ddp:
+        reasons = [None] * world_size
+        try:
+            dist.all_gather_object(reasons, (line, status) if line else None)
+        except RuntimeError:  # a rank already gone: its own line said why
+            reasons = [("error: another process of this run stopped (its message is above)", 1)]
+        line, status = next((r for r in reasons if r), (None, 0))
+    if line is None:
+        return
+    if master_process:
+        log(line)
+    elif local_rank == 0:
+        print(line, file=sys.stderr)
+    if ddp:
+        dist.destroy_process_group()
+    raise SystemExit(status)
+
+
+# one run per out_dir: a second one stops here, before it reads or writes anything
+error = None
+if master_process:
     try:
+        if init_from == "resume" and not os.path.exists(os.path.join(out_dir, "ckpt.pt")):
+            raise RuntimeError(f"nothing to resume in {out_dir}: it holds no ckpt.pt; start the run without --init_from=resume")
         run_lock = checkpoint.RunLock(out_dir)  # held until this process ends, however it ends
     except RuntimeError as e:
-        raise SystemExit(f"error: {e}")
+        error = f"error: {e}"
+stop_together(error)
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 torch.manual_seed(seed + rank)
 if device_type == "cuda":
@@ -166,24 +275,34 @@ log(f"tokens per optimizer step: {tokens_per_step:,} ({world_size} processes x {
 
 # -----------------------------------------------------------------------------------------------
 # Data and tokenizer
+error = None
 try:
     meta = load_meta(data_dir)
     tokenizer = load_tokenizer(data_dir)
     train_loader = ShardLoader(data_dir, "train", batch_size, block_size, rank, world_size, device)
     val_loader = ShardLoader(data_dir, "val", batch_size, block_size, rank, world_size, device)
 except (OSError, ValueError) as e:  # no dataset, a damaged one, ids outside its vocabulary: one line naming the file
-    raise SystemExit(f"error: {e}")
+    error = f"error: {e}"
+stop_together(error)
 
 # -----------------------------------------------------------------------------------------------
 # Model: from scratch, resumed, or a new phase from another checkpoint
-iter_num, best_val_loss, tokens_seen, history, ckpt = 0, float("inf"), 0, [], None
-if init_from == "scratch":
+iter_num, best_val_loss, tokens_seen, history, ckpt, error = 0, float("inf"), 0, [], None, None
+if init_from != "scratch":
+    source = out_dir if init_from == "resume" else init_from
+    log(f"loading {'run to resume' if init_from == 'resume' else 'initial weights'} from {source}")
+    try:
+        ckpt = checkpoint.load(source)
+    except FileNotFoundError as e:
+        error = (f"error: nothing to resume in {out_dir}: it holds no ckpt.pt; start the run without --init_from=resume"
+                 if init_from == "resume" else f"error: init_from: {e}")
+    except (OSError, ValueError, ImportError) as e:
+        error = f"error: init_from: {e}"
+stop_together(error)
+if ckpt is None:
     vocab = 64 * math.ceil(meta["vocab_size"] / 64)  # pad the vocab to a multiple of 64: faster matmuls
     model_args = dict(vocab_size=vocab, block_size=block_size, **{k: config[k] for k in MODEL_KEYS})
 else:
-    source = out_dir if init_from == "resume" else init_from
-    log(f"loading {'run to resume' if init_from == 'resume' else 'initial weights'} from {source}")
-    ckpt = checkpoint.load(source)
     model_args = dict(ckpt["model_args"], block_size=block_size)  # block_size may grow between phases
     clash = [k for k in MODEL_KEYS if k in explicit_keys and config[k] != model_args[k]]
     if clash:
@@ -195,34 +314,138 @@ else:
     if init_from == "resume":
         iter_num, best_val_loss, tokens_seen = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["tokens_seen"]
         history = history[:-1]  # the last entry is this run's own; it is rewritten at every save
+        # the run's origin (scratch, or the checkpoint its first phase started from), as a run never stopped records it
+        config["init_from"] = (ckpt.get("config") or {}).get("init_from", "scratch")
 if model_args["vocab_size"] < meta["vocab_size"]:
     raise SystemExit(f"model vocab {model_args['vocab_size']} is smaller than the data's {meta['vocab_size']}")
-model = LLaMA(ModelConfig(**model_args))
+
+
+def same_stream(ckpt):
+    """(True if the checkpoint's train-data position belongs to this run's data, the reason in words). A dataset is
+    known by its fingerprint (data.compute_fingerprint: what was built, not where it lives), so a moved or copied
+    directory continues its stream and a re-prepared one at the same path does not."""
+    state, old_dir = ckpt.get("loader") or {}, (ckpt.get("config") or {}).get("data_dir")
+    if "fingerprint" in state:
+        if state["fingerprint"] == train_loader.fingerprint:
+            return True, f"the checkpoint's dataset, fingerprint {train_loader.fingerprint}" + \
+                (f", found at {data_dir} instead of {old_dir}" if old_dir != data_dir else "")
+        return False, (f"{data_dir} holds another dataset than the checkpoint's {old_dir} (fingerprint "
+                       f"{train_loader.fingerprint}, the checkpoint's {state['fingerprint']})")
+    if not state or old_dir is None:
+        return False, "the checkpoint holds no data position"
+    # a checkpoint written before datasets had fingerprints: only the path can tell
+    same = os.path.realpath(old_dir) == os.path.realpath(data_dir)
+    return same, (f"the checkpoint predates dataset fingerprints, so only paths compare: its data_dir {old_dir!r} is "
+                  f"{'' if same else 'not '}{data_dir!r}")
+
+
+def out_dir_verdict():
+    """(None, 0) if this run may start in out_dir, else (the line, the exit status). A run that is not a resume never
+    replaces a checkpoint by accident: re-running the command of a run that crashed or was stopped would start it over
+    and replace its progress at the first save. Re-running the command of a finished run reuses it (status 0), so a
+    chain of commands such as the quick start runs again; anything else is refused, saying how to go on."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if init_from == "resume" or not os.path.exists(path):
+        return None, 0
+    if overwrite:
+        for name in [path, os.path.join(out_dir, "metrics.jsonl"), *glob.glob(os.path.join(out_dir, "ckpt_[0-9]*.pt"))]:
+            remove(name)
+        log(f"overwrite=True: starting over in {out_dir}: removed its checkpoint, numbered copies and metrics.jsonl")
+        return None, 0
+    try:
+        old = checkpoint.load(path, mmap=True)  # config and history only: the tensors are mapped, not read
+    except ValueError as e:
+        return f"error: {out_dir} holds a checkpoint that cannot be read ({e}); start over with --overwrite=True", 1
+    old_config = old.get("config") or {}
+    # data_dir is compared by what it holds (same_stream), not by its path
+    changed = [f"{k} {old_config[k]!r} -> {v!r}" for k, v in config.items()
+               if k in old_config and k not in WATCH_KEYS and k != "data_dir" and old_config[k] != v]
+    same_data, why = same_stream(old)
+    if not same_data:
+        changed.append(f"data: {why}")
+    if ckpt is not None and old.get("history", [])[:-1] != history:
+        changed.append(f"initial weights: {init_from} is not the checkpoint this run started from")
+    finished = old["iter_num"] >= old_config.get("max_iters", math.inf)
+    if finished and not changed:
+        val_loss = (old.get("history") or [{}])[-1].get("val_loss")
+        return (f"{out_dir} already holds this run, finished at step {old['iter_num']}"
+                + (f" (val loss {val_loss:.4f})" if val_loss is not None else "")
+                + ": reusing it, nothing to do (--overwrite=True trains it again)"), 0
+    state = f"a finished run (step {old['iter_num']})" if finished else \
+        f"a run stopped at step {old['iter_num']} of {old_config.get('max_iters', '?')}"
+    return (f"error: {out_dir} already holds {state}"
+            + (f" with other settings ({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''})" if changed else "")
+            + ": resume it with --init_from=resume, start over with --overwrite=True, or choose another out_dir"), 1
+
+
+stop_together(*(out_dir_verdict() if master_process else (None, 0)))
+
+try:
+    model = LLaMA(ModelConfig(**model_args))
+except ValueError as e:  # a shape ModelConfig refuses, e.g. n_embd not divisible by n_head
+    raise SystemExit(f"error: {e}")
 if ckpt is not None:
     model.load_state_dict(ckpt["model"])
 model.to(device)
 log(f"parameters: {model.num_params():,} ({model.num_params(non_embedding=True):,} non-embedding)")
 
+
+def warn_inexact_resume(ckpt):
+    """A resume is bit-exact only with the checkpoint's batch shape, number of processes and data: name each change
+    and what it means. The data's own check (same_stream) decides where the stream goes on."""
+    old = ckpt.get("config") or {}
+    old_tokens = math.prod(old.get(k, config[k]) for k in ("gradient_accumulation_steps", "batch_size", "block_size"))
+    for key, what in (("batch_size", "sequences per micro-step"), ("block_size", "tokens per sequence"),
+                      ("gradient_accumulation_steps", "micro-steps per step, across processes")):
+        if old.get(key, config[key]) != config[key]:
+            log(f"warning: resuming with {key} {config[key]} ({what}), the checkpoint's is {old[key]}: {tokens_per_step:,} "
+                f"tokens per step instead of {old_tokens:,}, so this is not the run the checkpoint would have gone on to")
+    old_world = ckpt.get("world_size", world_size)
+    if old_world != world_size:
+        log(f"warning: resuming on {world_size} processes, the checkpoint's run had {old_world}: the same tokens per step, "
+            "but the gradients are summed in another order: close to the run it would have been, not bit-identical")
+
+
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 optimizer = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_type)
+carried = init_from == "resume" or (ckpt is not None and ckpt.get("optimizer") and history and history[-1].get("optim") == "copy")
+if carried:
+    # the AdamW moments come from the checkpoint, the hyper-parameters from this run's config: load_state_dict would
+    # restore the checkpoint's betas and weight decay, so `--init_from=resume --beta2=0.99` (a common move after a loss
+    # spike) would change nothing. With the config unchanged the groups are the same: the resume stays bit-exact.
+    if not ckpt.get("optimizer"):
+        raise SystemExit(f"{source} holds no optimizer state, so it cannot be resumed: start a new phase from it "
+                         f"(--init_from={os.path.join(out_dir, 'ckpt.pt')} with another out_dir)")
+    state, params = ckpt["optimizer"]["state"], [p for group in optimizer.param_groups for p in group["params"]]
+    if any(i >= len(params) or s["exp_avg"].shape != params[i].shape for i, s in state.items()):
+        raise SystemExit(f"the optimizer state in {source} does not fit the model's parameters")
+    optimizer.load_state_dict(dict(optimizer.state_dict(), state=state))
 if init_from == "resume":
-    optimizer.load_state_dict(ckpt["optimizer"])
-    train_loader.load_state_dict(ckpt["loader"])
+    old = ckpt.get("config") or {}
+    changed = [f"{k} {old[k]} -> {config[k]}" for k in OPTIMIZER_KEYS if k in old and old[k] != config[k]]
+    if changed:
+        log(f"resuming with this run's optimizer settings: {', '.join(changed)}")
+    warn_inexact_resume(ckpt)
+    if scaler.is_enabled():
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])  # fp16's loss scale: restarting it would skip steps anew
+        else:
+            log("warning: the checkpoint holds no fp16 grad-scaler state: its scale restarts, so the resume is not exact")
     torch.set_rng_state(ckpt["rng"]["torch"])
     if device_type == "cuda" and ckpt["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-elif ckpt is not None and ckpt.get("loader") and ckpt.get("config", {}).get("data_dir") == data_dir:
-    # a new phase on the same data continues the stream where the last phase stopped: no token is seen twice
-    train_loader.load_state_dict(ckpt["loader"])
-    log(f"continuing {data_dir} at shard {train_loader.shard}, token {train_loader.offset:,}")
-if init_from != "resume" and ckpt is not None and ckpt.get("optimizer") and history and history[-1].get("optim") == "copy":
-    # stack.py --optim copy grew the AdamW moments with the model: keep them, but this phase's own lr, betas and
-    # weight decay (load_state_dict would also restore the old phase's group settings)
-    carried, params = ckpt["optimizer"]["state"], [p for group in optimizer.param_groups for p in group["params"]]
-    if any(i >= len(params) or s["exp_avg"].shape != params[i].shape for i, s in carried.items()):
-        raise SystemExit(f"the optimizer state in {init_from} does not fit the model's parameters")
-    optimizer.load_state_dict(dict(optimizer.state_dict(), state=carried))
+elif carried:
     log(f"AdamW moments carried over from {init_from} (stack.py --optim copy)")
+if ckpt is not None and ckpt.get("loader"):
+    # a resume, or a new phase on the same data, continues the stream where the checkpoint stopped: no token is seen
+    # twice. On another dataset the position means nothing: that data starts at its beginning.
+    same, why = same_stream(ckpt)
+    if same:
+        train_loader.load_state_dict(ckpt["loader"])
+        log(f"continuing {data_dir} at shard {train_loader.shard}, token {train_loader.offset:,} ({why})")
+    else:
+        log(f"warning: {why}: starting {data_dir} at its beginning (token 0), not at the checkpoint's position")
+saved_at = iter_num if init_from == "resume" else None  # the step of the newest checkpoint in out_dir
 ckpt = None  # free memory
 
 raw_model = model  # the module whose state dict we save: never the compiled or DDP wrapper
@@ -273,19 +496,54 @@ def estimate_val_loss():
 
 
 def save_checkpoint(val_loss):
-    phase = dict(event="train", out_dir=out_dir, data_dir=data_dir, init_from=init_from, iters=iter_num,
-                 tokens=tokens_seen, flops=tokens_seen * flops_per_token, val_loss=val_loss)
+    """Write out_dir/ckpt.pt (rank 0). Returns None, or the one-line error that stops every rank (a full disk)."""
+    global saved_at
+    phase_entry = dict(event="train", out_dir=out_dir, data_dir=data_dir, init_from=config["init_from"], iters=iter_num,
+                       tokens=tokens_seen, flops=tokens_seen * flops_per_token, val_loss=val_loss)
     ckpt = dict(model=raw_model.state_dict(), model_args=model_args, tokenizer=tokenizer.spec(),
-                optimizer=optimizer.state_dict(), iter_num=iter_num, config=config,
-                loader=train_loader.state_dict(), best_val_loss=best_val_loss, tokens_seen=tokens_seen,
+                optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num, config=config,
+                world_size=world_size, loader=train_loader.state_dict(), best_val_loss=best_val_loss, tokens_seen=tokens_seen,
                 rng={"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None},
-                history=history + [phase])
+                history=history + [phase_entry])
     try:
         path = checkpoint.save(ckpt, out_dir, keep_last)
     except OSError as e:  # a full disk says so in one line (on its own, not after the progress bar); the last checkpoint is intact
-        log(f"error: {e}")
-        raise SystemExit(1)
+        return f"error: {e}"
+    saved_at = iter_num
     log(f"saved {path}")
+
+
+def agreed_stop_signal():
+    """The signal that stops the run at this step boundary, 0 for none. Under DDP every rank must stop at the same
+    step (a rank that went on would wait for the others in its next collective): the ranks agree with one all-reduce
+    of one number, the largest signal number any of them received."""
+    if not ddp:
+        return stop_signal
+    agreed = torch.tensor(stop_signal, device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    return int(agreed.item())
+
+
+def stop(signum):
+    """Save the step reached (unless out_dir already holds it), say so in one line with how to resume, exit 128+signum."""
+    global phase
+    bar.close()
+    error = None
+    if master_process and saved_at != iter_num and (iter_num > 0 or init_from != "scratch"):
+        error = save_checkpoint(None)
+    stop_together(error)  # every rank waits for rank 0's save: one that left early would have torchrun end rank 0
+    phase = "stopping"
+    name = signal.Signals(signum).name
+    if saved_at is None:
+        log(f"stopped by {name} before the first step: nothing to save")
+    else:
+        args = [a for a in sys.argv[1:] if not a.startswith(("--init_from=", "--overwrite="))]
+        command = ("torchrun [the same options] " if ddp else "python ") + shlex.join([sys.argv[0], *args, "--init_from=resume"])
+        log(f"stopped by {name} at step {iter_num} of {max_iters}: {os.path.join(out_dir, 'ckpt.pt')} holds it; "
+            f"resume with: {command}")
+    if ddp:
+        dist.destroy_process_group()
+    raise SystemExit(128 + signum)
 
 
 def record(entry):
@@ -295,18 +553,28 @@ def record(entry):
         wandb.log(entry, step=entry["iter"])
 
 
+error = None
 if master_process:
-    # metrics.jsonl restarts with a new run; a resumed run drops what was logged after its checkpoint
-    entries = checkpoint.read_metrics(out_dir) if init_from == "resume" else []
-    checkpoint.write_metrics(out_dir, [e for e in entries if e["iter"] < iter_num or (e["iter"] == iter_num and "loss" in e)])
+    if init_from == "resume":  # a resumed run drops what was logged after its checkpoint
+        entries = checkpoint.read_metrics(out_dir)
+        checkpoint.write_metrics(out_dir, [e for e in entries if e["iter"] < iter_num or (e["iter"] == iter_num and "loss" in e)])
+    else:  # a new run: out_dir holds no checkpoint (out_dir_verdict), so a metrics.jsonl here has nothing to go with
+        if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+            log(f"warning: replacing {out_dir}/metrics.jsonl, left by a run that saved no checkpoint")
+        checkpoint.write_metrics(out_dir, [])
     if wandb_log:
-        import wandb
-        # with no API key, log offline (wandb sync later) instead of failing or prompting
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=out_dir,
-                   mode="online" if os.environ.get("WANDB_API_KEY") else "offline")
+        try:
+            import wandb
+            # with no API key, log offline (wandb sync later) instead of failing or prompting
+            wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=out_dir,
+                       mode="online" if os.environ.get("WANDB_API_KEY") else "offline")
+        except ImportError:
+            error = "error: wandb_log=True needs the wandb package: pip install wandb (or set wandb_log=False)"
+stop_together(error)
 
 # -----------------------------------------------------------------------------------------------
 # The training loop
+phase = "training"  # from here a signal is honoured at the next step boundary
 bar = tqdm(total=max_iters, initial=iter_num, desc="train", unit="step", file=sys.stderr, disable=not master_process,
            dynamic_ncols=True)
 t0, timed_steps = time.perf_counter(), 0
@@ -317,13 +585,18 @@ while True:
             raise SystemExit(f"val loss is {val_loss} at step {iter_num}: stopping; the last checkpoint in {out_dir} is intact")
         best_val_loss = min(best_val_loss, val_loss)
         log(f"step {iter_num}: val loss {val_loss:.4f}")
+        error = None
         if master_process:
             record({"iter": iter_num, "val_loss": val_loss, "tokens": tokens_seen, "flops": tokens_seen * flops_per_token})
             if iter_num > 0 or init_from != "scratch":
-                save_checkpoint(val_loss)
+                error = save_checkpoint(val_loss)
+        stop_together(error)
         t0, timed_steps = time.perf_counter(), 0  # evaluation time is not training throughput
     if iter_num >= max_iters:
         break
+    signum = agreed_stop_signal()
+    if signum:
+        stop(signum)
 
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:

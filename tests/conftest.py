@@ -37,7 +37,11 @@ def pydocs_data(tmp_path_factory):
     def encode(ds):
         return np.array([i for ids in tok.encode_batch(ds) for i in ids + [tok.eot_id]], dtype=np.uint16)
     n_val = len(docs) // 10
-    write_shard(os.path.join(out, "val_000000.bin"), encode(docs[:n_val]))
-    write_shard(os.path.join(out, "train_000000.bin"), encode(docs[n_val:]))
-    write_meta(out, tok)
+    splits = {"val": encode(docs[:n_val]), "train": encode(docs[n_val:])}
+    for split, tokens in splits.items():
+        write_shard(os.path.join(out, f"{split}_000000.bin"), tokens)
+    # the manifest, as prepare_data.py writes it: the loader reads exactly these shards, of these sizes
+    write_meta(out, tok, shards={split: [f"{split}_000000.bin"] for split in splits},
+               shard_tokens={split: [len(tokens)] for split, tokens in splits.items()},
+               tokens={split: len(tokens) for split, tokens in splits.items()})
     return out

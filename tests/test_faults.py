@@ -1,8 +1,10 @@
-"""Bad luck loses nothing: a full disk while saving, two runs on one out_dir, a torn metrics line, a corrupt shard."""
+"""Bad luck loses nothing: a full disk while saving, two runs on one out_dir, a torn metrics line, a corrupt shard, a
+dataset that is not what its meta.json lists, a file system without hard links, a failure of rank 0 under DDP."""
 import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -186,3 +188,129 @@ def test_train_refuses_a_corrupt_shard_in_one_line(corrupt_data, tmp_path):
     proc = train(corrupt_data, tmp_path / "out", "--max_iters=2", check=False)
     assert proc.returncode != 0 and "index out of range" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {corrupt_data / 'train_000000.bin'}: token id 300")
+
+
+# --- 5. the manifest: meta.json lists the shards and their token counts ---------------------------
+
+@pytest.fixture
+def listed_data(tmp_path):
+    """A dataset whose meta.json lists its shards and their sizes, as prepare_data.py writes it."""
+    tok = Tokenizer.train_bpe([DOC], 300)
+    rng = np.random.default_rng(0)
+    shards = {"train_000000.bin": 3000, "train_000001.bin": 2000, "val_000000.bin": 1000}
+    for name, n in shards.items():
+        write_shard(str(tmp_path / name), rng.integers(0, 300, n).astype(np.uint16))
+    write_meta(str(tmp_path), tok, shards={"train": ["train_000000.bin", "train_000001.bin"], "val": ["val_000000.bin"]},
+               shard_tokens={"train": [3000, 2000], "val": [1000]}, tokens={"train": 5000, "val": 1000})
+    return tmp_path
+
+
+def edit_meta(data, **changes):
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({k: v for k, v in {**meta, **changes}.items() if v is not None}))
+
+
+def test_the_loader_reads_exactly_the_listed_shards(listed_data):
+    loader = ShardLoader(str(listed_data), "train", 4, 64)
+    assert [os.path.basename(p) for p in loader.paths] == ["train_000000.bin", "train_000001.bin"]
+    assert loader.state_dict()["fingerprint"] == json.loads((listed_data / "meta.json").read_text())["fingerprint"]
+
+
+def test_a_listed_shard_that_is_missing_is_named(listed_data):
+    os.remove(listed_data / "train_000001.bin")  # an interrupted copy of the directory
+    with pytest.raises(FileNotFoundError, match=r"train_000001.bin is missing \(1 of the 2 train shards .*meta.json lists\): "
+                                                r"the dataset is incomplete; copy it again, or re-run prepare_data.py"):
+        ShardLoader(str(listed_data), "train", 4, 64)
+
+
+def test_a_shard_that_meta_json_does_not_list_is_named(listed_data):
+    write_shard(str(listed_data / "train_000002.bin"), np.zeros(3000, dtype=np.uint16))  # left by another dataset
+    with pytest.raises(ValueError, match=r"train_000002.bin is not one of the train shards .*meta.json lists: it belongs "
+                                         r"to another dataset; remove it, or re-run prepare_data.py"):
+        ShardLoader(str(listed_data), "train", 4, 64)
+
+
+def test_a_token_count_that_disagrees_is_named(listed_data):
+    edit_meta(listed_data, shard_tokens={"train": [6000, 4000], "val": [2000]}, tokens={"train": 10000, "val": 2000})
+    with pytest.raises(ValueError, match=r"train_000000.bin holds 3,000 tokens, but .*meta.json says 6,000: the shard and "
+                                         r"meta.json come from different builds"):
+        ShardLoader(str(listed_data), "train", 4, 64)
+    # a dataset prepared before per-shard counts: its split's total is checked instead
+    edit_meta(listed_data, shard_tokens=None)
+    with pytest.raises(ValueError, match=r"the train shards of .* hold 5,000 tokens, but .*meta.json says 10,000"):
+        ShardLoader(str(listed_data), "train", 4, 64)
+    edit_meta(listed_data, tokens={"train": 5000, "val": 1000})
+    assert len(ShardLoader(str(listed_data), "train", 4, 64).paths) == 2
+
+
+def test_an_eot_id_outside_the_vocabulary_is_named(listed_data):
+    edit_meta(listed_data, eot_id=300)
+    with pytest.raises(ValueError, match=r"meta.json: eot_id 300 is outside the vocabulary of 300: meta.json is damaged"):
+        ShardLoader(str(listed_data), "train", 4, 64)
+
+
+def test_a_dataset_without_a_shard_list_is_globbed(listed_data):
+    edit_meta(listed_data, shards=None, shard_tokens=None, tokens=None)  # written by hand, or by an old prepare_data.py
+    write_shard(str(listed_data / "train_000002.bin"), np.zeros(3000, dtype=np.uint16))
+    assert len(ShardLoader(str(listed_data), "train", 4, 64).paths) == 3
+
+
+# --- 6. keep_last where hard links are refused -----------------------------------------------------
+
+def test_keep_last_copies_where_hard_links_are_refused(tmp_path, monkeypatch):
+    def refuse_links(src, dst):  # gcsfuse, s3fs and FAT answer link(2) so
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(os, "link", refuse_links)
+    for step in (1, 2, 3):
+        checkpoint.save({"model": {"w": torch.full((4,), float(step))}, "model_args": {}, "iter_num": step}, str(tmp_path), keep_last=2)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt_0000002.pt", "ckpt_0000003.pt"]
+    assert os.stat(tmp_path / "ckpt_0000003.pt").st_nlink == 1  # a copy, not a link
+    assert (tmp_path / "ckpt_0000003.pt").read_bytes() == (tmp_path / "ckpt.pt").read_bytes()
+    assert checkpoint.load(str(tmp_path / "ckpt_0000002.pt"))["model"]["w"][0] == 2
+
+
+# --- 7. under DDP, what stops rank 0 stops every rank -----------------------------------------------
+
+def two_nodes(out, data, *extra, script="train.py"):
+    """torchrun on two "nodes" of one process each (two launchers, as on two machines): a failure on node 0 reaches
+    node 1 only through the training processes themselves, not through a shared launcher."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}", script,
+                               f"--data_dir={data}", f"--out_dir={out}", *TINY, *extra],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for node in (0, 1)]
+    return [(p.returncode, err) for p in procs for _, err in [p.communicate(timeout=300)]]  # a hang fails, not waits
+
+
+def node_lines(stderr):
+    """The lines the training process wrote, without torchrun's own report of a failed worker."""
+    return [line for line in stderr.replace("\r", "\n").splitlines()
+            if line.startswith(("error:", "[rank")) or "train.py\", line" in line]
+
+
+def test_a_lock_that_rank_0_cannot_take_stops_every_rank(pydocs_data, tmp_path):
+    held = checkpoint.RunLock(str(tmp_path))  # another run on this out_dir
+    try:
+        nodes = two_nodes(tmp_path, pydocs_data, "--max_iters=4")
+    finally:
+        held.release()
+    for rc, stderr in nodes:  # each node's process stopped on its own, with the same line (no gloo error, no traceback)
+        assert rc == 1 and "exitcode  : 1 " in stderr, stderr[-2000:]
+        assert node_lines(stderr) == [f"error: {tmp_path} is in use by another training run (pid {os.getpid()} on "
+                                      f"{os.uname().nodename}): wait for it to finish, or give this run another out_dir"]
+
+
+def test_a_full_disk_at_rank_0s_save_stops_every_rank(pydocs_data, tmp_path):
+    wrapper = tmp_path / "train_on_full_disk.py"
+    wrapper.write_text(FULL_DISK + f"builtins.open = open_on_full_disk\nimport runpy, sys\nsys.path.insert(0, {ROOT!r})\n"
+                       f"sys.argv[0] = 'train.py'\nrunpy.run_path({os.path.join(ROOT, 'train.py')!r}, run_name='__main__')\n")
+    nodes = two_nodes(tmp_path / "out", pydocs_data, "--max_iters=8", *STEPS, script=str(wrapper))
+    for rc, stderr in nodes:
+        assert rc == 1 and "exitcode  : 1 " in stderr, stderr[-2000:]
+        lines = node_lines(stderr)
+        assert len(lines) == 1 and lines[0].startswith(f"error: disk full while writing {tmp_path / 'out' / 'ckpt.pt'}: "
+                                                       "nothing was written"), stderr[-2000:]
+    assert not os.path.exists(tmp_path / "out" / "ckpt.pt")

@@ -170,10 +170,15 @@ def test_refusals_name_the_problem_and_write_nothing(source, tmp_path, capsys):
     assert "dus only" in refuse(capsys, "--src", source, "--out", out, "--drop", "1")
     assert "--noise must be >= 0" in refuse(capsys, "--src", source, "--out", out, "--noise", "-0.1")
     assert os.listdir(tmp_path) == ["corrupt.pt"]  # nothing written by any refusal
-    # an existing output is kept unless --force
+    # an existing output is kept unless --force: another growth is refused, the same one reused
     grow(source, tmp_path / "out.pt")
     before = os.path.getmtime(out)
-    assert "already exists; pass --force" in refuse(capsys, "--src", source, "--out", out)
+    assert "already exists (not this growth of" in refuse(capsys, "--src", source, "--out", out, "--method", "interleave")
+    assert "pass --force to overwrite it" in refuse(capsys, "--src", source, "--out", out, "--noise", "0.1")
+    with pytest.raises(SystemExit) as reused:
+        stack.main(["--src", source, "--out", out])
+    assert reused.value.code == 0 and capsys.readouterr().out.strip() == \
+        f"{out} already holds {source} grown by stack x2: reusing it (--force grows it again)"
     assert os.path.getmtime(out) == before
     assert checkpoint.load(out)["model_args"]["n_layer"] == 8
     grow(source, tmp_path / "out.pt", "--force", "--factor", "3")
@@ -181,7 +186,7 @@ def test_refusals_name_the_problem_and_write_nothing(source, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["corrupt.pt", "out.pt"]  # no temp file left behind
     # a directory as --out means out_dir/ckpt.pt, and is refused the same way when it exists
     grow(source, tmp_path / "d")
-    assert "already exists" in refuse(capsys, "--src", source, "--out", str(tmp_path / "d"))
+    assert "already exists" in refuse(capsys, "--src", source, "--out", str(tmp_path / "d"), "--factor", "3")
 
 
 def test_no_arguments_is_the_recipe_step(source, tmp_path, monkeypatch, capsys):
