@@ -183,14 +183,12 @@ if not 0 <= decay_frac <= 1:
 # is nothing to save, and a second signal means "now": both exit at once.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 stop_signal, stop_signal_time = 0, 0.0  # the first signal received, and when
-phase = "start-up"                      # -> "training" -> "stopping" (the run is saved and exits)
+phase = "start-up"                      # -> "training" (a signal is honoured at the next step boundary)
 
 
 def on_stop_signal(signum, frame):
     global stop_signal, stop_signal_time
     name = signal.Signals(signum).name
-    if phase == "stopping":  # saved and leaving: torchrun ending the other ranks' processes changes nothing
-        return
     if phase == "start-up":
         log(f"stopped by {name} during start-up, before the first step: nothing to save")
         raise SystemExit(128 + signum)
@@ -207,6 +205,22 @@ def on_stop_signal(signum, frame):
 
 for sig in STOP_SIGNALS:
     signal.signal(sig, on_stop_signal)
+
+
+def ignore_stop_signals():
+    """On the way out. As soon as one rank exits, torchrun sends SIGTERM to the others, which may still be leaving;
+    a Python handler cannot catch it then (CPython restores the default action while it shuts down, and the rank
+    would die by the signal), so stop signals are ignored (SIG_IGN, which CPython keeps to the end)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def leave(status):
+    """Exit with this status, whatever signal arrives meanwhile."""
+    ignore_stop_signals()
+    if ddp:
+        dist.destroy_process_group()
+    raise SystemExit(status)
 
 # -----------------------------------------------------------------------------------------------
 # Devices and DDP
@@ -244,9 +258,7 @@ def stop_together(line, status=1):
         log(line)
     elif local_rank == 0:
         print(line, file=sys.stderr)
-    if ddp:
-        dist.destroy_process_group()
-    raise SystemExit(status)
+    leave(status)
 
 
 # one run per out_dir: a second one stops here, before it reads or writes anything
@@ -526,13 +538,12 @@ def agreed_stop_signal():
 
 def stop(signum):
     """Save the step reached (unless out_dir already holds it), say so in one line with how to resume, exit 128+signum."""
-    global phase
     bar.close()
     error = None
     if master_process and saved_at != iter_num and (iter_num > 0 or init_from != "scratch"):
         error = save_checkpoint(None)
     stop_together(error)  # every rank waits for rank 0's save: one that left early would have torchrun end rank 0
-    phase = "stopping"
+    ignore_stop_signals()  # saved: from here a signal (torchrun's, once another rank has left) changes nothing
     name = signal.Signals(signum).name
     if saved_at is None:
         log(f"stopped by {name} before the first step: nothing to save")
@@ -541,9 +552,7 @@ def stop(signum):
         command = ("torchrun [the same options] " if ddp else "python ") + shlex.join([sys.argv[0], *args, "--init_from=resume"])
         log(f"stopped by {name} at step {iter_num} of {max_iters}: {os.path.join(out_dir, 'ckpt.pt')} holds it; "
             f"resume with: {command}")
-    if ddp:
-        dist.destroy_process_group()
-    raise SystemExit(128 + signum)
+    leave(128 + signum)
 
 
 def record(entry):
