@@ -3,7 +3,7 @@
 out_dir = "out/tiny"
 data_dir = "data/pydocs"
 device = "cpu"
-dtype = "bfloat16"          # autocast: several times faster than fp32 on CPUs with AVX-512 BF16/AMX, slower without (bench.py shows both)
+dtype = "auto"
 compile = False
 batch_size = 16
 block_size = 256
@@ -19,5 +19,5 @@ max_iters = 500
 lr_decay_iters = 500
 warmup_iters = 50
 eval_interval = 100
-eval_iters = 5             # 5 x 16 x 256 = 20k tokens: all of pydocs' val split
+val_tokens = 20480
 log_interval = 20
