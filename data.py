@@ -1,5 +1,6 @@
 """
-Token shards on disk, and the loader that streams them into training batches.
+Token shards on disk, the loader that streams them into training batches, and the val set every val loss is
+measured on (ValSet).
 
 A shard is a flat array of token ids behind a 256-byte header:
     bytes 0..7    magic b"MTLMTOKS"
