@@ -279,8 +279,10 @@ class ValSet:
 
     def __init__(self, data_dir, tokens, block_size, rank=0, world_size=1):
         vocab_size = load_meta(data_dir)["vocab_size"]
+        paths = shard_paths(data_dir, "val")
+        shard_sizes(data_dir, "val", paths)  # the shards meta.json lists, with the token counts it recorded
         self.shards, self.windows, self.block_size = [], [], block_size  # windows: (shard index, offset)
-        for path in shard_paths(data_dir, "val"):
+        for path in paths:
             wanted = tokens // block_size - len(self.windows)
             if wanted <= 0:
                 break
