@@ -39,7 +39,7 @@ def plot(trains, growths, title, path):
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
-    val_losses, bpb_per_nat = [], set()
+    val_losses, train_losses, bpb_per_nat = [], [], set()
     for number, (offset, entry, metrics) in enumerate(trains, 1):
         train = [(offset + e["tokens"], e["loss"]) for e in metrics if "loss" in e]
         val = [(offset + e["tokens"], e["val_loss"]) for e in metrics if "val_loss" in e]
@@ -50,6 +50,7 @@ def plot(trains, growths, title, path):
                     label=f"phase {number} train ({entry['out_dir']})")
         ax.plot([t / 1e6 for t, _ in val], [l for _, l in val], color=color, marker="o", ms=4, label=f"phase {number} val")
         val_losses += [l for _, l in val]
+        train_losses += [l for _, l in train]
     for offset, entry in growths:
         ax.axvline(offset / 1e6, color="0.3", ls="--", lw=1)
         ax.annotate(f" {entry['method']}: {entry['n_layer'][0]} -> {entry['n_layer'][1]} layers", (offset / 1e6, 1),
@@ -59,7 +60,7 @@ def plot(trains, growths, title, path):
                     label="val before and after growth" if offset == growths[0][0] else None)
             val_losses += [entry["val_loss_source"], entry["val_loss"]]
     if val_losses:  # the first steps' loss (ln vocab) is off the top: the rest is what a reader compares
-        ax.set_ylim(min(val_losses) - 0.2, min(max(val_losses), sorted(val_losses)[len(val_losses) // 4] + 2.0))
+        ax.set_ylim(min(val_losses + train_losses) - 0.1, min(max(val_losses), sorted(val_losses)[len(val_losses) // 4] + 2.0))
     if len(bpb_per_nat) == 1 and None not in bpb_per_nat:  # one val set throughout: bits per byte scale with nats
         k = bpb_per_nat.pop()
         ax.secondary_yaxis("right", functions=(lambda x: x * k, lambda x: x / k)).set_ylabel("val bits per byte")
