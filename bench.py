@@ -1,27 +1,28 @@
 """
 Benchmark the training step of model.py: forward + backward + AdamW on random tokens, no data loading.
 
-    python bench.py configs/tiny.py --vocab_size 4096             # fp32, bf16 autocast, bf16 + torch.compile
+    python bench.py configs/tiny.py                     # the dtype train.py would choose here, eager and compiled
+    python bench.py configs/tiny.py --modes fp32,bf16,bf16+compile
     python bench.py configs/phase1.py --device cuda --modes bf16,bf16+compile
     python bench.py configs/phase1.py --n_layer 24 --params      # parameter counts and FLOPs per token, no timing
 
-Prints tokens/s, the achieved FLOP/s (model.flops_per_token, the PaLM count train.py uses) and MFU against a peak
-this machine reaches right now in the same dtype (common.measure_peak_flops: a matmul probe), one line per mode.
-Only the model's shape and batch are read from the config file; train.py's loop adds data loading and logging
-on top of this step.
+A mode is a dtype (fp32; bf16 or fp16 under autocast; auto: common.auto_dtype's choice for the device), with
++compile for torch.compile. Prints tokens/s, the achieved FLOP/s (model.flops_per_token, the PaLM count train.py
+uses) and MFU as train.py reports it (common.mfu_peak: a GPU's datasheet peak, else the matmul peak this machine
+reaches now in the mode's dtype), with the measured matmul peak beside it; one line per mode. Only the model's
+shape and batch are read from the config file; train.py's loop adds data loading and logging on top of this step.
 """
 import argparse
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
-from common import device_error, measure_peak_flops
+from common import auto_dtype, device_error, mfu_peak, mixed_precision
 from model import LLaMA, ModelConfig
 
-MODES = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False), "bf16+compile": (torch.bfloat16, True)}
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 SHAPE_KEYS = ["n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "rope_theta", "norm_eps", "tie_embeddings",
               "vocab_size", "block_size", "batch_size"]
 
@@ -34,11 +35,19 @@ def read_config(path):
     return {k: namespace[k] for k in SHAPE_KEYS if k in namespace}
 
 
+def parse_mode(mode, device):
+    """'bf16+compile' -> ('bfloat16', True); 'auto' is the dtype train.py would choose on this device."""
+    name, _, compile = mode.partition("+")
+    if name not in (*DTYPE_NAMES, "auto") or compile not in ("", "compile"):
+        raise ValueError(mode)
+    return auto_dtype(device)[0] if name == "auto" else DTYPE_NAMES[name], compile == "compile"
+
+
 def bench_mode(model, optimizer, dtype, compile, batch_size, steps, warmup, device):
     """Tokens per second of the bare training step, timed over `steps` after `warmup` untimed ones."""
     device_type = torch.device(device).type
     step_model = torch.compile(model) if compile else model
-    autocast = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    autocast = mixed_precision(dtype, device)
     T, V = model.config.block_size, model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     x, y = (torch.randint(0, V, (batch_size, T), generator=g).to(device) for _ in range(2))
@@ -64,7 +73,8 @@ def bench_mode(model, optimizer, dtype, compile, batch_size, steps, warmup, devi
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="a train.py config file: its model shape, block_size and batch_size")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)} (default: all)")
+    p.add_argument("--modes", default="auto,auto+compile",
+                   help="comma list of fp32, bf16, fp16 or auto, each optionally +compile (default: %(default)s)")
     p.add_argument("--vocab_size", type=int, default=None, help="default: the config's, else ModelConfig's 50304")
     p.add_argument("--n_layer", type=int, default=None, help="default: the config's (configs/phase2.py takes its depth "
                    "from the stacked checkpoint: --n_layer 24 with configs/phase1.py is its model)")
@@ -75,9 +85,12 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or any(m not in MODES for m in modes):
-        p.error(f"--modes takes a comma list of {', '.join(MODES)}")
+    try:
+        modes = {m: parse_mode(m, args.device) for m in (m.strip() for m in args.modes.split(",")) if m}
+    except ValueError as e:
+        p.error(f"--modes takes a comma list of fp32, bf16, fp16 or auto, each optionally +compile; got {e}")
+    if not modes:
+        p.error("--modes takes a comma list of fp32, bf16, fp16 or auto, each optionally +compile")
     if args.steps < 1 or args.warmup < 1:
         p.error("need --steps >= 1 and --warmup >= 1")
     if args.config and not os.path.isfile(args.config):
@@ -107,14 +120,15 @@ def main(argv=None):
     print(f"{model.num_params() / 1e6:.1f}M parameters ({config.n_layer} layers x {config.n_embd}, vocab {config.vocab_size}), "
           f"batch {batch_size} x {config.block_size} tokens, {flops_per_token / 1e6:.1f} MFLOP per token, "
           f"{args.device}, {torch.get_num_threads()} threads", file=sys.stderr)
-    print("| mode | tokens/s | achieved TFLOP/s | measured matmul peak TFLOP/s | MFU |")
-    print("|---|---|---|---|---|")
-    for mode in modes:
-        dtype, compile = MODES[mode]
+    print("| mode | tokens/s | achieved TFLOP/s | peak TFLOP/s | MFU | measured matmul peak TFLOP/s |")
+    print("|---|---|---|---|---|---|")
+    for mode, (dtype, compile) in modes.items():
         tok_s = bench_mode(model, optimizer, dtype, compile, batch_size, args.steps, args.warmup, args.device)
-        peak = measure_peak_flops(dtype, args.device)
+        peak, measured, peak_name = mfu_peak(dtype, args.device)
         achieved = flops_per_token * tok_s
-        print(f"| {mode} | {tok_s:,.0f} | {achieved / 1e12:.3f} | {peak / 1e12:.3f} | {100 * achieved / peak:.1f}% |", flush=True)
+        print(f"{mode}: {dtype}{' + torch.compile' if compile else ''}; MFU against {peak_name}", file=sys.stderr)
+        print(f"| {mode} | {tok_s:,.0f} | {achieved / 1e12:.3f} | {peak / 1e12:.3f} | {100 * achieved / peak:.1f}% | "
+              f"{measured / 1e12:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """
 Decode speed on CPU: sample.py against transformers' generate, on the same Hugging Face Llama, greedy.
 
-    python bench_decode.py --model path/to/SmolLM2-135M-Instruct [--tokens 128] [--reps 2] [--threads 2]
+    python bench_decode.py --model path/to/SmolLM2-135M-Instruct [--tokens 128] [--reps 2] [--threads 2] [--dtypes float32 bfloat16]
 
 Each run is a fresh process (sample.py itself, and a small transformers script), timed the same way: the
 second of two generations from the same prompt (the first warms up), prompt encoding included, tokens
@@ -15,6 +15,8 @@ import re
 import statistics
 import subprocess
 import sys
+
+from common import resolve_dtype
 
 HF_SCRIPT = r"""
 import sys, time, torch
@@ -53,9 +55,11 @@ def main():
     p.add_argument("--tokens", type=int, default=128, help="new tokens per generation (default: %(default)s)")
     p.add_argument("--reps", type=int, default=2, help="runs of each (default: %(default)s)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, both sides (default: all cores)")
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    p.add_argument("--dtypes", nargs="+", default=["auto"], choices=["auto", "float32", "bfloat16"],
+                   help="auto: what this CPU computes natively (common.auto_dtype) (default: %(default)s)")
     p.add_argument("--prompt", default="Once upon a time, in a small village,")
     args = p.parse_args()
+    args.dtypes = list(dict.fromkeys(resolve_dtype(d, "cpu") for d in args.dtypes))  # both sides get the same name
     results = {}
     for rep in range(args.reps):
         for dtype in args.dtypes:

@@ -1,6 +1,7 @@
 """
 The helpers that every script and library module shares: log(), atomic_write(), device_error() (every script's
-check of its --device), and measure_peak_flops() (the matmul peak that train.py and bench.py report MFU against).
+check of its --device), the compute dtype rule (resolve_dtype, mixed_precision) and the peak FLOP/s that MFU is
+measured against (mfu_peak, measure_peak_flops).
 
 They sit below data.py, tokenizer.py and checkpoint.py (this module imports nothing of the project), so that
 no module copies them and nothing has to import a script to get them (nanochat keeps its own in common.py).
@@ -8,10 +9,11 @@ no module copies them and nothing has to import a script to get them (nanochat k
 import errno
 import math
 import os
+import re
 import shutil
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -93,8 +95,9 @@ def device_error(device):
 
 def measure_peak_flops(dtype, device="cpu", seconds=1.0):
     """The matmul FLOP/s this device reaches in dtype right now: the best of repeated products of two square
-    matrices (2 n^3 FLOPs each). MFU is measured against this rather than a data sheet's figure: CPUs of one kind
-    differ (bf16 peaks of 0.96 to 2.8 TFLOP/s measured on 2-core hosts) and other jobs may share the cores."""
+    matrices (2 n^3 FLOPs each). A CPU's MFU is measured against this, having no data sheet figure that holds:
+    CPUs of one kind differ (bf16 peaks of 0.96 to 2.8 TFLOP/s measured on 2-core hosts) and other jobs may share
+    the cores."""
     device = torch.device(device)
     n, per_sample = (8192, 10) if device.type == "cuda" else (1024, 1)  # enough work that timing noise is small
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
@@ -112,3 +115,82 @@ def measure_peak_flops(dtype, device="cpu", seconds=1.0):
         elapsed = time.perf_counter() - t0
         best, spent, samples = min(best, elapsed), spent + elapsed, samples + 1
     return 2 * n ** 3 * per_sample / best
+
+
+# -----------------------------------------------------------------------------------------------
+# The compute dtype: one rule for every script
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def auto_dtype(device):
+    """(dtype name, reason): what this device computes natively. A GPU: bf16 where it has it (Ampere and later),
+    else fp16 (train.py adds the grad scaler). A CPU: bf16 only with bf16 units, AMX or AVX-512 BF16 (there bf16
+    autocast trained the tiny model 1.6x faster than fp32 on an AMX host, and AVX-512 BF16 runs a matmul 2.1x
+    faster); without them bf16 is emulated, and autocast ran 7-20x slower than fp32 on an AVX2 host, so fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bfloat16", f"{name} computes bf16"
+        return "float16", f"{name} has no bf16: fp16 with the grad scaler"
+    if device.type == "cpu":
+        caps = torch.cpu.get_capabilities()
+        if caps.get("amx_bf16"):
+            return "bfloat16", "this CPU has AMX"
+        if caps.get("avx512_bf16"):
+            return "bfloat16", "this CPU has AVX-512 BF16"
+        return "float32", f"this CPU has no native bf16: {torch.backends.cpu.get_cpu_capability()}"
+    return "float32", f"no bf16 rule for {device.type}"
+
+
+def resolve_dtype(dtype, device):
+    """The dtype a script computes in: an explicit float32, bfloat16 or float16 as given, "auto" by auto_dtype,
+    saying what it chose and why (once, on stderr). Raises ValueError for any other name."""
+    if dtype == "auto":
+        dtype, reason = auto_dtype(device)
+        log(f"dtype auto -> {dtype} ({reason})")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}, got {dtype!r}")
+    return dtype
+
+
+def mixed_precision(dtype, device):
+    """Mixed precision for a dtype name: matmuls in bf16/fp16, weights and optimizer in fp32; fp32 is no context."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[dtype])
+
+
+# -----------------------------------------------------------------------------------------------
+# MFU's denominator
+
+# Dense (no 2:4 sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, FLOP/s; fp16 for the GPUs without bf16
+# (V100, T4). The first pattern found in torch.cuda.get_device_name() wins, so variants come before their family.
+DATASHEET_PEAKS = [
+    (r"H100 PCIe", 756e12), (r"H100 NVL|H200 NVL", 835e12), (r"H100|H200", 989e12),
+    (r"B200", 2.25e15), (r"A100|A800", 312e12), (r"\bA10\b", 125e12), (r"L40S", 362e12), (r"\bL4\b", 121e12),
+    (r"RTX 4090", 165e12), (r"V100", 125e12), (r"\bT4\b", 65e12),
+]
+
+
+def datasheet_peak(gpu_name):
+    """The datasheet's dense bf16 FLOP/s of a GPU by its name, or None for a GPU not in DATASHEET_PEAKS."""
+    return next((peak for pattern, peak in DATASHEET_PEAKS if re.search(pattern, gpu_name)), None)
+
+
+def mfu_peak(dtype, device):
+    """(peak, measured, what the peak is): MFU's denominator and the matmul peak measured now in dtype.
+    On a GPU the datasheet's dense bf16 peak, as PaLM's MFU and nanoGPT's (A100: 312 TFLOP/s) use it, so that MFUs
+    compare across runs and papers; a measured matmul falls short of it (cuBLAS's best shapes, clocks), so it is
+    printed beside. An unknown GPU, and a CPU (whose peak depends on its kind and on the other jobs sharing it),
+    use the measured peak."""
+    device = torch.device(device)
+    measured = measure_peak_flops(DTYPES[dtype], device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        sheet = datasheet_peak(name)
+        if sheet is not None:
+            return sheet, measured, f"{name}'s datasheet dense bf16 peak"
+        return measured, measured, f"the measured {dtype} matmul peak ({name} is not in common.DATASHEET_PEAKS)"
+    return measured, measured, f"the measured {dtype} matmul peak"

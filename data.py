@@ -1,5 +1,6 @@
 """
-Token shards on disk, and the loader that streams them into training batches.
+Token shards on disk, the loader that streams them into training batches, and the val set every val loss is
+measured on (ValSet).
 
 A shard is a flat array of token ids behind a 256-byte header:
     bytes 0..7    magic b"MTLMTOKS"
@@ -24,8 +25,10 @@ writer of all three, so a format change happens here only. Every file is written
 import glob
 import hashlib
 import json
+import math
 import os
 import struct
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -261,3 +264,63 @@ class ShardLoader:
         if self.device.startswith("cuda"):
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
+
+
+class ValSet:
+    """
+    The val set: the first `tokens` target tokens of the val split, read as consecutive windows of block_size
+    (a window's targets are its tokens shifted by one; a window never crosses a shard, a shard's tail is skipped,
+    as ShardLoader reads them). A val loss means these tokens wherever it is measured: train.py at every evaluation
+    and in every phase, stack.py before and after growing, at any number of processes. Under DDP rank r takes
+    windows r, r + world_size, ...: disjoint parts that together are the set. `tokens` is rounded down to whole
+    windows and to what the split holds; self.tokens is the set's size, self.bytes the UTF-8 bytes of text its
+    targets stand for (None when the tokenizer's are unknown: Tokenizer.token_bytes).
+    """
+
+    def __init__(self, data_dir, tokens, block_size, rank=0, world_size=1):
+        vocab_size = load_meta(data_dir)["vocab_size"]
+        paths = shard_paths(data_dir, "val")
+        shard_sizes(data_dir, "val", paths)  # the shards meta.json lists, with the token counts it recorded
+        self.shards, self.windows, self.block_size = [], [], block_size  # windows: (shard index, offset)
+        for path in paths:
+            wanted = tokens // block_size - len(self.windows)
+            if wanted <= 0:
+                break
+            shard = read_shard(path)
+            check_vocab(path, shard, vocab_size)
+            self.windows += [(len(self.shards), k * block_size) for k in range(min(wanted, (len(shard) - 1) // block_size))]
+            self.shards.append(shard)
+        if not self.windows:
+            raise ValueError(f"the val set of {data_dir!r} is empty: val_tokens ({tokens:,}) must be at least block_size "
+                             f"({block_size}), and a val shard must hold more than block_size tokens")
+        self.tokens = len(self.windows) * block_size
+        self.mine = self.windows[rank::world_size]
+        token_bytes = load_tokenizer(data_dir).token_bytes()
+        self.bytes = None if token_bytes is None else sum(
+            int(token_bytes[self.rows(self.windows[i:i + 1024])[:, 1:]].sum()) for i in range(0, len(self.windows), 1024))
+
+    def rows(self, windows):
+        """(len(windows), block_size + 1) int64 tokens: each window with the target of its last position."""
+        return np.stack([self.shards[s][o:o + self.block_size + 1] for s, o in windows]).astype(np.int64)
+
+    def batches(self, batch_size, device="cpu"):
+        """This rank's windows as (x, y) batches of up to batch_size windows."""
+        for i in range(0, len(self.mine), batch_size):
+            buf = torch.from_numpy(self.rows(self.mine[i:i + batch_size]))
+            yield buf[:, :-1].contiguous().to(device), buf[:, 1:].contiguous().to(device)
+
+    @torch.no_grad()
+    def nats(self, model, batch_size, device="cpu", autocast=nullcontext()):
+        """model's loss summed over this rank's targets, in nats: a 0-d float32 tensor on device (to all-reduce).
+        model(x, y) returns (logits, mean loss), as model.LLaMA does."""
+        total = torch.zeros((), device=device)
+        for x, y in self.batches(batch_size, device):
+            with autocast:
+                total += model(x, y)[1].float() * y.numel()
+        return total
+
+    def losses(self, nats):
+        """(nats per token, bits per byte or None) from the set's summed nats: bits per byte = nats / (ln 2 * bytes),
+        a loss that compares across tokenizers (nanochat's; its special tokens count no bytes, as here, but it also
+        drops their nats, which we keep: a model has to predict where a document ends)."""
+        return nats / self.tokens, nats / (math.log(2) * self.bytes) if self.bytes else None

@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 import checkpoint
-from common import atomic_write, device_error
+from common import DTYPES, atomic_write, device_error, resolve_dtype
 from tokenizer import prepended_bos
 
 # ----------------------------------------------------------------------------------------------
@@ -591,9 +591,10 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=None, help="score only the first N rows of each task")
     p.add_argument("--num_fewshot", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=32, help="contexts, or continuations, per forward pass")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="bfloat16: ~4x faster on CPUs with AMX; on SmolLM2-135M it moved acc by <= 1 point (well inside "
-                        "one stderr), with 95-99%% of predictions unchanged")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="auto: what the device computes natively (common.auto_dtype). bfloat16: ~4x faster on CPUs with "
+                        "AMX; on SmolLM2-135M it moved acc by <= 1 point (well inside one stderr), with 95-99%% of "
+                        "predictions unchanged")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--bos", default="auto", choices=["auto", "on", "off"], help="prepend BOS: auto = as the tokenizer does by default")
     p.add_argument("--out", default=None, help="write results and per-example log-likelihoods to this JSON file")
@@ -611,7 +612,8 @@ def main(argv=None):
     try:
         prepared = prepare(tasks, args.data_dir, args.limit, args.num_fewshot)  # bad data fails before the model loads
         t0 = time.time()
-        lm = load_lm(args.ckpt, getattr(torch, args.dtype), args.device)
+        args.dtype = resolve_dtype(args.dtype, args.device)
+        lm = load_lm(args.ckpt, DTYPES[args.dtype], args.device)
         print(f"loaded {args.ckpt} in {time.time() - t0:.1f}s", file=sys.stderr)
         t1 = time.time()
         out = evaluate(lm, prepared, args.batch_size, {"auto": None, "on": True, "off": False}[args.bos], not args.no_progress)

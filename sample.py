@@ -13,7 +13,7 @@ import time
 import torch
 
 import checkpoint
-from common import device_error
+from common import DTYPES, device_error, resolve_dtype
 
 
 def main(argv=None):
@@ -27,7 +27,8 @@ def main(argv=None):
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="the weights' dtype; auto: what the device computes natively (common.auto_dtype)")
     args = p.parse_args(argv)
     if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1) or (args.top_k is not None and args.top_k < 1):
         p.error("need temperature >= 0, 0 < top_p <= 1 and top_k >= 1")
@@ -41,7 +42,7 @@ def main(argv=None):
             prompt = f.read()
 
     try:
-        model, tokenizer, _ = checkpoint.load_model(args.ckpt, args.device, getattr(torch, args.dtype))
+        model, tokenizer, _ = checkpoint.load_model(args.ckpt, args.device, DTYPES[resolve_dtype(args.dtype, args.device)])
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     ids = tokenizer.encode(prompt)

@@ -29,7 +29,8 @@ loads them when it starts from the grown checkpoint.
 
 The grown checkpoint keeps the tokenizer, the training config and the loader position of the source (so the next
 phase on the same data continues the stream) and its history, plus one entry for this operation.
-stdout: parameter counts and the val loss of source and grown model on the same batches. Logs go to stderr.
+stdout: parameter counts and the val loss of source and grown model on the source's val set (data.ValSet: the
+tokens train.py measured it on), in nats per token and bits per byte. Logs go to stderr.
 """
 import argparse
 import glob
@@ -41,8 +42,8 @@ import sys
 import torch
 
 import checkpoint
-from common import device_error, log
-from data import ShardLoader, load_meta, load_tokenizer
+from common import DTYPES, device_error, log, mixed_precision, resolve_dtype
+from data import ValSet, load_meta, load_tokenizer
 from model import LLaMA, ModelConfig
 from tokenizer import Tokenizer
 
@@ -126,20 +127,13 @@ def grow_optimizer(opt_state, src_args, new_args, copy_of):
     return {"state": state, "param_groups": groups}
 
 
-@torch.no_grad()
-def val_loss(model, batches, device):
-    autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)  # as train.py evaluates
-    total = 0.0
-    for x, y in batches:
-        with autocast:
-            total += model(x.to(device), y.to(device))[1].item()
-    return total / len(batches)
-
-
-def val_batches(ckpt, args):
-    """The first eval_iters val batches of the source's data (train.py's own val batches), or (None, why not)."""
+def val_set(ckpt, args):
+    """The val set train.py measured the source on: its config's val_tokens of its data (data.ValSet), or
+    (None, why not)."""
     config = ckpt.get("config") or {}
     data_dir = args.data_dir or config.get("data_dir")
+    if args.val_tokens == 0:
+        return None, "--val_tokens 0"
     if data_dir is None:
         return None, "the source names no data_dir (give --data_dir)"
     if args.data_dir is None and not glob.glob(os.path.join(data_dir, "val_*.bin")):
@@ -148,10 +142,10 @@ def val_batches(ckpt, args):
     if load_tokenizer(data_dir).spec() != Tokenizer(ckpt["tokenizer"]).spec():
         raise ValueError(f"{data_dir} was tokenized with a different tokenizer than the source checkpoint")
     block_size = ckpt["model_args"]["block_size"]
-    batch_size = config.get("batch_size", 8)
-    n = args.eval_iters or config.get("eval_iters", 10)
-    loader = ShardLoader(data_dir, "val", batch_size, block_size)
-    return [loader.next_batch() for _ in range(n)], f"{n} val batches of {batch_size} x {block_size} from {data_dir}"
+    # a train.py before val_tokens measured its first eval_iters batches of batch_size x block_size (one process)
+    tokens = args.val_tokens or config.get("val_tokens") or config.get("eval_iters", 10) * config.get("batch_size", 8) * block_size
+    val = ValSet(data_dir, tokens, block_size)
+    return val, f"the first {val.tokens:,} val tokens of {data_dir}"
 
 
 def parse_args(argv):
@@ -166,8 +160,10 @@ def parse_args(argv):
     p.add_argument("--optim", default="reset", choices=["reset", "copy"])
     p.add_argument("--noise", type=float, default=0.0, help="relative std of the noise added to the copies (0.2 = 20%%)")
     p.add_argument("--data_dir", default=None, help="dataset for the val loss comparison (default: the source's)")
-    p.add_argument("--eval_iters", type=int, default=None, help="val batches (default: the source's eval_iters)")
+    p.add_argument("--val_tokens", type=int, default=None, help="val tokens to measure (default: the source's val_tokens; 0 skips)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for the val loss only")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="for the val loss: auto is what the device "
+                   "computes natively (common.auto_dtype) (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     args = p.parse_args(argv)
     try:
@@ -180,8 +176,8 @@ def parse_args(argv):
         p.error(f"--drop applies to --method dus only, not {args.method}")
     if args.noise < 0 or not math.isfinite(args.noise):
         p.error(f"--noise must be >= 0, got {args.noise}")
-    if args.eval_iters is not None and args.eval_iters < 1:
-        p.error(f"--eval_iters must be >= 1, got {args.eval_iters}")
+    if args.val_tokens is not None and args.val_tokens < 0:
+        p.error(f"--val_tokens must be >= 0 (0 skips the val loss), got {args.val_tokens}")
     if device_error(args.device):
         p.error(device_error(args.device))
     args.out_path = args.out if args.out.endswith(".pt") else os.path.join(args.out, "ckpt.pt")
@@ -224,20 +220,25 @@ def reuse_existing(args, ckpt, drop):
 
 
 def compare(source, grown, ckpt, args):
-    """{"source": loss, "grown": loss} on the same val batches; {} when the source's data is not at hand."""
+    """{"source": (nats per token, bits per byte), "grown": ...} on the source's val set; {} when it is skipped."""
     try:
-        batches, what = val_batches(ckpt, args)
+        val, what = val_set(ckpt, args)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    if batches is None:
+    if val is None:
         print(f"val loss: skipped, {what}")
         return {}
-    log(f"val loss on {what} ({args.device})")
+    dtype = resolve_dtype(args.dtype, args.device)
+    log(f"val loss on {what} ({args.device}, {dtype})")
+    batch_size = (ckpt.get("config") or {}).get("batch_size", 8)
     losses = {}
     for label, model in (("source", source), ("grown", grown)):
-        losses[label] = val_loss(model.to(args.device).eval(), batches, args.device)
+        nats = val.nats(model.to(args.device).eval(), batch_size, args.device, mixed_precision(dtype, args.device))
+        losses[label] = val.losses(nats.item())
         model.cpu()
-    print(f"val loss: source {losses['source']:.4f}, grown {losses['grown']:.4f} ({what})")
+    print(f"val loss: source {losses['source'][0]:.4f}, grown {losses['grown'][0]:.4f} (nats per token on {what})")
+    if val.bytes:
+        print(f"val bpb: source {losses['source'][1]:.4f}, grown {losses['grown'][1]:.4f} (bits per byte)")
     return losses
 
 
@@ -269,11 +270,12 @@ def main(argv=None):
 
     # -- write ------------------------------------------------------------------------------------------------
     entry = dict(event="stack", method=args.method, factor=args.factor, drop=drop, optim=args.optim, noise=args.noise,
-                 source=args.src, out=args.out_path, n_layer=[n_layer, len(copy_of)], val_loss_source=losses.get("source"),
-                 val_loss=losses.get("grown"))
+                 source=args.src, out=args.out_path, n_layer=[n_layer, len(copy_of)])
+    for key, label in (("_source", "source"), ("", "grown")):  # None when the val loss was skipped
+        entry[f"val_loss{key}"], entry[f"val_bpb{key}"] = losses.get(label, (None, None))
     grown_ckpt = dict(model=grown.state_dict(), model_args=new_args, tokenizer=ckpt["tokenizer"], optimizer=optimizer,
                       iter_num=0, config=ckpt.get("config") or {}, loader=ckpt.get("loader"),
-                      best_val_loss=losses.get("grown", float("inf")), tokens_seen=0, rng=ckpt.get("rng"),
+                      best_val_loss=losses.get("grown", (float("inf"),))[0], tokens_seen=0, rng=ckpt.get("rng"),
                       history=list(ckpt.get("history", [])) + [entry])
     try:
         checkpoint.write(grown_ckpt, args.out_path)

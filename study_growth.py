@@ -39,12 +39,14 @@ Runs go to OUT/runs/NAME, logs to OUT/logs/NAME.log. A finished run is never run
 resumes from its last checkpoint, so the study continues where it stopped. Results: OUT/growth_study.json
     {"corpus", "corpus_train_tokens", "budget_flops", "settings", "crossover": {budget: {layers: [seed records]}},
      "runs": {name: {"layers", "growth_point", "schedule", "seeds": [{"seed", "final_val_loss", "tokens", "flops",
-                                                                      "curve", "final_eval_loss"}]}}, "job_wall_s"}
+                                                                      "curve", "final_eval_loss", "final_eval_bpb"}]}},
+     "job_wall_s"}
 The JSON is also the study's record: a run it holds is not run again, even where its directory is gone, so a study
 runs in parts (--schedules cosine today, --schedules wsd tomorrow, or on another machine with the JSON copied over).
 with flops counted by train.py (tokens x model.flops_per_token, PaLM's formula); final_val_loss and the curve are
-train.py's (--eval_iters batches), final_eval_loss the final model on --final_eval_iters batches, the finer
-measure the crossover table uses. Plots: OUT/crossover.png, OUT/growth_study.png.
+train.py's (its val set: the first --eval_iters batches of --batch_size x --block_size val tokens), final_eval_loss
+the final model on --final_eval_iters batches, the finer measure the crossover table uses, and final_eval_bpb the
+same in bits per byte. settings.dtype is the dtype the runs computed in. Plots: OUT/crossover.png, OUT/growth_study.png.
 stdout carries the tables; progress goes to stderr.
 """
 import argparse
@@ -59,8 +61,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 import torch
 
 import checkpoint
-from common import atomic_write, log
-from data import ShardLoader, load_meta, read_shard, shard_paths
+from common import DTYPES, atomic_write, log, mixed_precision, resolve_dtype
+from data import ValSet, load_meta, read_shard, shard_paths
 from model import LLaMA, ModelConfig
 
 OPERATORS = ["stack", "interleave", "dus", "zero"]
@@ -106,8 +108,9 @@ def parse_args(argv=None):
                    "decaying, at its end (default: %(default)s, Hägele et al., 2024)")
     # how
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu (bf16 autocast is fast "
-                   "only on CPUs with AVX-512 BF16 or AMX; on others it is several times slower than fp32)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: what the device computes natively "
+                   "(common.auto_dtype: fp32 on a CPU without AVX-512 BF16 or AMX, where bf16 autocast is several times "
+                   "slower); the JSON records the dtype that ran (default: %(default)s)")
     p.add_argument("--eval_iters", type=int, default=10, help="val batches per evaluation")
     p.add_argument("--evals", type=int, default=12, help="evaluations per run: the points of each curve")
     p.add_argument("--final_eval_iters", type=int, default=50, help="val batches for each run's final loss, "
@@ -125,7 +128,6 @@ def parse_args(argv=None):
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
-    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     args.jobs = args.jobs or (1 if args.device.startswith("cuda") else os.cpu_count() or 1)
     for g in args.factors:
         if g < 2 or args.layers % g:
@@ -167,7 +169,7 @@ def measure_flops_per_second(args, vocab, threads):
     torch.set_num_threads(threads)
     model = LLaMA(ModelConfig(**model_args(args, args.layers, vocab))).to(args.device)
     x = torch.randint(0, vocab, (args.batch_size, args.block_size), device=args.device)
-    autocast = torch.autocast(args.device.split(":")[0], dtype=getattr(torch, args.dtype), enabled=args.dtype != "float32")
+    autocast = mixed_precision(args.dtype, args.device)
     for step in range(4):
         if step == 1:  # the first step warms up allocators and kernels
             if args.device.startswith("cuda"):
@@ -226,7 +228,7 @@ def train_job(args, vocab, name, config, flops, n_layer, lr_mult, seed, init_fro
                 f"--batch_size={args.batch_size}", "--gradient_accumulation_steps=1", f"--seed={seed}",
                 f"--max_iters={iters}", f"--lr_decay_iters={iters}", f"--warmup_iters={max(1, iters // 10) if warmup else 0}",
                 f"--learning_rate={base_lr * lr_mult}", f"--min_lr={base_lr * lr_mult / 10}",
-                f"--eval_interval={max(1, iters // args.evals)}", f"--eval_iters={args.eval_iters}",
+                f"--eval_interval={max(1, iters // args.evals)}", f"--val_tokens={args.eval_iters * args.batch_size * args.block_size}",
                 f"--log_interval={max(1, iters // 20)}", f"--init_from={start}", f"--lr_schedule={schedule}"] + (
             [f"--decay_frac={decay_frac}"] if schedule == "wsd" else []) + (
             ["--overwrite=True"] if start != "resume" else []) + (  # a run of another length is redone, deliberately
@@ -336,7 +338,7 @@ def best_operator(args, runs, records, schedule):
         name = run_name(op, schedule)
         job, seed = runs[name][0][:2]
         if job.done():
-            losses[op] = final_eval(args, os.path.join(args.out_dir, "runs", job.name))
+            losses[op] = final_eval(args, os.path.join(args.out_dir, "runs", job.name))[0]
         elif (name, seed) in records["runs"]:
             losses[op] = records["runs"][name, seed]["final_eval_loss"]
         else:
@@ -430,29 +432,24 @@ def run_jobs(args, replan, rate, total):
 # -----------------------------------------------------------------------------------------------
 # Results: curves from metrics.jsonl, the JSON, the score
 
-@torch.no_grad()
 def final_eval(args, out_dir):
-    """The final model's mean loss over the first --final_eval_iters val batches, cached beside its checkpoint.
-    train.py's curve uses --eval_iters batches (10 x 8 x 128 = 10k tokens by default): enough to draw a curve,
-    too few to rank two models whose losses differ by a few hundredths."""
+    """(loss, bits per byte) of the final model over the first --final_eval_iters val batches of --batch_size x
+    --block_size (data.ValSet), the loss cached beside its checkpoint. train.py's curve uses --eval_iters batches
+    (10 x 8 x 128 = 10k tokens by default): enough to draw a curve, too few to rank two models whose losses differ
+    by a few hundredths."""
     cache = os.path.join(out_dir, "final_val_loss.json")
     ckpt = checkpoint.load(out_dir)
+    val = ValSet(args.data_dir, args.final_eval_iters * args.batch_size * args.block_size, args.block_size)
     if os.path.exists(cache):
         with open(cache) as f:
             cached = json.load(f)
         if (cached["iter"], cached["batches"]) == (ckpt["iter_num"], args.final_eval_iters):
-            return cached["val_loss"]
+            return val.losses(cached["val_loss"] * val.tokens)
     model = checkpoint.build_model(ckpt, args.device)
-    loader = ShardLoader(args.data_dir, "val", args.batch_size, args.block_size, device=args.device)
-    batches = min(args.final_eval_iters, sum(len(read_shard(p)) - 1 for p in loader.paths) // (args.batch_size * args.block_size))
-    autocast = torch.autocast(args.device.split(":")[0], dtype=getattr(torch, args.dtype), enabled=args.dtype != "float32")
-    total = 0.0
-    for _ in range(batches):
-        with autocast:
-            total += model(*loader.next_batch())[1].item()
+    loss, bpb = val.losses(val.nats(model, args.batch_size, args.device, mixed_precision(args.dtype, args.device)).item())
     with open(cache, "w") as f:
-        json.dump({"iter": ckpt["iter_num"], "batches": args.final_eval_iters, "val_loss": total / batches}, f)
-    return total / batches
+        json.dump({"iter": ckpt["iter_num"], "batches": args.final_eval_iters, "val_loss": loss}, f)
+    return loss, bpb
 
 
 def read_run(args, job, seed, offset, wall):
@@ -464,7 +461,7 @@ def read_run(args, job, seed, offset, wall):
     return {"seed": seed, "final_val_loss": evals[-1]["val_loss"], "tokens": evals[-1]["tokens"],
             "flops": offset + evals[-1]["flops"], "curve": [[offset + e["flops"], e["val_loss"]] for e in evals],
             "layers": ckpt["model_args"]["n_layer"], "run": job.name, "wall_s": wall.get(job.name),
-            "final_eval_loss": final_eval(args, out_dir)}
+            **dict(zip(("final_eval_loss", "final_eval_bpb"), final_eval(args, out_dir)))}
 
 
 def load_records(args, meta):
@@ -573,7 +570,7 @@ def score(results):
         finals = [s["final_val_loss"] for s in run["seeds"]]
         full = [s["final_eval_loss"] for s in run["seeds"]]
         row = {"mean": sum(finals) / len(finals), "spread": max(finals) - min(finals), "n": len(finals),
-               "full": sum(full) / len(full),
+               "full": sum(full) / len(full), "full_bpb": mean_bpb(run["seeds"]),
                "reach": None, "speedup": None, "why": ""}
         if scratch and name != "scratch":
             row["reach"] = flops_to_reach(mean_curve(run), target)
@@ -587,6 +584,16 @@ def score(results):
                 row["speedup"] = flops_scratch / row["reach"] - 1
         rows[name] = row
     return rows, target
+
+
+def mean_bpb(records):
+    """The mean final_eval_bpb of seed records, or None where one has none (a study run before bits per byte)."""
+    bpb = [r.get("final_eval_bpb") for r in records]
+    return None if None in bpb else sum(bpb) / len(bpb)
+
+
+def with_bpb(loss, bpb):
+    return f"{loss:.4f}" + (f" ({bpb:.4f} bpb)" if bpb is not None else "")
 
 
 def report(results):
@@ -606,7 +613,7 @@ def report(results):
         for budget, records in results["crossover"].items():
             row = {n: [r["final_eval_loss"] for r in v] for n, v in records.items()}
             means = {n: sum(v) / len(v) for n, v in row.items()}
-            cells = [f"{means[n]:.4f}" + (f" (range {max(v) - min(v):.4f}, {len(v)} seeds)" if len(v) > 1 else "")
+            cells = [with_bpb(means[n], mean_bpb(records[n])) + (f" (range {max(v) - min(v):.4f}, {len(v)} seeds)" if len(v) > 1 else "")
                      + f" ({records[n][0]['tokens'] / 1e6:.2f}M)" for n, v in row.items()]
             (lo, l_lo), (hi, l_hi) = sorted(means.items(), key=lambda kv: int(kv[0]))
             ranges = {n: (min(v), max(v)) for n, v in row.items()}
@@ -636,7 +643,7 @@ def report(results):
             point = "" if run["growth_point"] is None else f"{run['growth_point']:g}"
             reach = "" if name == "scratch" else (f"{row['reach']:.3g}" if row["reach"] else "not reached")
             speed = "(reference)" if name == "scratch" else (f"{row['speedup']:+.0%}" if row["speedup"] is not None else row["why"])
-            out.append(f"| {name} | {run['layers']} | {point} | {row['n']} | {row['mean']:.4f} | {row['spread']:.4f} | {row['full']:.4f} | "
+            out.append(f"| {name} | {run['layers']} | {point} | {row['n']} | {row['mean']:.4f} | {row['spread']:.4f} | {with_bpb(row['full'], row['full_bpb'])} | "
                        f"{reach} | {speed} |")
         # the sweeps, seed 1 against seed 1: the issue's "best of each"
         mults = st["lr_mults"]
@@ -716,8 +723,11 @@ def main(argv=None):
         return
     try:
         meta = load_meta(args.data_dir)
+        args.dtype = resolve_dtype(args.dtype, args.device)  # every run gets it explicitly; the JSON records it
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e} (python prepare_data.py --sources pystdlib --vocab_size 2048)")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     vocab = 64 * math.ceil(meta["vocab_size"] / 64)  # as train.py pads it
     os.makedirs(args.out_dir, exist_ok=True)
     settings_path = os.path.join(args.out_dir, "settings.json")

@@ -16,7 +16,9 @@ arrives with its own tokenizer.
 import base64
 import json
 import os
+import re
 
+import numpy as np
 import tiktoken
 
 EOT = "<|endoftext|>"
@@ -123,6 +125,39 @@ class Tokenizer:
 
     def decode(self, ids):
         return self.enc.decode(list(ids)) if self.kind != "hf" else self.enc.decode(list(ids), skip_special_tokens=False)
+
+    def token_bytes(self):
+        """The UTF-8 bytes of text each id stands for, as a numpy array over the vocabulary; special tokens stand
+        for none (nanochat's count, behind its bits per byte). None for a Hugging Face tokenizer whose decoder is
+        neither byte-level nor sentencepiece-style: its tokens' bytes are not known without decoding in context."""
+        table = np.zeros(self.vocab_size, dtype=np.int64)
+        if self.kind != "hf":
+            specials = {self.enc.encode_single_token(t) for t in self.enc.special_tokens_set}
+            for i in range(self.vocab_size):
+                if i not in specials:
+                    try:
+                        table[i] = len(self.enc.decode_single_token_bytes(i))
+                    except KeyError:  # an id the encoding leaves unused (cl100k_base has a few)
+                        pass
+            return table
+        config = json.loads(self._spec["tokenizer_json"])
+        decoder = json.dumps(config.get("decoder"), ensure_ascii=False)
+        if '"ByteLevel"' in decoder:  # GPT-2's scheme: a vocabulary entry writes each byte as one character
+            length = len
+        elif "▁" in decoder or config["model"].get("byte_fallback"):
+            def length(token):
+                """sentencepiece's scheme: "▁" is a space, <0x0A> one raw byte. Its dummy prefix (the space put
+                before each text and dropped when decoding) counts as a byte, one per document."""
+                return 1 if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token) else len(token.replace("▁", " ").encode())
+        else:
+            return None
+        added = self.enc.get_added_tokens_decoder()
+        for i in range(self.vocab_size):
+            if i in added:
+                table[i] = 0 if added[i].special else len(added[i].content.encode())
+            elif (token := self.enc.id_to_token(i)) is not None:
+                table[i] = length(token)
+        return table
 
 
 def tokenizer_spec_from_hf(model_dir):

@@ -10,6 +10,7 @@ The story: read the config -> set up devices (and DDP), lock out_dir against a s
 (data.py) -> build or load the model (checkpoint.py), never replacing a run's checkpoint by accident -> AdamW +
 warmup, then cosine or warmup-stable-decay -> loop { eval + checkpoint, stop if a signal asked, forward/backward
 with gradient accumulation, clip, step, log } -> final eval + checkpoint.
+Every evaluation measures the same val tokens (val_tokens; data.ValSet) in nats per token and in bits per byte.
 
 Nothing trained is lost: SIGTERM (a scheduler's time limit), SIGINT (Ctrl-C) or SIGUSR1 saves the step reached
 and exits with status 128 + the signal's number; a run that is not a resume refuses an out_dir that holds a
@@ -33,8 +34,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import checkpoint
-from common import device_error, log, measure_peak_flops, remove
-from data import ShardLoader, load_meta, load_tokenizer
+from common import device_error, log, mfu_peak, mixed_precision, remove, resolve_dtype
+from data import ShardLoader, ValSet, load_meta, load_tokenizer
 from model import LLaMA, ModelConfig
 from tokenizer import Tokenizer
 
@@ -45,7 +46,7 @@ out_dir = "out"
 data_dir = "data/pydocs"        # a directory written by prepare_data.py
 eval_interval = 250             # evaluate and checkpoint every this many steps
 log_interval = 10
-eval_iters = 50                 # val batches per evaluation (the same batches every time)
+val_tokens = 1_048_576          # tokens every evaluation measures: the val split's first, whatever the phase or process count
 keep_last = 0                   # > 0: also keep ckpt_<iter>.pt for the last k checkpoints
 init_from = "scratch"           # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint file / out_dir / hf:DIR
 overwrite = False               # True: a run that is not a resume starts over in an out_dir that holds a checkpoint
@@ -85,10 +86,11 @@ decay_frac = 0.2                # wsd only
 min_lr = 6e-5                   # ~learning_rate/10, as in Chinchilla (Hoffmann et al., 2022)
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16"              # 'float32', 'bfloat16' (autocast, fp32 master weights) or 'float16' (+ grad scaler)
+dtype = "auto"                  # 'auto' (what the device computes natively: common.auto_dtype), 'float32',
+                                # 'bfloat16' (autocast, fp32 master weights) or 'float16' (+ grad scaler)
 compile = None                  # torch.compile; None means on for CUDA, off for CPU
 seed = 1337
-peak_flops = None               # FLOP/s that MFU is relative to; None: measured at start (common.measure_peak_flops)
+peak_flops = None               # FLOP/s that MFU is relative to; None: a GPU's datasheet peak, else measured (common.mfu_peak)
 # -----------------------------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
 MODEL_KEYS = ["n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "rope_theta", "norm_eps", "tie_embeddings"]
@@ -96,7 +98,7 @@ MODEL_KEYS = ["n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "
 OPTIMIZER_KEYS = ["learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "decay_lr", "lr_schedule", "decay_frac",
                   "beta1", "beta2", "weight_decay", "grad_clip"]
 # keys that change how a run is watched, not what it trains: a finished run re-run with other values is still that run
-WATCH_KEYS = ["eval_interval", "eval_iters", "log_interval", "keep_last", "wandb_log", "wandb_project", "wandb_run_name",
+WATCH_KEYS = ["eval_interval", "val_tokens", "log_interval", "keep_last", "wandb_log", "wandb_project", "wandb_run_name",
               "compile", "peak_flops", "overwrite"]
 
 
@@ -145,7 +147,7 @@ def apply_config(args, config):
 
 def check_values(config):
     """Values no run can use, refused in one line before anything starts (each would fail deep inside torch)."""
-    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters",
+    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "val_tokens",
                 "n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size"):
         if config[key] < 1:
             raise SystemExit(f"{key} must be >= 1, got {config[key]}")
@@ -276,11 +278,12 @@ torch.manual_seed(seed + rank)
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-if ptdtype is None:
-    raise SystemExit(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+try:
+    dtype = config["dtype"] = resolve_dtype(dtype, device)  # the checkpoint records the dtype that ran
+except ValueError as e:
+    raise SystemExit(f"error: {e}")
 # autocast runs matmuls in bf16/fp16 while the weights and the optimizer stay fp32
-autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+autocast = mixed_precision(dtype, device)
 tokens_per_step = gradient_accumulation_steps * world_size * batch_size * block_size
 log(f"tokens per optimizer step: {tokens_per_step:,} ({world_size} processes x {gradient_accumulation_steps} "
     f"micro-steps x {batch_size} x {block_size})")
@@ -292,10 +295,13 @@ try:
     meta = load_meta(data_dir)
     tokenizer = load_tokenizer(data_dir)
     train_loader = ShardLoader(data_dir, "train", batch_size, block_size, rank, world_size, device)
-    val_loader = ShardLoader(data_dir, "val", batch_size, block_size, rank, world_size, device)
+    val_set = ValSet(data_dir, val_tokens, block_size, rank, world_size)
 except (OSError, ValueError) as e:  # no dataset, a damaged one, ids outside its vocabulary: one line naming the file
     error = f"error: {e}"
 stop_together(error)
+log(f"val set: the first {val_set.tokens:,} tokens of {data_dir}'s val split"
+    + (f" (all it holds in windows of {block_size}; val_tokens asked {val_tokens:,})" if val_set.tokens < val_tokens - block_size else "")
+    + (f", {val_set.bytes:,} bytes of text" if val_set.bytes else "; no bits per byte: the bytes of this tokenizer's ids are unknown"))
 
 # -----------------------------------------------------------------------------------------------
 # Model: from scratch, resumed, or a new phase from another checkpoint
@@ -469,9 +475,10 @@ if ddp:
 
 flops_per_token = raw_model.flops_per_token(block_size)
 if peak_flops is None and master_process:
-    # MFU's denominator: what a matmul in this run's dtype reaches on this device now (hosts of one kind differ)
-    peak_flops = measure_peak_flops(ptdtype, device)
-    log(f"measured matmul peak: {peak_flops / 1e12:.3g} TFLOP/s in {dtype} (set peak_flops to use another)")
+    peak_flops, measured, peak_name = mfu_peak(dtype, device)
+    log(f"MFU against {peak_name}: {peak_flops / 1e12:.3g} TFLOP/s"
+        + (f"; measured matmul peak {measured / 1e12:.3g} TFLOP/s in {dtype}" if measured != peak_flops else "")
+        + " (set peak_flops to use another)")
 
 
 def get_lr(it):
@@ -492,26 +499,21 @@ def get_lr(it):
 
 
 @torch.no_grad()
-def estimate_val_loss():
-    """Mean loss over the first eval_iters val batches: the same batches at every evaluation."""
+def evaluate():
+    """(val loss in nats per token, in bits per byte or None) over the val set, each rank its part."""
     model.eval()
-    val_loader.reset()
-    total = torch.zeros((), device=device)
-    for _ in range(eval_iters):
-        x, y = val_loader.next_batch()
-        with autocast:
-            total += raw_model(x, y)[1].float()
+    nats = val_set.nats(raw_model, batch_size, device, autocast)
     if ddp:
-        dist.all_reduce(total)
+        dist.all_reduce(nats)
     model.train()
-    return total.item() / (eval_iters * world_size)
+    return val_set.losses(nats.item())
 
 
-def save_checkpoint(val_loss):
+def save_checkpoint(val_loss, val_bpb=None):
     """Write out_dir/ckpt.pt (rank 0). Returns None, or the one-line error that stops every rank (a full disk)."""
     global saved_at
     phase_entry = dict(event="train", out_dir=out_dir, data_dir=data_dir, init_from=config["init_from"], iters=iter_num,
-                       tokens=tokens_seen, flops=tokens_seen * flops_per_token, val_loss=val_loss)
+                       tokens=tokens_seen, flops=tokens_seen * flops_per_token, val_loss=val_loss, val_bpb=val_bpb)
     ckpt = dict(model=raw_model.state_dict(), model_args=model_args, tokenizer=tokenizer.spec(),
                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num, config=config,
                 world_size=world_size, loader=train_loader.state_dict(), best_val_loss=best_val_loss, tokens_seen=tokens_seen,
@@ -589,16 +591,17 @@ bar = tqdm(total=max_iters, initial=iter_num, desc="train", unit="step", file=sy
 t0, timed_steps = time.perf_counter(), 0
 while True:
     if iter_num % eval_interval == 0 or iter_num >= max_iters:
-        val_loss = estimate_val_loss()
+        val_loss, val_bpb = evaluate()
         if not math.isfinite(val_loss):
             raise SystemExit(f"val loss is {val_loss} at step {iter_num}: stopping; the last checkpoint in {out_dir} is intact")
         best_val_loss = min(best_val_loss, val_loss)
-        log(f"step {iter_num}: val loss {val_loss:.4f}")
+        log(f"step {iter_num}: val loss {val_loss:.4f}" + (f", val bpb {val_bpb:.4f}" if val_bpb is not None else ""))
         error = None
         if master_process:
-            record({"iter": iter_num, "val_loss": val_loss, "tokens": tokens_seen, "flops": tokens_seen * flops_per_token})
+            record({"iter": iter_num, "val_loss": val_loss, "val_bpb": val_bpb, "tokens": tokens_seen,
+                    "flops": tokens_seen * flops_per_token})
             if iter_num > 0 or init_from != "scratch":
-                error = save_checkpoint(val_loss)
+                error = save_checkpoint(val_loss, val_bpb)
         stop_together(error)
         t0, timed_steps = time.perf_counter(), 0  # evaluation time is not training throughput
     if iter_num >= max_iters:

@@ -1,23 +1,27 @@
-# A tiny model for CPU: the README demo and the tests. ~3M non-embedding parameters.
-# On 2 CPU cores (bf16 autocast) its 500 steps take 3 to 6 minutes, depending on the host's bf16 speed.
+# Phase 1 of the tiny CPU recipe (the quick start): 4 layers x 96 on pydocs with a 2048-token BPE
+# (python prepare_data.py --vocab_size 2048), 0.44M non-embedding parameters, 2.5M tokens (~3.8 epochs).
+# Sized by measurement for 2 CPU cores (README, Quick start): at this budget the loss is bought by tokens more
+# than by width (4 x 128 and 4 x 256 were no better per token up to 0.7M tokens, and cost 1.3x and 4x as much per token),
+# and a 2048-token vocabulary makes the lm_head, most of a narrow model's FLOPs, half as costly for the same bytes.
 out_dir = "out/tiny"
 data_dir = "data/pydocs"
 device = "cpu"
-dtype = "bfloat16"          # autocast: several times faster than fp32 on CPUs with AVX-512 BF16/AMX, slower without (bench.py shows both)
-compile = False
-batch_size = 16
-block_size = 256
+dtype = "auto"              # fp32 on a CPU without native bf16 (AVX2: bf16 autocast is 7-20x slower), bf16 with it
+compile = False             # torch.compile: 1.2-1.3x the steps/s, but ~60 CPU-seconds to compile on a cold cache
+batch_size = 8              # 8 x 128 = 1,024 tokens per step: small steps (512 tokens per step learned no more per token)
+block_size = 128
 gradient_accumulation_steps = 1
 n_layer = 4
-n_head = 4
-n_kv_head = 4
-n_embd = 256
-intermediate_size = 688     # ~8/3 * n_embd, rounded to a multiple of 16
-learning_rate = 2e-3        # small models tolerate (and need) a larger step
+n_head = 3                  # head_dim 32
+n_kv_head = 3
+n_embd = 96
+intermediate_size = 256     # 8/3 * n_embd
+tie_embeddings = True       # the lm_head is the embedding: less to learn from 0.6M tokens, no second 2048 x 96 matrix
+learning_rate = 2e-3        # the growth study's base peak too (study_growth.py reads it)
 min_lr = 2e-4
-max_iters = 500
-lr_decay_iters = 500
-warmup_iters = 50
-eval_interval = 100
-eval_iters = 5             # 5 x 16 x 256 = 20k tokens: all of pydocs' val split
-log_interval = 20
+max_iters = 2400
+lr_decay_iters = 2400
+warmup_iters = 100
+eval_interval = 400
+val_tokens = 20480          # the val set: the first 20,480 tokens of the val split, in every phase
+log_interval = 100

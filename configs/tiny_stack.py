@@ -1,4 +1,4 @@
-# Phase 2 of the tiny CPU recipe: the 4-layer tiny model grown to 8 layers, trained on for 200 steps.
+# Phase 2 of the tiny CPU recipe: the 4-layer tiny model grown to 8 layers, trained on for 500 steps (0.5M tokens).
 #   python train.py configs/tiny.py
 #   python stack.py --src out/tiny --out out/tiny_stacked.pt
 #   python train.py configs/tiny_stack.py
@@ -7,16 +7,16 @@ out_dir = "out/tiny_stack"
 data_dir = "data/pydocs"    # the same data: the loader continues where phase 1 stopped
 init_from = "out/tiny_stacked.pt"
 device = "cpu"
-dtype = "bfloat16"
+dtype = "auto"
 compile = False
-batch_size = 16
-block_size = 256
+batch_size = 8
+block_size = 128
 gradient_accumulation_steps = 1
 learning_rate = 1e-3        # half of phase 1's peak, as phase2.py halves phase1.py's: the copies start trained
 min_lr = 1e-4
-max_iters = 200
-lr_decay_iters = 200
-warmup_iters = 25           # a fresh AdamW needs its own warmup: its moments start at zero
-eval_interval = 50
-eval_iters = 5
-log_interval = 20
+max_iters = 500
+lr_decay_iters = 500
+warmup_iters = 50           # a fresh AdamW needs its own warmup: its moments start at zero
+eval_interval = 100
+val_tokens = 20480          # the same val set as phase 1's
+log_interval = 50

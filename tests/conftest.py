@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a model small enough that a training step takes milliseconds on a CPU
 TINY = ["--device=cpu", "--dtype=float32", "--compile=False", "--n_layer=2", "--n_head=2", "--n_kv_head=1", "--n_embd=64",
         "--intermediate_size=128", "--batch_size=4", "--block_size=64", "--gradient_accumulation_steps=2",
-        "--eval_iters=4", "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4"]
+        "--val_tokens=1024", "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4"]
 
 
 def run_script(*args, check=True, env=None):

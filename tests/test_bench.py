@@ -16,9 +16,17 @@ def test_bench_prints_a_row_per_mode(tmp_path, capsys):
 
 def test_bench_refuses_unknown_modes(capsys):
     import pytest
-    with pytest.raises(SystemExit):
-        bench.main(["--modes", "fp8"])
-    assert "--modes takes" in capsys.readouterr().err
+    for modes in ("fp8", "bf16+fast", ","):
+        with pytest.raises(SystemExit):
+            bench.main(["--modes", modes])
+        assert "--modes takes" in capsys.readouterr().err
+
+
+def test_auto_mode_is_the_dtype_train_py_would_choose():
+    from common import auto_dtype
+    assert bench.parse_mode("auto", "cpu") == (auto_dtype("cpu")[0], False)
+    assert bench.parse_mode("auto+compile", "cpu") == (auto_dtype("cpu")[0], True)
+    assert bench.parse_mode("fp16", "cpu") == ("float16", False)
 
 
 def test_params_are_counted_by_hand(tmp_path, capsys):

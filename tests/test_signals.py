@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -111,9 +112,23 @@ def test_sigint_and_sigusr1_save_too(pydocs_data, tmp_path, sig):
     assert k >= 2 and lines[-1].startswith(f"stopped by {sig.name} at step {k} of 1000000: ")
 
 
-def test_a_signal_during_evaluation_is_honoured_when_it_ends(pydocs_data, tmp_path):
-    # a long evaluation at step 5 (300 val batches, seconds); the signal arrives while it runs
-    proc = start(train_args(pydocs_data, tmp_path, "--max_iters=1000000", "--eval_interval=5", "--eval_iters=300"),
+@pytest.fixture(scope="module")
+def long_val_data(pydocs_data, tmp_path_factory):
+    """pydocs_data with a val split long enough for an evaluation of seconds (its own holds 9k tokens): the train
+    tokens again (a val set is the split's first val_tokens tokens, never read twice)."""
+    from data import load_tokenizer, read_shard, write_meta, write_shard
+    out = str(tmp_path_factory.mktemp("long_val"))
+    tokens = np.asarray(read_shard(os.path.join(pydocs_data, "train_000000.bin")))
+    for split in ("train", "val"):
+        write_shard(os.path.join(out, f"{split}_000000.bin"), tokens)
+    write_meta(out, load_tokenizer(pydocs_data), shards={s: [f"{s}_000000.bin"] for s in ("train", "val")},
+               shard_tokens={s: [len(tokens)] for s in ("train", "val")}, tokens={s: len(tokens) for s in ("train", "val")})
+    return out
+
+
+def test_a_signal_during_evaluation_is_honoured_when_it_ends(long_val_data, tmp_path):
+    # a long evaluation at step 5 (300 val batches of 4 x 64, seconds); the signal arrives while it runs
+    proc = start(train_args(long_val_data, tmp_path, "--max_iters=1000000", "--eval_interval=5", "--val_tokens=76800"),
                  tmp_path / "log")
     wait_until(trained_to(tmp_path, 5), proc, "step 5")
     proc.send_signal(signal.SIGTERM)
@@ -125,8 +140,8 @@ def test_a_signal_during_evaluation_is_honoured_when_it_ends(pydocs_data, tmp_pa
     assert lines[-1].startswith(f"stopped by SIGTERM at step 5 of 1000000: {tmp_path / 'ckpt.pt'} holds it")
 
 
-def test_a_second_signal_stops_at_once_without_saving(pydocs_data, tmp_path):
-    proc = start(train_args(pydocs_data, tmp_path, "--max_iters=1000000", "--eval_iters=600"), tmp_path / "log")
+def test_a_second_signal_stops_at_once_without_saving(long_val_data, tmp_path):
+    proc = start(train_args(long_val_data, tmp_path, "--max_iters=1000000", "--val_tokens=153600"), tmp_path / "log")
     wait_until(lambda: "train:" in open(tmp_path / "log").read(), proc, "the loop")  # the bar: step 0's evaluation runs
     proc.send_signal(signal.SIGTERM)  # honoured after the long evaluation...
     wait_until(lambda: "SIGTERM: saving at the end of this step" in open(tmp_path / "log").read(), proc, "the first signal")

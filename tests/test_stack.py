@@ -59,9 +59,10 @@ def test_layer_mapping_weight_by_weight(source, tmp_path, method, factor):
     assert grown["tokenizer"] == src["tokenizer"] and grown["loader"] == src["loader"]
     assert grown["config"]["data_dir"] == src["config"]["data_dir"] and grown["optimizer"] is None
     assert grown["history"][:-1] == src["history"]
-    assert grown["history"][-1] | {"source": None, "out": None, "val_loss_source": None, "val_loss": None} == dict(
+    measured = {"val_loss_source": None, "val_loss": None, "val_bpb_source": None, "val_bpb": None}
+    assert grown["history"][-1] | {"source": None, "out": None} | measured == dict(
         event="stack", method=method, factor=factor, drop=1 if method == "dus" else 0, optim="reset", noise=0.0,
-        source=None, out=None, n_layer=[4, len(expected)], val_loss_source=None, val_loss=None)
+        source=None, out=None, n_layer=[4, len(expected)], **measured)
 
 
 def test_dus_depth_arithmetic():
@@ -93,6 +94,24 @@ def test_noise_touches_copies_only_and_zero_stays_exact(source, tmp_path, capsys
     loss_src, loss_grown = (float(x.split()[-1]) for x in line.split("(")[0][len("val loss: "):].split(","))
     assert loss_src == loss_grown and zero["history"][-1]["val_loss"] == zero["history"][-1]["val_loss_source"]
     assert "12 layers" in out and os.path.exists(tmp_path / "zero" / "ckpt.pt")
+
+
+def test_val_check_measures_train_py_s_val_set_and_can_be_skipped(source, tmp_path, capsys):
+    """stack.py's source loss is the source's last val loss in train.py (the same val set, dtype and batches), in
+    nats per token and bits per byte; --val_tokens 0 skips the check."""
+    last = [e for e in checkpoint.read_metrics(source) if "val_loss" in e][-1]
+    capsys.readouterr()
+    grown = grow(source, tmp_path / "g.pt", "--dtype", "float32")
+    lines = {line.split(":")[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert f"source {last['val_loss']:.4f}" in lines["val loss"] and "on the first 1,024 val tokens of" in lines["val loss"]
+    assert f"source {last['val_bpb']:.4f}" in lines["val bpb"]
+    entry = grown["history"][-1]
+    assert entry["val_loss_source"] == pytest.approx(last["val_loss"], abs=1e-6)
+    assert entry["val_bpb_source"] == pytest.approx(last["val_bpb"], abs=1e-6)
+    assert entry["val_bpb"] / entry["val_loss"] == pytest.approx(last["val_bpb"] / last["val_loss"])  # the same tokens
+    skipped = grow(source, tmp_path / "skip.pt", "--val_tokens", "0")
+    assert "val loss: skipped, --val_tokens 0" in capsys.readouterr().out
+    assert skipped["history"][-1]["val_loss"] is None and skipped["best_val_loss"] == float("inf")
 
 
 def test_optim_copy_shapes_and_train_py_loads_them(source, pydocs_data, tmp_path):
