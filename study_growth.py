@@ -493,6 +493,12 @@ def load_records(args, meta):
             for record in seeds:
                 records["crossover"][budget, layers, record["seed"]] = record
     records["wall"] = old.get("job_wall_s") or {"earlier runs (per job not recorded)": old.get("wall_s", 0.0)}
+    # a record from before bits per byte gets them from its loss: the same val tokens, so the same bytes
+    missing = [r for r in [*records["runs"].values(), *records["crossover"].values()] if r.get("final_eval_bpb") is None]
+    if missing:
+        val = ValSet(args.data_dir, args.final_eval_iters * args.batch_size * args.block_size, args.block_size)
+        for record in missing:
+            record["final_eval_bpb"] = val.losses(record["final_eval_loss"] * val.tokens)[1]
     return records
 
 
