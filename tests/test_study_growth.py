@@ -131,7 +131,7 @@ def test_quick_study_end_to_end(pydocs_data, tmp_path, capsys):
     study_growth.main(args[1:])
     assert "11 of 11 jobs done or recorded; 0 FLOPs to run" in capsys.readouterr().err
     assert json.load(open(out / "growth_study.json")) == res
-    # the README's tables come from the JSON alone
+    # docs/growth.md's tables come from the JSON alone
     study_growth.main(["--report", f"--out_dir={out}"])
     assert capsys.readouterr().out == first.stdout
     # the same directory with other settings is refused rather than mixed
