@@ -277,7 +277,7 @@ class SourceStream:
     A built-in corpus is its list, shuffled by pin_sources. A streamed source is read in pieces (a parquet file's
     row groups, a .jsonl/.json file, a .txt file) in a random order, from OPEN_PIECES of them at a time in turn,
     and its documents are taken block_docs at a time, each block in a random order: a prefix of the stream is then
-    a sample of the whole source, not its first files (the README measures how close). This is what datasets'
+    a sample of the whole source, not its first files (docs/data.md measures how close). This is what datasets'
     IterableDataset.shuffle(seed, buffer_size) does too, but its state_dict() drops the buffer, so a resumed build
     would differ; here a block is read again instead. The orders are seeded by (seed, i, the block's number), so
     every pass over the source is the same. Each document goes to val with probability val_fraction, drawn from an

@@ -3,7 +3,7 @@ Should I grow, when, and how? Growth against training the target size from scrat
 
     python prepare_data.py --sources pystdlib --vocab_size 2048       # ~10M train tokens, offline -> data/pystdlib
     python study_growth.py --jobs 2                                   # -> study/growth_study.json, study/*.png
-    python study_growth.py --report > table.md                        # the README's tables from the JSON
+    python study_growth.py --report > table.md                        # docs/growth.md's tables from the JSON
     python study_growth.py --quick --data_dir data/pydocs             # the whole pipeline in a few minutes
 
 Growth is a claim about training a model of the target size more cheaply, so the study first checks its regime.
@@ -603,7 +603,7 @@ def with_bpb(loss, bpb):
 
 
 def report(results):
-    """The README's tables, as markdown."""
+    """docs/growth.md's tables, as markdown."""
     st = results["settings"]
     out = [f"Corpus `{results['corpus']}`: {results['corpus_train_tokens']:,} train tokens, vocab {st['vocab_size']}. "
            f"Target {st['layers']} layers x {st['n_embd']} (SwiGLU {st['intermediate_size']}, {st['n_head']} heads, tied "

@@ -17,7 +17,7 @@ block_size = 2048
 batch_size = 16
 gradient_accumulation_steps = 16
 # 6,676 steps = 3.5B tokens, as the reference card's "3.5 Billion (7B TOTAL)": 3.5B here, 3.5B in phase 2 (~41 tokens
-# per non-embedding parameter). Growing at ~37% of the FLOPs; the growth study (README) found no growth point
+# per non-embedding parameter). Growing at ~37% of the FLOPs; the growth study (docs/growth.md) found no growth point
 # (25/50/75% of the budget) better than another beyond its seed spread, so nothing argues for the 5.0B used before
 max_iters = 6676
 lr_decay_iters = 6676

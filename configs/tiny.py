@@ -1,7 +1,7 @@
 # Phase 1 of the tiny CPU recipe (the quick start): 4 layers x 96 on pydocs with a 2048-token BPE
 # (python prepare_data.py --vocab_size 2048), 0.44M non-embedding parameters, 2.5M tokens (~3.8 epochs).
-# Sized by measurement for 2 CPU cores (README, Quick start): at this budget the loss is bought by tokens more
-# than by width (4 x 128 and 4 x 256 were no better per token up to 0.7M tokens, and cost 1.3x and 4x as much per token),
+# Sized by measurement for 2 CPU cores (docs/performance.md, "The quick start per host kind"): at this budget the
+# loss is bought by tokens more than by width (4 x 128 and 4 x 256 were no better per token up to 0.7M tokens, and cost 1.3x and 4x as much per token),
 # and a 2048-token vocabulary makes the lm_head, most of a narrow model's FLOPs, half as costly for the same bytes.
 out_dir = "out/tiny"
 data_dir = "data/pydocs"

@@ -3,7 +3,7 @@ prepare_data.py at scale, proven small: a rebuild never destroys the dataset the
 same bytes, streamed sources are shuffled so that a prefix is a sample of the whole, and every source is pinned.
 
 Everything streams local parquet/jsonl/txt through load_dataset(..., streaming=True), the path the hub takes too.
-Run as a script, this file measures the mix of a prefix on a larger corpus (the README's figure):
+Run as a script, this file measures the mix of a prefix on a larger corpus (the figure in docs/data.md):
     PYTHONPATH=. python tests/test_prepare_blend.py
 """
 import collections
@@ -319,7 +319,7 @@ def test_tiktoken_offline_says_what_to_do(tmp_path, monkeypatch):
     assert "'gpt2'" in message and not (tmp_path / "out.partial").exists()
 
 
-if __name__ == "__main__":  # the README's figure: how far a prefix's label mix is from the whole, per shuffle
+if __name__ == "__main__":  # docs/data.md's figure: how far a prefix's label mix is from the whole, per shuffle
     import glob
     import pathlib
     import tempfile

@@ -142,7 +142,7 @@ def test_quick_study_end_to_end(pydocs_data, tmp_path, capsys):
     backfilled = json.load(open(out / "growth_study.json"))
     for name, run in res["runs"].items():
         assert backfilled["runs"][name]["seeds"][0]["final_eval_bpb"] == pytest.approx(run["seeds"][0]["final_eval_bpb"], rel=1e-6)
-    # the README's tables come from the JSON alone
+    # docs/growth.md's tables come from the JSON alone
     study_growth.main(["--report", f"--out_dir={out}"])
     assert capsys.readouterr().out == first.stdout
     # the same directory with other settings is refused rather than mixed
