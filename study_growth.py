@@ -713,8 +713,13 @@ def plot(args, results):
             ax.set_title(f"{schedule}: growth vs scratch at {results['budget_flops']:.3g} FLOPs")
             ax.legend()
         axes[0][0].set_ylim(min(lows) - 0.05, min(lows) + 1.0)  # the early drop is off the top
-        axes[0][0].set_ylabel(f"val loss, mean over seeds ({results['settings']['eval_iters']} batches: noisy to a few hundredths)")
-        fig.tight_layout()
+        axes[0][0].set_ylabel("val loss (nats per token), mean over seeds")
+        # one evaluation is a few hundred steps of a tiny model at a high learning rate: it swings by tenths
+        fig.text(0.5, 0.01, f"Each point: train.py's evaluation on {results['settings']['eval_iters']} val batches. Between "
+                 "evaluations a run swings by up to a few tenths of a nat, most while the learning rate is at its peak; "
+                 f"the tables compare final models on {results['settings']['final_eval_iters']} batches after the decay.",
+                 ha="center", va="bottom", fontsize=8, wrap=True)
+        fig.tight_layout(rect=(0, 0.05, 1, 1))
         fig.savefig(os.path.join(args.out_dir, "growth_study.png"))
 
 
