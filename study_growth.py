@@ -423,9 +423,9 @@ def run_jobs(args, replan, rate, total):
                 with atomic_write(wall_path) as tmp, open(tmp, "w") as f:
                     json.dump(wall, f, indent=1)
                 count, spent = count + 1, spent + job.flops
-                left = (total - spent) / max(spent, 1.0) * (time.time() - t_start) if spent else float("nan")
+                left = (total - spent) / spent * (time.time() - t_start) if spent else None  # a growth step trains nothing
                 log(f"[{time.strftime('%H:%M:%S')}] {count}/{len(todo)} {job.name}: {seconds:.0f} s; "
-                    f"~{left / 60:.0f} min left")
+                    + (f"~{left / 60:.0f} min left" if left is not None else "time left: known after a training run"))
     return wall
 
 
