@@ -50,6 +50,7 @@ same in bits per byte. settings.dtype is the dtype the runs computed in. Plots: 
 stdout carries the tables; progress goes to stderr.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -432,6 +433,12 @@ def run_jobs(args, replan, rate, total):
 # -----------------------------------------------------------------------------------------------
 # Results: curves from metrics.jsonl, the JSON, the score
 
+@functools.cache
+def final_val_set(data_dir, tokens, block_size):
+    """The val set every final evaluation shares, read once (its shards, and the bytes of every target token)."""
+    return ValSet(data_dir, tokens, block_size)
+
+
 def final_eval(args, out_dir):
     """(loss, bits per byte) of the final model over the first --final_eval_iters val batches of --batch_size x
     --block_size (data.ValSet), the loss cached beside its checkpoint. train.py's curve uses --eval_iters batches
@@ -439,7 +446,7 @@ def final_eval(args, out_dir):
     by a few hundredths."""
     cache = os.path.join(out_dir, "final_val_loss.json")
     ckpt = checkpoint.load(out_dir)
-    val = ValSet(args.data_dir, args.final_eval_iters * args.batch_size * args.block_size, args.block_size)
+    val = final_val_set(args.data_dir, args.final_eval_iters * args.batch_size * args.block_size, args.block_size)
     if os.path.exists(cache):
         with open(cache) as f:
             cached = json.load(f)
@@ -496,7 +503,7 @@ def load_records(args, meta):
     # a record from before bits per byte gets them from its loss: the same val tokens, so the same bytes
     missing = [r for r in [*records["runs"].values(), *records["crossover"].values()] if r.get("final_eval_bpb") is None]
     if missing:
-        val = ValSet(args.data_dir, args.final_eval_iters * args.batch_size * args.block_size, args.block_size)
+        val = final_val_set(args.data_dir, args.final_eval_iters * args.batch_size * args.block_size, args.block_size)
         for record in missing:
             record["final_eval_bpb"] = val.losses(record["final_eval_loss"] * val.tokens)[1]
     return records
