@@ -1,5 +1,5 @@
 """
-Benchmark the training step of model.py: forward + backward + AdamW on random tokens, no data loading.
+Benchmark the training step of model.py: forward + backward + the optimizer step on random tokens, no data loading.
 
     python bench.py configs/tiny.py                     # the dtype train.py would choose here, eager and compiled
     python bench.py configs/tiny.py --modes fp32,bf16,bf16+compile
@@ -10,7 +10,8 @@ A mode is a dtype (fp32; bf16 or fp16 under autocast; auto: common.auto_dtype's 
 +compile for torch.compile. Prints tokens/s, the achieved FLOP/s (model.flops_per_token, the PaLM count train.py
 uses) and MFU as train.py reports it (common.mfu_peak: a GPU's datasheet peak, else the matmul peak this machine
 reaches now in the mode's dtype), with the measured matmul peak beside it; one line per mode. Only the model's
-shape and batch are read from the config file; train.py's loop adds data loading and logging on top of this step.
+shape, batch and optimizer (AdamW, or Muon with muon = True) are read from the config file; train.py's loop adds
+data loading and logging on top of this step.
 """
 import argparse
 import os
@@ -23,16 +24,16 @@ from common import auto_dtype, device_error, mfu_peak, mixed_precision
 from model import LLaMA, ModelConfig
 
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-SHAPE_KEYS = ["n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "rope_theta", "norm_eps", "tie_embeddings",
-              "vocab_size", "block_size", "batch_size"]
+CONFIG_KEYS = ["n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "rope_theta", "norm_eps", "tie_embeddings",
+              "vocab_size", "block_size", "batch_size", "muon"]
 
 
 def read_config(path):
-    """The model shape and batch size a train.py config file sets (plain Python)."""
+    """The model shape, batch size and optimizer a train.py config file sets (plain Python)."""
     namespace = {}
     with open(path) as f:
         exec(f.read(), namespace)
-    return {k: namespace[k] for k in SHAPE_KEYS if k in namespace}
+    return {k: namespace[k] for k in CONFIG_KEYS if k in namespace}
 
 
 def parse_mode(mode, device):
@@ -100,6 +101,7 @@ def main(argv=None):
     shape = read_config(args.config) if args.config else {}
     batch_size = args.batch_size or shape.pop("batch_size", 16)
     shape.pop("batch_size", None)
+    muon = shape.pop("muon", False)
     if args.vocab_size:
         shape["vocab_size"] = args.vocab_size
     if args.n_layer:
@@ -115,14 +117,15 @@ def main(argv=None):
 
     torch.manual_seed(0)
     model = LLaMA(config).to(args.device)
-    optimizer = model.configure_optimizer(0.1, 6e-4, (0.9, 0.95), torch.device(args.device).type)
     flops_per_token = model.flops_per_token(config.block_size)
     print(f"{model.num_params() / 1e6:.1f}M parameters ({config.n_layer} layers x {config.n_embd}, vocab {config.vocab_size}), "
-          f"batch {batch_size} x {config.block_size} tokens, {flops_per_token / 1e6:.1f} MFLOP per token, "
+          f"{'Muon + AdamW' if muon else 'AdamW'}, batch {batch_size} x {config.block_size} tokens, "
+          f"{flops_per_token / 1e6:.1f} MFLOP per token, "
           f"{args.device}, {torch.get_num_threads()} threads", file=sys.stderr)
     print("| mode | tokens/s | achieved TFLOP/s | peak TFLOP/s | MFU | measured matmul peak TFLOP/s |")
     print("|---|---|---|---|---|---|")
     for mode, (dtype, compile) in modes.items():
+        optimizer = model.configure_optimizer(0.1, 6e-4, (0.9, 0.95), torch.device(args.device).type, muon, dtype)
         tok_s = bench_mode(model, optimizer, dtype, compile, batch_size, args.steps, args.warmup, args.device)
         peak, measured, peak_name = mfu_peak(dtype, args.device)
         achieved = flops_per_token * tok_s

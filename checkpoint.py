@@ -6,7 +6,7 @@ plain Python values):
     model        state dict, names as transformers' LlamaForCausalLM (never torch.compile's _orig_mod.)
     model_args   ModelConfig as a dict
     tokenizer    the tokenizer's self-contained spec (see tokenizer.py)
-    optimizer    AdamW state dict, or None (a fresh phase starts a new optimizer)
+    optimizer    the optimizer state dict (AdamW, or muon.MuonAdamW), or None (a fresh phase starts a new one)
     scaler       the fp16 grad scaler's state ({} in other dtypes)
     iter_num     optimizer steps taken in this phase
     config       the training config of the run that wrote it

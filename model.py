@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from muon import MuonAdamW
+
 try:  # FlashAttention 2 (Dao, 2023), used when installed and on CUDA; never required
     from flash_attn import flash_attn_func
 except ImportError:
@@ -248,11 +250,21 @@ class LLaMA(nn.Module):
         return 6 * n_matmul + 12 * c.n_layer * c.n_embd * T
 
     # --- optimization -------------------------------------------------------------------------
-    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with weight decay on matrices only: norms' gains have no reason to shrink toward zero."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
+    def configure_optimizer(self, weight_decay, learning_rate, betas, device_type, muon=False, dtype="float32"):
+        """AdamW with weight decay on matrices only: norms' gains have no reason to shrink toward zero.
+        muon=True: the blocks' matrices take Muon steps instead (muon.py); the embedding and the gains stay AdamW.
+        Muon's Newton-Schulz matmuls run in bf16 when the run computes in bf16 (dtype), else in fp32."""
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        if muon:
+            blocks = [p for n, p in params if p.dim() == 2 and n.startswith("model.layers.")]
+            embed = [p for n, p in params if p.dim() == 2 and not n.startswith("model.layers.")]
+            gains = [p for n, p in params if p.dim() < 2]
+            groups = [{"params": blocks, "weight_decay": weight_decay, "muon": True},
+                      {"params": embed, "weight_decay": weight_decay}, {"params": gains, "weight_decay": 0.0}]
+            ns_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+            return MuonAdamW(groups, lr=learning_rate, betas=betas, ns_dtype=ns_dtype)
+        decay = [p for n, p in params if p.dim() >= 2]
+        no_decay = [p for n, p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         # fused: one kernel for the whole update instead of a loop of ~10 ops per tensor (CUDA, and CPUs since torch 2.4)
         fused = device_type in ("cuda", "cpu")

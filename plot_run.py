@@ -53,8 +53,9 @@ def plot(trains, growths, title, path):
         train_losses += [l for _, l in train]
     for offset, entry in growths:
         ax.axvline(offset / 1e6, color="0.3", ls="--", lw=1)
-        ax.annotate(f" {entry['method']}: {entry['n_layer'][0]} -> {entry['n_layer'][1]} layers", (offset / 1e6, 1),
-                    xycoords=("data", "axes fraction"), va="top", fontsize=8)
+        # left of the line: the grown phase, usually the shorter, leaves too little room on its right
+        ax.annotate(f"{entry['method']}: {entry['n_layer'][0]} -> {entry['n_layer'][1]} layers ", (offset / 1e6, 1),
+                    xycoords=("data", "axes fraction"), va="top", ha="right", fontsize=8)
         if entry.get("val_loss") is not None:
             ax.plot([offset / 1e6] * 2, [entry["val_loss_source"], entry["val_loss"]], color="0.3", marker="x", ls="",
                     label="val before and after growth" if offset == growths[0][0] else None)

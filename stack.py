@@ -24,8 +24,8 @@ The embedding, the final norm and the LM head are copied unchanged.
 --noise r adds N(0, (r * std(W))^2) to every tensor of every added copy (the first occurrence of each layer
 stays exact). Du et al. report that about 20% noise helps slightly; it breaks the symmetry between copies.
 --optim reset (the default) leaves the optimizer out: the next phase starts a fresh AdamW with its own warmup.
---optim copy carries the source's AdamW moments over, each copy getting those of the layer it copies; train.py
-loads them when it starts from the grown checkpoint.
+--optim copy carries the source's optimizer moments over (AdamW's, or Muon's momentum), each copy getting those of
+the layer it copies; train.py loads them when it starts from the grown checkpoint.
 
 The grown checkpoint keeps the tokenizer, the training config and the loader position of the source (so the next
 phase on the same data continues the stream) and its history, plus one entry for this operation.
@@ -99,22 +99,23 @@ def grow_state_dict(state, copy_of, method, noise):
     return grown
 
 
-def optimizer_names(model_args):
-    """Parameter names in the order of configure_optimizer's groups: the integer ids of AdamW's state dict.
+def optimizer_names(model_args, muon):
+    """Parameter names in the order of configure_optimizer's groups: the integer ids of the optimizer's state dict.
     Read off the real method (on the meta device: no memory, no init) so the order can never drift from it."""
     with torch.device("meta"):
         model = LLaMA(ModelConfig(**model_args))
-        opt = model.configure_optimizer(0.0, 0.0, (0.9, 0.95), "cpu")
+        opt = model.configure_optimizer(0.0, 0.0, (0.9, 0.95), "cpu", muon=muon)
     names = {id(p): n for n, p in model.named_parameters()}  # tied lm_head is the embedding: one entry
     return [[names[id(p)] for p in group["params"]] for group in opt.param_groups]
 
 
-def grow_optimizer(opt_state, src_args, new_args, copy_of):
-    """AdamW state for the grown model: each parameter takes the moments (and step) of the one it was copied from.
-    The groups keep the source's hyperparameters; train.py keeps only the moments and uses its own."""
-    src_ids = {n: i for i, n in enumerate(n for group in optimizer_names(src_args) for n in group)}
+def grow_optimizer(opt_state, src_args, new_args, copy_of, muon=False):
+    """Optimizer state for the grown model: each parameter takes the moments (and step) of the one it was copied
+    from (AdamW's, or Muon's momentum with muon=True). The groups keep the source's hyperparameters; train.py keeps
+    only the moments and uses its own."""
+    src_ids = {n: i for i, n in enumerate(n for group in optimizer_names(src_args, muon) for n in group)}
     state, groups, j = {}, [], 0
-    for src_group, names in zip(opt_state["param_groups"], optimizer_names(new_args)):
+    for src_group, names in zip(opt_state["param_groups"], optimizer_names(new_args, muon)):
         ids = []
         for name in names:
             idx, rest = layer_of(name)
@@ -261,7 +262,8 @@ def main(argv=None):
     if args.optim == "copy":
         if not ckpt.get("optimizer"):
             sys.exit(f"error: --optim copy needs an optimizer state, and {args.src} has none")
-        optimizer = grow_optimizer(ckpt["optimizer"], src_args, new_args, copy_of)
+        muon = (ckpt.get("config") or {}).get("muon", False)  # the source's optimizer kind orders its state
+        optimizer = grow_optimizer(ckpt["optimizer"], src_args, new_args, copy_of, muon)
     source = checkpoint.build_model(ckpt)
     print(f"source: {n_layer} layers, {source.num_params():,} parameters ({source.num_params(non_embedding=True):,} non-embedding)")
     print(f"grown:  {len(copy_of)} layers, {grown.num_params():,} parameters ({grown.num_params(non_embedding=True):,} non-embedding)")

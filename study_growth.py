@@ -16,11 +16,12 @@ The growth study at --budget (training FLOPs, the base's included in every grown
     OPERATOR    the base grown by stack.py (stack, interleave, dus, zero; --noise, --optim, --factors) and
                 trained on with configs/tiny_stack.py (fresh warmup and cosine) for the rest of the budget;
     no_growth   the control: the base trained on unchanged, with the same phase-2 recipe, to the same budget.
-Every run keeps its config's recipe, with its step count set by its FLOPs: warmup over the first 10% of the steps
-(as configs/tiny*.py have it), then down to a tenth of the peak at the end, under each of --schedules:
+Every run keeps its config's recipe, with its step count set by its FLOPs and AdamW as its optimizer (the reference
+recipe's; the tiny configs' Muon is not what the record measured): peak --learning_rate, warmup over the first 10%
+of the steps, then down to a tenth of the peak at the end, under each of --schedules:
     cosine      each phase its own cosine: the base anneals before it grows, the grown model warms up and decays again;
     wsd         warmup-stable-decay (train.py's lr_schedule='wsd'): the base holds its peak to the growth step, the
-                grown phase continues at that peak (tiny.py's, not tiny_stack.py's half) and the decay comes once,
+                grown phase continues at that peak (not the cosine grown phase's half) and the decay comes once,
                 over the last --decay_frac of the budget's FLOPs; a fresh AdamW (--optim reset) still warms up.
 Cosine runs keep the names of the study before schedules; the others end in _wsd. The defaults are sized for 2 CPU cores:
 4 and 8 layers of width 32 with tied embeddings (~0.12M and ~0.17M parameters at vocab 2048), 8 x 128 tokens per
@@ -28,8 +29,8 @@ step; crossover budgets of 1.25e12 to 1e13 FLOPs (~0.9M to ~7.2M tokens of the 8
 past the crossover (~1e13, measured); no run sees more than ~2.2 epochs of pystdlib.
 The first value of --growth_points, --factors, --optims, --noise and --lr_mults is the main setting: every
 operator runs with it, and with every seed. The other values vary one thing at a time for the first operator,
-with the first seed; --lr_mults also sweeps scratch's peak learning rate, and the grown phase's (that of
-configs/tiny_stack.py, half of configs/tiny.py's: the copies start trained).
+with the first seed; --lr_mults also sweeps scratch's peak learning rate, and the grown phase's (under cosine
+half of --learning_rate, as configs/tiny_stack.py halves tiny.py's: the copies start trained).
 The score is Du et al.'s (NeurIPS 2024): at scratch's final mean val loss, speedup = FLOPs_scratch / FLOPs_grown - 1,
 read off the mean curves (linear interpolation between evaluations); it is reported only where the seeds of the
 two runs do not overlap (every grown seed ends below every scratch seed), since a smaller gain is noise.
@@ -86,6 +87,10 @@ def parse_args(argv=None):
     # 1,024 tokens per step: at these budgets a model is limited by its number of steps, and a small batch gives it
     # 4x the steps of configs/tiny.py's 16 x 256 at the same tokens per second (measured on 2 CPU cores)
     p.add_argument("--block_size", type=int, default=128)
+    # the peak every run of the record was trained at; a grown phase under cosine takes half (as configs/tiny_stack.py
+    # and configs/phase2.py halve their first phase's): the copies start trained
+    p.add_argument("--learning_rate", type=float, default=2e-3, help="peak learning rate of the scratch and base runs "
+                   "(AdamW; default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=8)
     # budgets, in training FLOPs
     # past the crossover this study measured for the default pair (~1e13 FLOPs): there the target is the right size
@@ -203,25 +208,17 @@ def finished_iters(out_dir):
     return ckpt["iter_num"], ckpt["config"]["max_iters"]
 
 
-def config_value(path, key):
-    """A key of a plain-Python config file, read as train.py reads it."""
-    namespace = {}
-    with open(path) as f:
-        exec(f.read(), namespace)
-    return namespace[key]
-
-
 def train_job(args, vocab, name, config, flops, n_layer, lr_mult, seed, init_from=None, deps=(), schedule="cosine",
-              decay_frac=None, warmup=True, lr_config=None):
+              decay_frac=None, warmup=True, lr_scale=1.0):
     """A train.py run spending `flops`; n_layer is a number, or a grown checkpoint whose model_args give it.
-    Its peak learning rate is lr_config's (default: config's) times lr_mult; warmup over its first 10% of steps
+    Its peak learning rate is --learning_rate times lr_scale times lr_mult; warmup over its first 10% of steps
     (or none); `schedule` cosine, or wsd decaying over its last decay_frac (0: it ends at its peak)."""
     out_dir = os.path.join(args.out_dir, "runs", name)
 
     def argv():
         depth = n_layer if isinstance(n_layer, int) else checkpoint.load(n_layer)["model_args"]["n_layer"]
         iters = iters_for(args, flops, depth, vocab)
-        base_lr = config_value(lr_config or config, "learning_rate")  # the config's own peak, scaled by the sweep
+        base_lr = args.learning_rate * lr_scale
         state = finished_iters(out_dir)
         start = "resume" if state and state[1] == iters else init_from or "scratch"  # an interrupted run resumes
         return ["train.py", config, f"--out_dir={out_dir}", f"--data_dir={args.data_dir}", f"--device={args.device}",
@@ -230,7 +227,8 @@ def train_job(args, vocab, name, config, flops, n_layer, lr_mult, seed, init_fro
                 f"--max_iters={iters}", f"--lr_decay_iters={iters}", f"--warmup_iters={max(1, iters // 10) if warmup else 0}",
                 f"--learning_rate={base_lr * lr_mult}", f"--min_lr={base_lr * lr_mult / 10}",
                 f"--eval_interval={max(1, iters // args.evals)}", f"--val_tokens={args.eval_iters * args.batch_size * args.block_size}",
-                f"--log_interval={max(1, iters // 20)}", f"--init_from={start}", f"--lr_schedule={schedule}"] + (
+                f"--log_interval={max(1, iters // 20)}", f"--init_from={start}", f"--lr_schedule={schedule}",
+                "--muon=False"] + (  # AdamW, whatever the config says: the reference recipe's, and the record's
             [f"--decay_frac={decay_frac}"] if schedule == "wsd" else []) + (
             ["--overwrite=True"] if start != "resume" else []) + (  # a run of another length is redone, deliberately
             [f"--n_layer={n_layer}", f"--n_embd={args.n_embd}", f"--n_head={args.n_head}", f"--n_kv_head={args.n_head}",
@@ -312,7 +310,7 @@ def plan(args, vocab, best=None):
                 # still warms up, since its moments start at zero; --optim copy carries them and needs no warmup
                 base_layers, base_flops = args.layers // v["factor"], v["point"] * args.budget
                 base = scratch(base_layers, base_flops, seed, priority, schedule=schedule, decay_frac=0 if wsd else None)
-                phase2 = dict(schedule=schedule, lr_config="configs/tiny.py" if wsd else None,
+                phase2 = dict(schedule=schedule, lr_scale=1.0 if wsd else 0.5,
                               warmup=not (wsd and op != "none" and v["optim"] == "copy"),  # the control: a fresh AdamW
                               decay_frac=args.decay_frac * args.budget / (args.budget - base_flops) if wsd else None)
                 tag = f"{op}_g{v['factor']}_at{fmt(v['point'])}_{v['optim']}_noise{fmt(v['noise'])}_lr{fmt(v['lr'])}_b{args.budget:.3g}{suffix}_s{seed}"

@@ -66,7 +66,9 @@ intermediate_size = 2048
 rope_theta = 10000.0
 norm_eps = 1e-5
 tie_embeddings = False
-# AdamW
+# optimizer: AdamW, or with muon = True Muon for the blocks' matrices and AdamW for the embedding and gains (muon.py);
+# the learning rate, schedule and weight decay below serve both (Muon's update is scaled to AdamW's RMS)
+muon = False
 learning_rate = 6e-4
 max_iters = 5000
 weight_decay = 0.1
@@ -425,17 +427,23 @@ def warn_inexact_resume(ckpt):
 
 
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-optimizer = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizer = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_type, muon, dtype)
 carried = init_from == "resume" or (ckpt is not None and ckpt.get("optimizer") and history and history[-1].get("optim") == "copy")
 if carried:
-    # the AdamW moments come from the checkpoint, the hyper-parameters from this run's config: load_state_dict would
+    # the moments come from the checkpoint, the hyper-parameters from this run's config: load_state_dict would
     # restore the checkpoint's betas and weight decay, so `--init_from=resume --beta2=0.99` (a common move after a loss
     # spike) would change nothing. With the config unchanged the groups are the same: the resume stays bit-exact.
     if not ckpt.get("optimizer"):
         raise SystemExit(f"{source} holds no optimizer state, so it cannot be resumed: start a new phase from it "
                          f"(--init_from={os.path.join(out_dir, 'ckpt.pt')} with another out_dir)")
     state, params = ckpt["optimizer"]["state"], [p for group in optimizer.param_groups for p in group["params"]]
-    if any(i >= len(params) or s["exp_avg"].shape != params[i].shape for i, s in state.items()):
+    # what each parameter's state holds: Muon's momentum, or AdamW's moments (muon.py)
+    moment = ["momentum_buffer" if group.get("muon") else "exp_avg" for group in optimizer.param_groups
+              for p in group["params"]]
+    if any(i < len(params) and moment[i] not in s for i, s in state.items()):
+        raise SystemExit(f"the optimizer state in {source} was made with muon={not muon}, this run has muon={muon}: "
+                         f"continue it with --muon={not muon}, or start a new phase from it (a fresh optimizer)")
+    if any(i >= len(params) or s[moment[i]].shape != params[i].shape for i, s in state.items()):
         raise SystemExit(f"the optimizer state in {source} does not fit the model's parameters")
     optimizer.load_state_dict(dict(optimizer.state_dict(), state=state))
 if init_from == "resume":
@@ -453,7 +461,7 @@ if init_from == "resume":
     if device_type == "cuda" and ckpt["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
 elif carried:
-    log(f"AdamW moments carried over from {init_from} (stack.py --optim copy)")
+    log(f"optimizer moments carried over from {init_from} (stack.py --optim copy)")
 if ckpt is not None and ckpt.get("loader"):
     # a resume, or a new phase on the same data, continues the stream where the checkpoint stopped: no token is seen
     # twice. On another dataset the position means nothing: that data starts at its beginning.

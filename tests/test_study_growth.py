@@ -81,12 +81,14 @@ def test_wsd_runs_hold_the_peak_to_the_growth_step_and_decay_once():
     base = flags("scratch_L4_b1.5e+13_lr1_stable_s1")  # the base ends at its peak: no decay
     assert base["lr_schedule"] == "wsd" and base["decay_frac"] == "0"
     control = flags("nogrowth_L4_at0.75_lr1_b2e+13_wsd_s1")
-    # the grown phase continues at tiny.py's peak (not tiny_stack.py's half) and spends the budget's last 20% decaying
+    # the grown phase continues at the base's peak (not the cosine phase's half) and spends the budget's last 20% decaying
     assert control["learning_rate"] == "0.002" and float(control["decay_frac"]) == pytest.approx(0.2 / 0.25)
     assert control["init_from"].endswith("scratch_L4_b1.5e+13_lr1_stable_s1") and int(control["warmup_iters"]) > 0
-    # under cosine each phase is as before: tiny_stack.py's own peak, its own warmup, no decay_frac
+    # under cosine each phase is as before: half the peak, its own warmup, no decay_frac
     cosine = flags("nogrowth_L4_at0.75_lr1_b2e+13_s1")
     assert cosine["learning_rate"] == "0.001" and cosine["lr_schedule"] == "cosine" and "decay_frac" not in cosine
+    # every run is AdamW at the record's peak, whatever the tiny configs (Muon, 6e-3) say
+    assert scratch["muon"] == control["muon"] == cosine["muon"] == "False"
     proc = run_script("study_growth.py", "--growth_points", "0.9", check=False)
     assert proc.returncode != 0 and "--decay_frac must be positive and no larger than any grown phase's share" in proc.stderr
 

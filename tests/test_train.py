@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import ROOT, TINY, run_script
@@ -74,9 +75,11 @@ def test_wsd_schedule_and_its_exact_resume(pydocs_data, tmp_path):
     assert proc.returncode != 0 and "lr_schedule must be 'cosine' or 'wsd'" in proc.stderr
 
 
-def test_ddp_two_cpu_ranks_stay_identical(pydocs_data, tmp_path):
+@pytest.mark.parametrize("muon", [False, True])
+def test_ddp_two_cpu_ranks_stay_identical(pydocs_data, tmp_path, muon):
+    # Muon orthogonalizes the all-reduced gradient on every rank: the same numbers in, the same update out
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "train.py", f"--data_dir={pydocs_data}", f"--out_dir={tmp_path}", *TINY,
+                           "train.py", f"--data_dir={pydocs_data}", f"--out_dir={tmp_path}", *TINY, f"--muon={muon}",
                            "--max_iters=4", "--lr_decay_iters=4", "--eval_interval=4"],
                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
