@@ -1,5 +1,6 @@
 """
-Checkpoint I/O, shared by every script.
+Checkpoint I/O, shared by every script, and what train.py checks before it starts in an out_dir or continues a
+checkpoint's run (out_dir_verdict, same_stream, warn_inexact_resume).
 
 A checkpoint is one torch.save'd dict (loaded with weights_only=True, so it holds only tensors and
 plain Python values):
@@ -42,7 +43,7 @@ import shutil
 
 import torch
 
-from common import atomic_write, disk_full, log
+from common import atomic_write, disk_full, log, remove
 from model import LLaMA, ModelConfig
 from tokenizer import Tokenizer, tokenizer_spec_from_hf
 
@@ -238,6 +239,84 @@ def append_metrics(out_dir, entry):
     """One line per write call, so a crash can tear only the last line (which read_metrics drops)."""
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(entry) + "\n")
+
+
+# --- what a checkpoint's run has to do with this one (train.py) --------------------------------------------------
+def same_stream(ckpt, fingerprint, data_dir):
+    """(True if the checkpoint's train-data position belongs to the dataset in data_dir, whose fingerprint is given;
+    the reason in words). A dataset is known by its fingerprint (data.compute_fingerprint: what was built, not where
+    it lives), so a moved or copied directory continues its stream and a re-prepared one at the same path does not."""
+    state, old_dir = ckpt.get("loader") or {}, (ckpt.get("config") or {}).get("data_dir")
+    if "fingerprint" in state:
+        if state["fingerprint"] == fingerprint:
+            return True, f"the checkpoint's dataset, fingerprint {fingerprint}" + \
+                (f", found at {data_dir} instead of {old_dir}" if old_dir != data_dir else "")
+        return False, (f"{data_dir} holds another dataset than the checkpoint's {old_dir} (fingerprint "
+                       f"{fingerprint}, the checkpoint's {state['fingerprint']})")
+    if not state or old_dir is None:
+        return False, "the checkpoint holds no data position"
+    # a checkpoint written before datasets had fingerprints: only the path can tell
+    same = os.path.realpath(old_dir) == os.path.realpath(data_dir)
+    return same, (f"the checkpoint predates dataset fingerprints, so only paths compare: its data_dir {old_dir!r} is "
+                  f"{'' if same else 'not '}{data_dir!r}")
+
+
+def out_dir_verdict(out_dir, init_from, config, fingerprint, start_history, watch_keys):
+    """(None, 0) if a run may start in out_dir, else (the line, the exit status). A run that is not a resume never
+    replaces a checkpoint by accident: re-running the command of a run that crashed or was stopped would start it over
+    and replace its progress at the first save. Re-running the command of a finished run reuses it (status 0), so a
+    chain of commands such as the quick start runs again; anything else is refused, saying how to go on.
+    config: the run's; fingerprint: its dataset's; start_history: the history of the checkpoint its weights come
+    from (None from scratch); watch_keys: config keys that may differ in a re-run of the same run."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if init_from == "resume" or not os.path.exists(path):
+        return None, 0
+    if config["overwrite"]:
+        for name in [path, os.path.join(out_dir, "metrics.jsonl"), *glob.glob(os.path.join(out_dir, "ckpt_[0-9]*.pt"))]:
+            remove(name)
+        log(f"overwrite=True: starting over in {out_dir}: removed its checkpoint, numbered copies and metrics.jsonl")
+        return None, 0
+    try:
+        old = load(path, mmap=True)  # config and history only: the tensors are mapped, not read
+    except ValueError as e:
+        return f"error: {out_dir} holds a checkpoint that cannot be read ({e}); start over with --overwrite=True", 1
+    old_config = old.get("config") or {}
+    # data_dir is compared by what it holds (same_stream), not by its path
+    changed = [f"{k} {old_config[k]!r} -> {v!r}" for k, v in config.items()
+               if k in old_config and k not in watch_keys and k != "data_dir" and old_config[k] != v]
+    same_data, why = same_stream(old, fingerprint, config["data_dir"])
+    if not same_data:
+        changed.append(f"data: {why}")
+    if start_history is not None and old.get("history", [])[:-1] != start_history:
+        changed.append(f"initial weights: {init_from} is not the checkpoint this run started from")
+    finished = old["iter_num"] >= old_config.get("max_iters", math.inf)
+    if finished and not changed:
+        val_loss = (old.get("history") or [{}])[-1].get("val_loss")
+        return (f"{out_dir} already holds this run, finished at step {old['iter_num']}"
+                + (f" (val loss {val_loss:.4f})" if val_loss is not None else "")
+                + ": reusing it, nothing to do (--overwrite=True trains it again)"), 0
+    state = f"a finished run (step {old['iter_num']})" if finished else \
+        f"a run stopped at step {old['iter_num']} of {old_config.get('max_iters', '?')}"
+    return (f"error: {out_dir} already holds {state}"
+            + (f" with other settings ({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''})" if changed else "")
+            + ": resume it with --init_from=resume, start over with --overwrite=True, or choose another out_dir"), 1
+
+
+def warn_inexact_resume(ckpt, config, world_size):
+    """A resume is bit-exact only with the checkpoint's batch shape, number of processes and data: name each change
+    and what it means. The data's own check (same_stream) decides where the stream goes on."""
+    old = ckpt.get("config") or {}
+    shape = ("gradient_accumulation_steps", "batch_size", "block_size")
+    old_tokens, tokens = math.prod(old.get(k, config[k]) for k in shape), math.prod(config[k] for k in shape)
+    for key, what in (("batch_size", "sequences per micro-step"), ("block_size", "tokens per sequence"),
+                      ("gradient_accumulation_steps", "micro-steps per step, across processes")):
+        if old.get(key, config[key]) != config[key]:
+            log(f"warning: resuming with {key} {config[key]} ({what}), the checkpoint's is {old[key]}: {tokens:,} "
+                f"tokens per step instead of {old_tokens:,}, so this is not the run the checkpoint would have gone on to")
+    old_world = ckpt.get("world_size", world_size)
+    if old_world != world_size:
+        log(f"warning: resuming on {world_size} processes, the checkpoint's run had {old_world}: the same tokens per step, "
+            "but the gradients are summed in another order: close to the run it would have been, not bit-identical")
 
 
 class RunLock:

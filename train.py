@@ -17,7 +17,6 @@ and exits with status 128 + the signal's number; a run that is not a resume refu
 checkpoint (re-running a finished run's command reuses it); under DDP whatever stops one rank stops them all.
 """
 import ast
-import glob
 import math
 import os
 import shlex
@@ -340,65 +339,9 @@ if model_args["vocab_size"] < meta["vocab_size"]:
     raise SystemExit(f"model vocab {model_args['vocab_size']} is smaller than the data's {meta['vocab_size']}")
 
 
-def same_stream(ckpt):
-    """(True if the checkpoint's train-data position belongs to this run's data, the reason in words). A dataset is
-    known by its fingerprint (data.compute_fingerprint: what was built, not where it lives), so a moved or copied
-    directory continues its stream and a re-prepared one at the same path does not."""
-    state, old_dir = ckpt.get("loader") or {}, (ckpt.get("config") or {}).get("data_dir")
-    if "fingerprint" in state:
-        if state["fingerprint"] == train_loader.fingerprint:
-            return True, f"the checkpoint's dataset, fingerprint {train_loader.fingerprint}" + \
-                (f", found at {data_dir} instead of {old_dir}" if old_dir != data_dir else "")
-        return False, (f"{data_dir} holds another dataset than the checkpoint's {old_dir} (fingerprint "
-                       f"{train_loader.fingerprint}, the checkpoint's {state['fingerprint']})")
-    if not state or old_dir is None:
-        return False, "the checkpoint holds no data position"
-    # a checkpoint written before datasets had fingerprints: only the path can tell
-    same = os.path.realpath(old_dir) == os.path.realpath(data_dir)
-    return same, (f"the checkpoint predates dataset fingerprints, so only paths compare: its data_dir {old_dir!r} is "
-                  f"{'' if same else 'not '}{data_dir!r}")
-
-
-def out_dir_verdict():
-    """(None, 0) if this run may start in out_dir, else (the line, the exit status). A run that is not a resume never
-    replaces a checkpoint by accident: re-running the command of a run that crashed or was stopped would start it over
-    and replace its progress at the first save. Re-running the command of a finished run reuses it (status 0), so a
-    chain of commands such as the quick start runs again; anything else is refused, saying how to go on."""
-    path = os.path.join(out_dir, "ckpt.pt")
-    if init_from == "resume" or not os.path.exists(path):
-        return None, 0
-    if overwrite:
-        for name in [path, os.path.join(out_dir, "metrics.jsonl"), *glob.glob(os.path.join(out_dir, "ckpt_[0-9]*.pt"))]:
-            remove(name)
-        log(f"overwrite=True: starting over in {out_dir}: removed its checkpoint, numbered copies and metrics.jsonl")
-        return None, 0
-    try:
-        old = checkpoint.load(path, mmap=True)  # config and history only: the tensors are mapped, not read
-    except ValueError as e:
-        return f"error: {out_dir} holds a checkpoint that cannot be read ({e}); start over with --overwrite=True", 1
-    old_config = old.get("config") or {}
-    # data_dir is compared by what it holds (same_stream), not by its path
-    changed = [f"{k} {old_config[k]!r} -> {v!r}" for k, v in config.items()
-               if k in old_config and k not in WATCH_KEYS and k != "data_dir" and old_config[k] != v]
-    same_data, why = same_stream(old)
-    if not same_data:
-        changed.append(f"data: {why}")
-    if ckpt is not None and old.get("history", [])[:-1] != history:
-        changed.append(f"initial weights: {init_from} is not the checkpoint this run started from")
-    finished = old["iter_num"] >= old_config.get("max_iters", math.inf)
-    if finished and not changed:
-        val_loss = (old.get("history") or [{}])[-1].get("val_loss")
-        return (f"{out_dir} already holds this run, finished at step {old['iter_num']}"
-                + (f" (val loss {val_loss:.4f})" if val_loss is not None else "")
-                + ": reusing it, nothing to do (--overwrite=True trains it again)"), 0
-    state = f"a finished run (step {old['iter_num']})" if finished else \
-        f"a run stopped at step {old['iter_num']} of {old_config.get('max_iters', '?')}"
-    return (f"error: {out_dir} already holds {state}"
-            + (f" with other settings ({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''})" if changed else "")
-            + ": resume it with --init_from=resume, start over with --overwrite=True, or choose another out_dir"), 1
-
-
-stop_together(*(out_dir_verdict() if master_process else (None, 0)))
+start_history = history if ckpt is not None else None  # the weights' lineage, when they come from a checkpoint
+stop_together(*(checkpoint.out_dir_verdict(out_dir, init_from, config, train_loader.fingerprint, start_history,
+                                           WATCH_KEYS) if master_process else (None, 0)))
 
 try:
     model = LLaMA(ModelConfig(**model_args))
@@ -408,22 +351,6 @@ if ckpt is not None:
     model.load_state_dict(ckpt["model"])
 model.to(device)
 log(f"parameters: {model.num_params():,} ({model.num_params(non_embedding=True):,} non-embedding)")
-
-
-def warn_inexact_resume(ckpt):
-    """A resume is bit-exact only with the checkpoint's batch shape, number of processes and data: name each change
-    and what it means. The data's own check (same_stream) decides where the stream goes on."""
-    old = ckpt.get("config") or {}
-    old_tokens = math.prod(old.get(k, config[k]) for k in ("gradient_accumulation_steps", "batch_size", "block_size"))
-    for key, what in (("batch_size", "sequences per micro-step"), ("block_size", "tokens per sequence"),
-                      ("gradient_accumulation_steps", "micro-steps per step, across processes")):
-        if old.get(key, config[key]) != config[key]:
-            log(f"warning: resuming with {key} {config[key]} ({what}), the checkpoint's is {old[key]}: {tokens_per_step:,} "
-                f"tokens per step instead of {old_tokens:,}, so this is not the run the checkpoint would have gone on to")
-    old_world = ckpt.get("world_size", world_size)
-    if old_world != world_size:
-        log(f"warning: resuming on {world_size} processes, the checkpoint's run had {old_world}: the same tokens per step, "
-            "but the gradients are summed in another order: close to the run it would have been, not bit-identical")
 
 
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
@@ -451,7 +378,7 @@ if init_from == "resume":
     changed = [f"{k} {old[k]} -> {config[k]}" for k in OPTIMIZER_KEYS if k in old and old[k] != config[k]]
     if changed:
         log(f"resuming with this run's optimizer settings: {', '.join(changed)}")
-    warn_inexact_resume(ckpt)
+    checkpoint.warn_inexact_resume(ckpt, config, world_size)
     if scaler.is_enabled():
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])  # fp16's loss scale: restarting it would skip steps anew
@@ -465,7 +392,7 @@ elif carried:
 if ckpt is not None and ckpt.get("loader"):
     # a resume, or a new phase on the same data, continues the stream where the checkpoint stopped: no token is seen
     # twice. On another dataset the position means nothing: that data starts at its beginning.
-    same, why = same_stream(ckpt)
+    same, why = checkpoint.same_stream(ckpt, train_loader.fingerprint, data_dir)
     if same:
         train_loader.load_state_dict(ckpt["loader"])
         log(f"continuing {data_dir} at shard {train_loader.shard}, token {train_loader.offset:,} ({why})")
