@@ -25,7 +25,7 @@ from model import LLaMA, ModelConfig
 
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 CONFIG_KEYS = ["n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "rope_theta", "norm_eps", "tie_embeddings",
-              "vocab_size", "block_size", "batch_size", "muon"]
+               "vocab_size", "block_size", "batch_size", "muon"]
 
 
 def read_config(path):

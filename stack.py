@@ -23,7 +23,7 @@ The embedding, the final norm and the LM head are copied unchanged.
 
 --noise r adds N(0, (r * std(W))^2) to every tensor of every added copy (the first occurrence of each layer
 stays exact). Du et al. report that about 20% noise helps slightly; it breaks the symmetry between copies.
---optim reset (the default) leaves the optimizer out: the next phase starts a fresh AdamW with its own warmup.
+--optim reset (the default) leaves the optimizer out: the next phase starts a fresh one with its own warmup.
 --optim copy carries the source's optimizer moments over (AdamW's, or Muon's momentum), each copy getting those of
 the layer it copies; train.py loads them when it starts from the grown checkpoint.
 
@@ -109,10 +109,11 @@ def optimizer_names(model_args, muon):
     return [[names[id(p)] for p in group["params"]] for group in opt.param_groups]
 
 
-def grow_optimizer(opt_state, src_args, new_args, copy_of, muon=False):
+def grow_optimizer(opt_state, src_args, new_args, copy_of):
     """Optimizer state for the grown model: each parameter takes the moments (and step) of the one it was copied
-    from (AdamW's, or Muon's momentum with muon=True). The groups keep the source's hyperparameters; train.py keeps
-    only the moments and uses its own."""
+    from (AdamW's, or Muon's momentum). The groups keep the source's hyperparameters; train.py keeps only the
+    moments and uses its own."""
+    muon = any(group.get("muon") for group in opt_state["param_groups"])  # muon.MuonAdamW's groups say so
     src_ids = {n: i for i, n in enumerate(n for group in optimizer_names(src_args, muon) for n in group)}
     state, groups, j = {}, [], 0
     for src_group, names in zip(opt_state["param_groups"], optimizer_names(new_args, muon)):
@@ -262,8 +263,7 @@ def main(argv=None):
     if args.optim == "copy":
         if not ckpt.get("optimizer"):
             sys.exit(f"error: --optim copy needs an optimizer state, and {args.src} has none")
-        muon = (ckpt.get("config") or {}).get("muon", False)  # the source's optimizer kind orders its state
-        optimizer = grow_optimizer(ckpt["optimizer"], src_args, new_args, copy_of, muon)
+        optimizer = grow_optimizer(ckpt["optimizer"], src_args, new_args, copy_of)
     source = checkpoint.build_model(ckpt)
     print(f"source: {n_layer} layers, {source.num_params():,} parameters ({source.num_params(non_embedding=True):,} non-embedding)")
     print(f"grown:  {len(copy_of)} layers, {grown.num_params():,} parameters ({grown.num_params(non_embedding=True):,} non-embedding)")

@@ -30,7 +30,7 @@ past the crossover (~1e13, measured); no run sees more than ~2.2 epochs of pystd
 The first value of --growth_points, --factors, --optims, --noise and --lr_mults is the main setting: every
 operator runs with it, and with every seed. The other values vary one thing at a time for the first operator,
 with the first seed; --lr_mults also sweeps scratch's peak learning rate, and the grown phase's (under cosine
-half of --learning_rate, as configs/tiny_stack.py halves tiny.py's: the copies start trained).
+half of --learning_rate, as configs/phase2.py halves phase1.py's: the copies start trained).
 The score is Du et al.'s (NeurIPS 2024): at scratch's final mean val loss, speedup = FLOPs_scratch / FLOPs_grown - 1,
 read off the mean curves (linear interpolation between evaluations); it is reported only where the seeds of the
 two runs do not overlap (every grown seed ends below every scratch seed), since a smaller gain is noise.
@@ -87,11 +87,11 @@ def parse_args(argv=None):
     # 1,024 tokens per step: at these budgets a model is limited by its number of steps, and a small batch gives it
     # 4x the steps of configs/tiny.py's 16 x 256 at the same tokens per second (measured on 2 CPU cores)
     p.add_argument("--block_size", type=int, default=128)
-    # the peak every run of the record was trained at; a grown phase under cosine takes half (as configs/tiny_stack.py
-    # and configs/phase2.py halve their first phase's): the copies start trained
+    p.add_argument("--batch_size", type=int, default=8)
+    # the peak every run of the record was trained at; a grown phase under cosine takes half (as configs/phase2.py
+    # halves phase1.py's): the copies start trained
     p.add_argument("--learning_rate", type=float, default=2e-3, help="peak learning rate of the scratch and base runs "
                    "(AdamW; default: %(default)s)")
-    p.add_argument("--batch_size", type=int, default=8)
     # budgets, in training FLOPs
     # past the crossover this study measured for the default pair (~1e13 FLOPs): there the target is the right size
     p.add_argument("--budget", type=float, default=2e13, help="the growth study's budget (default: %(default).3g)")
@@ -305,8 +305,8 @@ def plan(args, vocab, best=None):
                     job = scratch(args.layers, args.budget, seed, priority, v["lr"], schedule, args.decay_frac if wsd else None)
                     runs.setdefault(run_name(name, schedule), []).append((job, seed, None, 0.0))
                     continue
-                # under wsd the base ends at its peak, un-annealed, and the grown phase continues at that peak (the
-                # base's config's, not tiny_stack.py's half) with the decay at the very end; a fresh AdamW (reset)
+                # under wsd the base ends at its peak, un-annealed, and the grown phase continues at that peak
+                # (--learning_rate, not the cosine phase's half) with the decay at the very end; a fresh AdamW (reset)
                 # still warms up, since its moments start at zero; --optim copy carries them and needs no warmup
                 base_layers, base_flops = args.layers // v["factor"], v["point"] * args.budget
                 base = scratch(base_layers, base_flops, seed, priority, schedule=schedule, decay_frac=0 if wsd else None)
