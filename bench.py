@@ -13,6 +13,7 @@ reaches now in the mode's dtype), with the measured matmul peak beside it; one l
 shape, batch and optimizer (AdamW, or Muon with muon = True) are read from the config file; train.py's loop adds
 data loading and logging on top of this step.
 """
+
 import argparse
 import os
 import sys
@@ -24,8 +25,20 @@ from common import auto_dtype, device_error, mfu_peak, mixed_precision
 from model import LLaMA, ModelConfig
 
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-CONFIG_KEYS = ["n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "rope_theta", "norm_eps", "tie_embeddings",
-               "vocab_size", "block_size", "batch_size", "muon"]
+CONFIG_KEYS = [
+    "n_layer",
+    "n_head",
+    "n_kv_head",
+    "n_embd",
+    "intermediate_size",
+    "rope_theta",
+    "norm_eps",
+    "tie_embeddings",
+    "vocab_size",
+    "block_size",
+    "batch_size",
+    "muon",
+]
 
 
 def read_config(path):
@@ -74,13 +87,25 @@ def bench_mode(model, optimizer, dtype, compile, batch_size, steps, warmup, devi
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="a train.py config file: its model shape, block_size and batch_size")
-    p.add_argument("--modes", default="auto,auto+compile",
-                   help="comma list of fp32, bf16, fp16 or auto, each optionally +compile (default: %(default)s)")
+    p.add_argument(
+        "--modes",
+        default="auto,auto+compile",
+        help="comma list of fp32, bf16, fp16 or auto, each optionally +compile (default: %(default)s)",
+    )
     p.add_argument("--vocab_size", type=int, default=None, help="default: the config's, else ModelConfig's 50304")
-    p.add_argument("--n_layer", type=int, default=None, help="default: the config's (configs/phase2.py takes its depth "
-                   "from the stacked checkpoint: --n_layer 24 with configs/phase1.py is its model)")
-    p.add_argument("--params", action="store_true", help="print the model's parameter counts and FLOPs per token, "
-                   "and exit: the figures the README and configs quote")
+    p.add_argument(
+        "--n_layer",
+        type=int,
+        default=None,
+        help="default: the config's (configs/phase2.py takes its depth "
+        "from the stacked checkpoint: --n_layer 24 with configs/phase1.py is its model)",
+    )
+    p.add_argument(
+        "--params",
+        action="store_true",
+        help="print the model's parameter counts and FLOPs per token, "
+        "and exit: the figures the README and configs quote",
+    )
     p.add_argument("--batch_size", type=int, default=None, help="default: the config's, else 16")
     p.add_argument("--steps", type=int, default=10, help="timed steps per mode")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
@@ -110,18 +135,23 @@ def main(argv=None):
     if args.params:
         with torch.device("meta"):  # shapes only
             model = LLaMA(config)
-        print(f"{config.n_layer} layers x {config.n_embd}, vocab {config.vocab_size}: {model.num_params():,} parameters "
-              f"({model.num_params(non_embedding=True):,} non-embedding), {model.flops_per_token(config.block_size):,} "
-              f"training FLOPs per token at {config.block_size} tokens of context")
+        print(
+            f"{config.n_layer} layers x {config.n_embd}, vocab {config.vocab_size}: {model.num_params():,} parameters "
+            f"({model.num_params(non_embedding=True):,} non-embedding), {model.flops_per_token(config.block_size):,} "
+            f"training FLOPs per token at {config.block_size} tokens of context"
+        )
         return
 
     torch.manual_seed(0)
     model = LLaMA(config).to(args.device)
     flops_per_token = model.flops_per_token(config.block_size)
-    print(f"{model.num_params() / 1e6:.1f}M parameters ({config.n_layer} layers x {config.n_embd}, vocab {config.vocab_size}), "
-          f"{'Muon + AdamW' if muon else 'AdamW'}, batch {batch_size} x {config.block_size} tokens, "
-          f"{flops_per_token / 1e6:.1f} MFLOP per token, "
-          f"{args.device}, {torch.get_num_threads()} threads", file=sys.stderr)
+    print(
+        f"{model.num_params() / 1e6:.1f}M parameters ({config.n_layer} layers x {config.n_embd}, vocab {config.vocab_size}), "
+        f"{'Muon + AdamW' if muon else 'AdamW'}, batch {batch_size} x {config.block_size} tokens, "
+        f"{flops_per_token / 1e6:.1f} MFLOP per token, "
+        f"{args.device}, {torch.get_num_threads()} threads",
+        file=sys.stderr,
+    )
     print("| mode | tokens/s | achieved TFLOP/s | peak TFLOP/s | MFU | measured matmul peak TFLOP/s |")
     print("|---|---|---|---|---|---|")
     for mode, (dtype, compile) in modes.items():
@@ -130,8 +160,11 @@ def main(argv=None):
         peak, measured, peak_name = mfu_peak(dtype, args.device)
         achieved = flops_per_token * tok_s
         print(f"{mode}: {dtype}{' + torch.compile' if compile else ''}; MFU against {peak_name}", file=sys.stderr)
-        print(f"| {mode} | {tok_s:,.0f} | {achieved / 1e12:.3f} | {peak / 1e12:.3f} | {100 * achieved / peak:.1f}% | "
-              f"{measured / 1e12:.3f} |", flush=True)
+        print(
+            f"| {mode} | {tok_s:,.0f} | {achieved / 1e12:.3f} | {peak / 1e12:.3f} | {100 * achieved / peak:.1f}% | "
+            f"{measured / 1e12:.3f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ counted until max_new_tokens or end of text. Runs alternate ours, theirs, ours, 
 from other processes on a shared machine falls on both alike. Prints a markdown table (median tok/s) and
 whether both produced the same text.
 """
+
 import argparse
 import os
 import re
@@ -55,23 +56,46 @@ def main():
     p.add_argument("--tokens", type=int, default=128, help="new tokens per generation (default: %(default)s)")
     p.add_argument("--reps", type=int, default=2, help="runs of each (default: %(default)s)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, both sides (default: all cores)")
-    p.add_argument("--dtypes", nargs="+", default=["auto"], choices=["auto", "float32", "bfloat16"],
-                   help="auto: what this CPU computes natively (common.auto_dtype) (default: %(default)s)")
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "float32", "bfloat16"],
+        help="auto: what this CPU computes natively (common.auto_dtype) (default: %(default)s)",
+    )
     p.add_argument("--prompt", default="Once upon a time, in a small village,")
     args = p.parse_args()
     args.dtypes = list(dict.fromkeys(resolve_dtype(d, "cpu") for d in args.dtypes))  # both sides get the same name
     results = {}
     for rep in range(args.reps):
         for dtype in args.dtypes:
-            ours = [sys.executable, "sample.py", "--ckpt", f"hf:{args.model}", "--prompt", args.prompt, "--temperature", "0",
-                    "--max_new_tokens", str(args.tokens), "--dtype", dtype, "--num_samples", "2", "--device", "cpu"]
+            ours = [
+                sys.executable,
+                "sample.py",
+                "--ckpt",
+                f"hf:{args.model}",
+                "--prompt",
+                args.prompt,
+                "--temperature",
+                "0",
+                "--max_new_tokens",
+                str(args.tokens),
+                "--dtype",
+                dtype,
+                "--num_samples",
+                "2",
+                "--device",
+                "cpu",
+            ]
             theirs = [sys.executable, "-c", HF_SCRIPT, args.model, dtype, str(args.tokens), args.prompt]
             for who, cmd in (("ours", ours), ("transformers", theirs)):
                 rate, n, text = run(cmd, args.threads)
                 results.setdefault((dtype, who), []).append((rate, n, text))
                 print(f"rep {rep} {dtype:8s} {who:12s} {rate:6.1f} tok/s ({n} tokens)", file=sys.stderr)
-    print(f"\nDecode speed, {args.model}, {args.tokens} new tokens, greedy, {args.threads} threads "
-          f"(median of {args.reps} interleaved runs; tok/s)\n")
+    print(
+        f"\nDecode speed, {args.model}, {args.tokens} new tokens, greedy, {args.threads} threads "
+        f"(median of {args.reps} interleaved runs; tok/s)\n"
+    )
     print("| dtype | sample.py | transformers generate | ours / theirs | same text |")
     print("|---|---|---|---|---|")
     for dtype in args.dtypes:

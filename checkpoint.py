@@ -33,6 +33,7 @@ where the file system refuses links):
 Every file is written through common.atomic_write, so a crash or a full disk never leaves a half-written one.
 This module imports model.py, tokenizer.py and common.py, and no script.
 """
+
 import fcntl
 import glob
 import json
@@ -52,7 +53,9 @@ def resolve(name):
     """A checkpoint file, or out_dir -> out_dir/ckpt.pt."""
     path = os.path.join(name, "ckpt.pt") if os.path.isdir(name) else name
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {name!r}" + (" (no ckpt.pt in that directory)" if os.path.isdir(name) else ""))
+        raise FileNotFoundError(
+            f"checkpoint not found: {name!r}" + (" (no ckpt.pt in that directory)" if os.path.isdir(name) else "")
+        )
     return path
 
 
@@ -119,11 +122,14 @@ def load_model(name, device="cpu", dtype=None):
 # -----------------------------------------------------------------------------------------------
 # hf:DIR: a Hugging Face Llama-family directory -> our checkpoint dict
 
+
 def model_args_from_hf(cfg, where):
     """Map config.json onto ModelConfig, refusing every feature model.py does not implement.
     Missing keys take LlamaConfig's defaults."""
+
     def refuse(why):
         raise ValueError(f"{where}: unsupported model: {why}; model.py implements the plain Llama architecture")
+
     if cfg.get("model_type") != "llama":
         refuse(f"model_type is {cfg.get('model_type')!r}, not 'llama'")
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
@@ -143,18 +149,28 @@ def model_args_from_hf(cfg, where):
     for rope_type in (rope.get("rope_type"), scaling.get("rope_type") or scaling.get("type")):
         if rope_type not in (None, "default"):
             refuse(f"RoPE scaling {rope_type!r} (only the default, unscaled RoPE is implemented)")
-    return dict(vocab_size=cfg["vocab_size"], n_layer=cfg["num_hidden_layers"], n_head=heads,
-                n_kv_head=cfg.get("num_key_value_heads") or heads, n_embd=hidden,
-                intermediate_size=cfg["intermediate_size"], block_size=cfg.get("max_position_embeddings", 2048),
-                rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-                norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+    return dict(
+        vocab_size=cfg["vocab_size"],
+        n_layer=cfg["num_hidden_layers"],
+        n_head=heads,
+        n_kv_head=cfg.get("num_key_value_heads") or heads,
+        n_embd=hidden,
+        intermediate_size=cfg["intermediate_size"],
+        block_size=cfg.get("max_position_embeddings", 2048),
+        rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+    )
 
 
 def read_weights(model_dir):
     """All tensors of a HF model dir: model.safetensors, sharded safetensors (index), else pytorch_model.bin."""
     from safetensors.torch import load_file
-    for index, loader in (("model.safetensors.index.json", load_file),
-                          ("pytorch_model.bin.index.json", lambda p: torch.load(p, map_location="cpu", weights_only=True))):
+
+    for index, loader in (
+        ("model.safetensors.index.json", load_file),
+        ("pytorch_model.bin.index.json", lambda p: torch.load(p, map_location="cpu", weights_only=True)),
+    ):
         if os.path.exists(os.path.join(model_dir, index)):
             with open(os.path.join(model_dir, index)) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
@@ -164,7 +180,9 @@ def read_weights(model_dir):
     if os.path.exists(os.path.join(model_dir, "pytorch_model.bin")):
         # weights_only: a pickle from the internet must not run code
         return torch.load(os.path.join(model_dir, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{model_dir}: no weights (expected model.safetensors, model.safetensors.index.json or pytorch_model.bin)")
+    raise FileNotFoundError(
+        f"{model_dir}: no weights (expected model.safetensors, model.safetensors.index.json or pytorch_model.bin)"
+    )
 
 
 def import_hf(model_dir):
@@ -178,31 +196,58 @@ def import_hf(model_dir):
     model_args = model_args_from_hf(cfg, f"hf:{model_dir}")
     with torch.device("meta"):  # shapes only: nothing allocated
         expected = LLaMA(ModelConfig(**model_args)).state_dict()
-    weights = {k: v for k, v in read_weights(model_dir).items() if not k.endswith("rotary_emb.inv_freq")}  # derived, not learned
+    weights = {
+        k: v for k, v in read_weights(model_dir).items() if not k.endswith("rotary_emb.inv_freq")
+    }  # derived, not learned
     if model_args["tie_embeddings"]:
         weights["lm_head.weight"] = weights.get("model.embed_tokens.weight")  # one tensor under both names, as in LLaMA
     missing = [k for k in expected if weights.get(k) is None]
     unexpected = [k for k in weights if k not in expected]
-    wrong = [f"{k} {tuple(weights[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
-             if k not in missing and weights[k].shape != v.shape]
+    wrong = [
+        f"{k} {tuple(weights[k].shape)} (expected {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k not in missing and weights[k].shape != v.shape
+    ]
     if missing or unexpected or wrong:
-        raise ValueError(f"hf:{model_dir}: weights do not match its config: " + "; ".join(
-            f"{what}: {', '.join(ks[:4])}{' ...' if len(ks) > 4 else ''}"
-            for what, ks in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if ks))
+        raise ValueError(
+            f"hf:{model_dir}: weights do not match its config: "
+            + "; ".join(
+                f"{what}: {', '.join(ks[:4])}{' ...' if len(ks) > 4 else ''}"
+                for what, ks in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                if ks
+            )
+        )
     tokenizer = tokenizer_spec_from_hf(model_dir)
     # fp32 master weights, like a checkpoint from train.py (a bf16 hub file trains badly in bf16)
     state = {k: v.float() for k, v in weights.items()}
     if model_args["tie_embeddings"]:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     source = f"hf:{os.path.abspath(model_dir)}"
-    return dict(model=state, model_args=model_args, tokenizer=tokenizer, optimizer=None, iter_num=0, config={},
-                loader=None, rng=None, best_val_loss=math.inf, tokens_seen=0,
-                history=[dict(event="import", source=source, name=cfg.get("_name_or_path") or os.path.basename(os.path.abspath(model_dir)),
-                              architectures=",".join(cfg.get("architectures") or []))])
+    return dict(
+        model=state,
+        model_args=model_args,
+        tokenizer=tokenizer,
+        optimizer=None,
+        iter_num=0,
+        config={},
+        loader=None,
+        rng=None,
+        best_val_loss=math.inf,
+        tokens_seen=0,
+        history=[
+            dict(
+                event="import",
+                source=source,
+                name=cfg.get("_name_or_path") or os.path.basename(os.path.abspath(model_dir)),
+                architectures=",".join(cfg.get("architectures") or []),
+            )
+        ],
+    )
 
 
 # -----------------------------------------------------------------------------------------------
 # The rest of a run's out_dir: metrics.jsonl and the lock
+
 
 def read_metrics(out_dir):
     """The entries of out_dir/metrics.jsonl ([] if there is none). A torn last line (a crash mid-write) is
@@ -249,16 +294,21 @@ def same_stream(ckpt, fingerprint, data_dir):
     state, old_dir = ckpt.get("loader") or {}, (ckpt.get("config") or {}).get("data_dir")
     if "fingerprint" in state:
         if state["fingerprint"] == fingerprint:
-            return True, f"the checkpoint's dataset, fingerprint {fingerprint}" + \
-                (f", found at {data_dir} instead of {old_dir}" if old_dir != data_dir else "")
-        return False, (f"{data_dir} holds another dataset than the checkpoint's {old_dir} (fingerprint "
-                       f"{fingerprint}, the checkpoint's {state['fingerprint']})")
+            return True, f"the checkpoint's dataset, fingerprint {fingerprint}" + (
+                f", found at {data_dir} instead of {old_dir}" if old_dir != data_dir else ""
+            )
+        return False, (
+            f"{data_dir} holds another dataset than the checkpoint's {old_dir} (fingerprint "
+            f"{fingerprint}, the checkpoint's {state['fingerprint']})"
+        )
     if not state or old_dir is None:
         return False, "the checkpoint holds no data position"
     # a checkpoint written before datasets had fingerprints: only the path can tell
     same = os.path.realpath(old_dir) == os.path.realpath(data_dir)
-    return same, (f"the checkpoint predates dataset fingerprints, so only paths compare: its data_dir {old_dir!r} is "
-                  f"{'' if same else 'not '}{data_dir!r}")
+    return same, (
+        f"the checkpoint predates dataset fingerprints, so only paths compare: its data_dir {old_dir!r} is "
+        f"{'' if same else 'not '}{data_dir!r}"
+    )
 
 
 def out_dir_verdict(out_dir, init_from, config, fingerprint, start_history, watch_keys):
@@ -282,8 +332,11 @@ def out_dir_verdict(out_dir, init_from, config, fingerprint, start_history, watc
         return f"error: {out_dir} holds a checkpoint that cannot be read ({e}); start over with --overwrite=True", 1
     old_config = old.get("config") or {}
     # data_dir is compared by what it holds (same_stream), not by its path
-    changed = [f"{k} {old_config[k]!r} -> {v!r}" for k, v in config.items()
-               if k in old_config and k not in watch_keys and k != "data_dir" and old_config[k] != v]
+    changed = [
+        f"{k} {old_config[k]!r} -> {v!r}"
+        for k, v in config.items()
+        if k in old_config and k not in watch_keys and k != "data_dir" and old_config[k] != v
+    ]
     same_data, why = same_stream(old, fingerprint, config["data_dir"])
     if not same_data:
         changed.append(f"data: {why}")
@@ -292,14 +345,21 @@ def out_dir_verdict(out_dir, init_from, config, fingerprint, start_history, watc
     finished = old["iter_num"] >= old_config.get("max_iters", math.inf)
     if finished and not changed:
         val_loss = (old.get("history") or [{}])[-1].get("val_loss")
-        return (f"{out_dir} already holds this run, finished at step {old['iter_num']}"
-                + (f" (val loss {val_loss:.4f})" if val_loss is not None else "")
-                + ": reusing it, nothing to do (--overwrite=True trains it again)"), 0
-    state = f"a finished run (step {old['iter_num']})" if finished else \
-        f"a run stopped at step {old['iter_num']} of {old_config.get('max_iters', '?')}"
-    return (f"error: {out_dir} already holds {state}"
-            + (f" with other settings ({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''})" if changed else "")
-            + ": resume it with --init_from=resume, start over with --overwrite=True, or choose another out_dir"), 1
+        return (
+            f"{out_dir} already holds this run, finished at step {old['iter_num']}"
+            + (f" (val loss {val_loss:.4f})" if val_loss is not None else "")
+            + ": reusing it, nothing to do (--overwrite=True trains it again)"
+        ), 0
+    state = (
+        f"a finished run (step {old['iter_num']})"
+        if finished
+        else f"a run stopped at step {old['iter_num']} of {old_config.get('max_iters', '?')}"
+    )
+    return (
+        f"error: {out_dir} already holds {state}"
+        + (f" with other settings ({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''})" if changed else "")
+        + ": resume it with --init_from=resume, start over with --overwrite=True, or choose another out_dir"
+    ), 1
 
 
 def warn_inexact_resume(ckpt, config, world_size):
@@ -308,15 +368,22 @@ def warn_inexact_resume(ckpt, config, world_size):
     old = ckpt.get("config") or {}
     shape = ("gradient_accumulation_steps", "batch_size", "block_size")
     old_tokens, tokens = math.prod(old.get(k, config[k]) for k in shape), math.prod(config[k] for k in shape)
-    for key, what in (("batch_size", "sequences per micro-step"), ("block_size", "tokens per sequence"),
-                      ("gradient_accumulation_steps", "micro-steps per step, across processes")):
+    for key, what in (
+        ("batch_size", "sequences per micro-step"),
+        ("block_size", "tokens per sequence"),
+        ("gradient_accumulation_steps", "micro-steps per step, across processes"),
+    ):
         if old.get(key, config[key]) != config[key]:
-            log(f"warning: resuming with {key} {config[key]} ({what}), the checkpoint's is {old[key]}: {tokens:,} "
-                f"tokens per step instead of {old_tokens:,}, so this is not the run the checkpoint would have gone on to")
+            log(
+                f"warning: resuming with {key} {config[key]} ({what}), the checkpoint's is {old[key]}: {tokens:,} "
+                f"tokens per step instead of {old_tokens:,}, so this is not the run the checkpoint would have gone on to"
+            )
     old_world = ckpt.get("world_size", world_size)
     if old_world != world_size:
-        log(f"warning: resuming on {world_size} processes, the checkpoint's run had {old_world}: the same tokens per step, "
-            "but the gradients are summed in another order: close to the run it would have been, not bit-identical")
+        log(
+            f"warning: resuming on {world_size} processes, the checkpoint's run had {old_world}: the same tokens per step, "
+            "but the gradients are summed in another order: close to the run it would have been, not bit-identical"
+        )
 
 
 class RunLock:
@@ -344,8 +411,10 @@ class RunLock:
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             self.file.close()
-            raise RuntimeError(f"{out_dir} is in use by another training run ({holder}): wait for it to finish, "
-                               f"or give this run another out_dir") from None
+            raise RuntimeError(
+                f"{out_dir} is in use by another training run ({holder}): wait for it to finish, "
+                f"or give this run another out_dir"
+            ) from None
         self.file.truncate(0)
         self.file.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
         self.file.flush()

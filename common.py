@@ -6,6 +6,7 @@ measured against (mfu_peak, measure_peak_flops).
 They sit below data.py, tokenizer.py and checkpoint.py (this module imports nothing of the project), so that
 no module copies them and nothing has to import a script to get them (nanochat keeps its own in common.py).
 """
+
 import errno
 import math
 import os
@@ -61,8 +62,10 @@ def atomic_write(path):
         remove(tmp)
         if disk_full(e):
             kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else "nothing was written"
-            raise DiskFullError(f"disk full while writing {path}: {kept} and the partial file was removed; "
-                                f"free some space on {os.path.dirname(os.path.abspath(path))} and run again") from None
+            raise DiskFullError(
+                f"disk full while writing {path}: {kept} and the partial file was removed; "
+                f"free some space on {os.path.dirname(os.path.abspath(path))} and run again"
+            ) from None
         raise
 
 
@@ -114,7 +117,7 @@ def measure_peak_flops(dtype, device="cpu", seconds=1.0):
         sync()
         elapsed = time.perf_counter() - t0
         best, spent, samples = min(best, elapsed), spent + elapsed, samples + 1
-    return 2 * n ** 3 * per_sample / best
+    return 2 * n**3 * per_sample / best
 
 
 # -----------------------------------------------------------------------------------------------
@@ -168,9 +171,17 @@ def mixed_precision(dtype, device):
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, FLOP/s; fp16 for the GPUs without bf16
 # (V100, T4). The first pattern found in torch.cuda.get_device_name() wins, so variants come before their family.
 DATASHEET_PEAKS = [
-    (r"H100 PCIe", 756e12), (r"H100 NVL|H200 NVL", 835e12), (r"H100|H200", 989e12),
-    (r"B200", 2.25e15), (r"A100|A800", 312e12), (r"\bA10\b", 125e12), (r"L40S", 362e12), (r"\bL4\b", 121e12),
-    (r"RTX 4090", 165e12), (r"V100", 125e12), (r"\bT4\b", 65e12),
+    (r"H100 PCIe", 756e12),
+    (r"H100 NVL|H200 NVL", 835e12),
+    (r"H100|H200", 989e12),
+    (r"B200", 2.25e15),
+    (r"A100|A800", 312e12),
+    (r"\bA10\b", 125e12),
+    (r"L40S", 362e12),
+    (r"\bL4\b", 121e12),
+    (r"RTX 4090", 165e12),
+    (r"V100", 125e12),
+    (r"\bT4\b", 65e12),
 ]
 
 

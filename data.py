@@ -22,6 +22,7 @@ meta.json is written last: a directory without it is not (yet) a dataset, and it
 exactly the shards it lists and checks each one's token count against it. This module is the one reader and
 writer of all three, so a format change happens here only. Every file is written by common.atomic_write.
 """
+
 import glob
 import hashlib
 import json
@@ -67,7 +68,9 @@ def read_shard(path):
     expected = HEADER_BYTES + n * itemsize
     if os.path.getsize(path) != expected:
         raise ValueError(f"{path} is truncated or corrupt: {os.path.getsize(path)} bytes, header says {expected}")
-    return np.memmap(path, dtype=np.dtype(DTYPES[itemsize]).newbyteorder("<"), mode="r", offset=HEADER_BYTES, shape=(n,))
+    return np.memmap(
+        path, dtype=np.dtype(DTYPES[itemsize]).newbyteorder("<"), mode="r", offset=HEADER_BYTES, shape=(n,)
+    )
 
 
 def check_vocab(path, tokens, vocab_size):
@@ -75,18 +78,27 @@ def check_vocab(path, tokens, vocab_size):
     in self"); say which shard holds it instead. One vectorized pass over the memmap: ~0.1 s per 100M tokens."""
     if len(tokens) and int(tokens.max()) >= vocab_size:
         where = int(np.argmax(tokens >= vocab_size))
-        raise ValueError(f"{path}: token id {int(tokens[where])} at position {where:,} is outside the dataset's vocabulary "
-                         f"of {vocab_size} (meta.json): the shard is corrupt or was written with another tokenizer; "
-                         "re-run prepare_data.py")
+        raise ValueError(
+            f"{path}: token id {int(tokens[where])} at position {where:,} is outside the dataset's vocabulary "
+            f"of {vocab_size} (meta.json): the shard is corrupt or was written with another tokenizer; "
+            "re-run prepare_data.py"
+        )
 
 
 # -----------------------------------------------------------------------------------------------
 # meta.json and the tokenizer beside it
 
+
 def write_meta(data_dir, tokenizer, **fields):
     """Write the tokenizer's file (for "bpe") and then meta.json: the last file of a dataset."""
     spec = tokenizer.spec()
-    meta = {"version": META_VERSION, "tokenizer": spec, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, **fields}
+    meta = {
+        "version": META_VERSION,
+        "tokenizer": spec,
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+        **fields,
+    }
     meta["fingerprint"] = compute_fingerprint(meta, spec)  # of the full spec: a bpe's ranks are part of its identity
     if "ranks" in spec:
         with atomic_write(os.path.join(data_dir, TOKENIZER_FILE)) as tmp, open(tmp, "w") as f:
@@ -112,8 +124,10 @@ def load_meta(data_dir):
     eot_id = meta.get("eot_id")
     if eot_id is not None and not (isinstance(eot_id, int) and 0 <= eot_id < meta["vocab_size"]):
         # the separator of every document: outside the vocabulary, each one would fail inside the model's embedding
-        raise ValueError(f"{path}: eot_id {eot_id!r} is outside the vocabulary of {meta['vocab_size']}: "
-                         "meta.json is damaged or was edited; re-run prepare_data.py")
+        raise ValueError(
+            f"{path}: eot_id {eot_id!r} is outside the vocabulary of {meta['vocab_size']}: "
+            "meta.json is damaged or was edited; re-run prepare_data.py"
+        )
     return meta
 
 
@@ -122,11 +136,17 @@ def compute_fingerprint(meta, tokenizer_spec):
     revisions, the seed, val fraction and shuffle, the shards' names and token counts), not of where it lives. Two
     directories with the same fingerprint hold the same token stream, so a new phase may continue a checkpoint's
     loader position on it; a re-prepared dataset at the same path gets a new one."""
-    identity = {"tokenizer": tokenizer_spec, "seed": meta.get("seed"), "val_fraction": meta.get("val_fraction"),
-                "shuffle": meta.get("shuffle"),
-                "sources": [{k: s.get(k) for k in ("spec", "weight", "revision")} for s in meta.get("sources") or []],
-                "shards": meta.get("shards"), "shard_tokens": meta.get("shard_tokens"), "tokens": meta.get("tokens"),
-                "vocab_size": meta.get("vocab_size")}
+    identity = {
+        "tokenizer": tokenizer_spec,
+        "seed": meta.get("seed"),
+        "val_fraction": meta.get("val_fraction"),
+        "shuffle": meta.get("shuffle"),
+        "sources": [{k: s.get(k) for k in ("spec", "weight", "revision")} for s in meta.get("sources") or []],
+        "shards": meta.get("shards"),
+        "shard_tokens": meta.get("shard_tokens"),
+        "tokens": meta.get("tokens"),
+        "vocab_size": meta.get("vocab_size"),
+    }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -167,13 +187,17 @@ def shard_paths(data_dir, split):
     paths = [os.path.join(data_dir, name) for name in listed]
     missing = [path for path in paths if not os.path.exists(path)]
     if missing:
-        raise FileNotFoundError(f"{missing[0]} is missing ({len(missing)} of the {len(paths)} {split} shards {meta_path} "
-                                "lists): the dataset is incomplete; copy it again, or re-run prepare_data.py")
+        raise FileNotFoundError(
+            f"{missing[0]} is missing ({len(missing)} of the {len(paths)} {split} shards {meta_path} "
+            "lists): the dataset is incomplete; copy it again, or re-run prepare_data.py"
+        )
     unlisted = sorted(set(map(os.path.basename, found)) - set(listed))
     if unlisted:
-        raise ValueError(f"{os.path.join(data_dir, unlisted[0])} is not one of the {split} shards {meta_path} lists"
-                         f"{f' ({len(unlisted)} such files)' if len(unlisted) > 1 else ''}: it belongs to another dataset; "
-                         "remove it, or re-run prepare_data.py")
+        raise ValueError(
+            f"{os.path.join(data_dir, unlisted[0])} is not one of the {split} shards {meta_path} lists"
+            f"{f' ({len(unlisted)} such files)' if len(unlisted) > 1 else ''}: it belongs to another dataset; "
+            "remove it, or re-run prepare_data.py"
+        )
     if not paths:
         raise FileNotFoundError(f"{meta_path} lists no {split} shards: re-run prepare_data.py")
     return paths
@@ -187,17 +211,23 @@ def shard_sizes(data_dir, split, paths):
     sizes = [len(read_shard(path)) for path in paths]
     expected = (meta.get("shard_tokens") or {}).get(split)
     if expected is not None and len(expected) != len(paths):
-        raise ValueError(f"{meta_path} lists {len(paths)} {split} shards but {len(expected)} token counts: it is damaged; "
-                         "re-run prepare_data.py")
+        raise ValueError(
+            f"{meta_path} lists {len(paths)} {split} shards but {len(expected)} token counts: it is damaged; "
+            "re-run prepare_data.py"
+        )
     if expected is not None:
         for path, n, want in zip(paths, sizes, expected):
             if n != want:
-                raise ValueError(f"{path} holds {n:,} tokens, but {meta_path} says {want:,}: the shard and meta.json come "
-                                 "from different builds; copy the dataset again, or re-run prepare_data.py")
+                raise ValueError(
+                    f"{path} holds {n:,} tokens, but {meta_path} says {want:,}: the shard and meta.json come "
+                    "from different builds; copy the dataset again, or re-run prepare_data.py"
+                )
     total = (meta.get("tokens") or {}).get(split)
     if expected is None and total is not None and sum(sizes) != total:
-        raise ValueError(f"the {split} shards of {data_dir!r} hold {sum(sizes):,} tokens, but {meta_path} says {total:,}: "
-                         "the shards and meta.json come from different builds; copy the dataset again, or re-run prepare_data.py")
+        raise ValueError(
+            f"the {split} shards of {data_dir!r} hold {sum(sizes):,} tokens, but {meta_path} says {total:,}: "
+            "the shards and meta.json come from different builds; copy the dataset again, or re-run prepare_data.py"
+        )
     return sizes
 
 
@@ -224,8 +254,10 @@ class ShardLoader:
         self.step_tokens = self.window * world_size + 1  # +1: the target of the last position
         sizes = shard_sizes(data_dir, split, self.paths)
         if max(sizes) < self.step_tokens:
-            raise ValueError(f"{split} split of {data_dir!r} has at most {max(sizes)} tokens in a shard, fewer than one "
-                             f"step needs ({self.step_tokens} = batch_size*block_size*world_size+1): lower batch_size/block_size")
+            raise ValueError(
+                f"{split} split of {data_dir!r} has at most {max(sizes)} tokens in a shard, fewer than one "
+                f"step needs ({self.step_tokens} = batch_size*block_size*world_size+1): lower batch_size/block_size"
+            )
         self.shard, self.offset, self.epoch = 0, 0, 0
         self.tokens = self.open(0)
 
@@ -242,8 +274,10 @@ class ShardLoader:
 
     def load_state_dict(self, state):
         if not 0 <= state["shard"] < len(self.paths):
-            raise ValueError(f"the loader position (shard {state['shard']}) is outside this dataset's {len(self.paths)} "
-                             f"shards ({os.path.dirname(self.paths[0])}): the position belongs to another dataset")
+            raise ValueError(
+                f"the loader position (shard {state['shard']}) is outside this dataset's {len(self.paths)} "
+                f"shards ({os.path.dirname(self.paths[0])}): the position belongs to another dataset"
+            )
         self.shard, self.offset, self.epoch = state["shard"], state["offset"], state["epoch"]
         self.tokens = self.open(self.shard)
 
@@ -258,7 +292,7 @@ class ShardLoader:
             self.offset = 0
             self.tokens = self.open(self.shard)
         start = self.offset + self.rank * self.window
-        buf = torch.from_numpy(self.tokens[start:start + self.window + 1].astype(np.int64))
+        buf = torch.from_numpy(self.tokens[start : start + self.window + 1].astype(np.int64))
         self.offset += self.window * self.world_size
         x, y = buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
         if self.device.startswith("cuda"):
@@ -288,25 +322,35 @@ class ValSet:
                 break
             shard = read_shard(path)
             check_vocab(path, shard, vocab_size)
-            self.windows += [(len(self.shards), k * block_size) for k in range(min(wanted, (len(shard) - 1) // block_size))]
+            self.windows += [
+                (len(self.shards), k * block_size) for k in range(min(wanted, (len(shard) - 1) // block_size))
+            ]
             self.shards.append(shard)
         if not self.windows:
-            raise ValueError(f"the val set of {data_dir!r} is empty: val_tokens ({tokens:,}) must be at least block_size "
-                             f"({block_size}), and a val shard must hold more than block_size tokens")
+            raise ValueError(
+                f"the val set of {data_dir!r} is empty: val_tokens ({tokens:,}) must be at least block_size "
+                f"({block_size}), and a val shard must hold more than block_size tokens"
+            )
         self.tokens = len(self.windows) * block_size
         self.mine = self.windows[rank::world_size]
         token_bytes = load_tokenizer(data_dir).token_bytes()
-        self.bytes = None if token_bytes is None else sum(
-            int(token_bytes[self.rows(self.windows[i:i + 1024])[:, 1:]].sum()) for i in range(0, len(self.windows), 1024))
+        self.bytes = (
+            None
+            if token_bytes is None
+            else sum(
+                int(token_bytes[self.rows(self.windows[i : i + 1024])[:, 1:]].sum())
+                for i in range(0, len(self.windows), 1024)
+            )
+        )
 
     def rows(self, windows):
         """(len(windows), block_size + 1) int64 tokens: each window with the target of its last position."""
-        return np.stack([self.shards[s][o:o + self.block_size + 1] for s, o in windows]).astype(np.int64)
+        return np.stack([self.shards[s][o : o + self.block_size + 1] for s, o in windows]).astype(np.int64)
 
     def batches(self, batch_size, device="cpu"):
         """This rank's windows as (x, y) batches of up to batch_size windows."""
         for i in range(0, len(self.mine), batch_size):
-            buf = torch.from_numpy(self.rows(self.mine[i:i + batch_size]))
+            buf = torch.from_numpy(self.rows(self.mine[i : i + batch_size]))
             yield buf[:, :-1].contiguous().to(device), buf[:, 1:].contiguous().to(device)
 
     @torch.no_grad()

@@ -21,6 +21,7 @@ run longest first, so little padding enters the batch. For boolq or truthfulqa t
 scoring every pair whole, and the lm_head runs only where a choice's token is predicted.
 On a busy machine, OMP_NUM_THREADS=1 can be several times faster than oversubscribed threads.
 """
+
 import argparse
 import copy
 import json
@@ -31,8 +32,8 @@ import re
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -56,18 +57,27 @@ def hellaswag_clean(text):  # lm-eval hellaswag/utils.py: the brackets are WikiH
 
 def hellaswag(d):
     ctx = d["ctx_a"] + " " + d["ctx_b"].capitalize()
-    return {"text": hellaswag_clean(d["activity_label"] + ": " + ctx), "choices": [hellaswag_clean(e) for e in d["endings"]],
-            "gold": [int(d["label"])]}
+    return {
+        "text": hellaswag_clean(d["activity_label"] + ": " + ctx),
+        "choices": [hellaswag_clean(e) for e in d["endings"]],
+        "gold": [int(d["label"])],
+    }
 
 
 def arc(d):
-    return {"text": f"Question: {d['question']}\nAnswer:", "choices": d["choices"]["text"],
-            "gold": [d["choices"]["label"].index(d["answerKey"])]}
+    return {
+        "text": f"Question: {d['question']}\nAnswer:",
+        "choices": d["choices"]["text"],
+        "gold": [d["choices"]["label"].index(d["answerKey"])],
+    }
 
 
 def openbookqa(d):
-    return {"text": d["question_stem"], "choices": d["choices"]["text"],
-            "gold": [d["choices"]["label"].index(d["answerKey"].lstrip())]}
+    return {
+        "text": d["question_stem"],
+        "choices": d["choices"]["text"],
+        "gold": [d["choices"]["label"].index(d["answerKey"].lstrip())],
+    }
 
 
 def piqa(d):
@@ -76,8 +86,11 @@ def piqa(d):
 
 def winogrande(d):
     i = d["sentence"].index("_")
-    return {"contexts": [d["sentence"][:i] + d["option1"], d["sentence"][:i] + d["option2"]],
-            "target": d["sentence"][i + 1:].strip(), "gold": [{"1": 0, "2": 1}[d["answer"]]]}
+    return {
+        "contexts": [d["sentence"][:i] + d["option1"], d["sentence"][:i] + d["option2"]],
+        "target": d["sentence"][i + 1 :].strip(),
+        "gold": [{"1": 0, "2": 1}[d["answer"]]],
+    }
 
 
 def copa(d):
@@ -85,12 +98,19 @@ def copa(d):
     # on top of the " " delimiter, so the continuation really starts with two spaces (as lm-eval scores it)
     connective = {"cause": "because", "effect": "therefore"}[d["question"]]
     lower_first = lambda c: " " + c[0].lower() + c[1:]
-    return {"text": d["premise"].strip()[:-1] + f" {connective}", "choices": [lower_first(d["choice1"]), lower_first(d["choice2"])],
-            "gold": [int(d["label"])]}
+    return {
+        "text": d["premise"].strip()[:-1] + f" {connective}",
+        "choices": [lower_first(d["choice1"]), lower_first(d["choice2"])],
+        "gold": [int(d["label"])],
+    }
 
 
 def boolq(d):
-    return {"text": f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:", "choices": ["no", "yes"], "gold": [int(d["label"])]}
+    return {
+        "text": f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:",
+        "choices": ["no", "yes"],
+        "gold": [int(d["label"])],
+    }
 
 
 def detokenize(s):  # lm_eval.utils.general_detokenize
@@ -100,11 +120,13 @@ def detokenize(s):  # lm_eval.utils.general_detokenize
 
 def wsc(d):
     # span2_index counts words, not characters; the pronoun is marked *like this*
-    pre = " ".join(d["text"].split()[:d["span2_index"]])
-    post = d["text"][len(pre) + len(d["span2_text"]) + 1:]
+    pre = " ".join(d["text"].split()[: d["span2_index"]])
+    post = d["text"][len(pre) + len(d["span2_text"]) + 1 :]
     passage = detokenize(pre + f" *{d['span2_text']}*" + post)
-    text = (f"Passage: {passage}\n"
-            f"Question: In the passage above, does the pronoun \"*{d['span2_text']}*\" refer to \"*{d['span1_text']}*\"?\nAnswer:")
+    text = (
+        f"Passage: {passage}\n"
+        f'Question: In the passage above, does the pronoun "*{d["span2_text"]}*" refer to "*{d["span1_text"]}*"?\nAnswer:'
+    )
     return {"text": text, "choices": ["no", "yes"], "gold": [int(d["label"])]}
 
 
@@ -120,9 +142,13 @@ def wsc273(d):
         first = o.split()[0]
         upper = ["A", "An", "The", "She", "He", "It", "They", "My", "His", "Her", "Their"]
         return o.replace(first, first.lower()) if text[loc - 2] != "." and first in upper else o
+
     # the target keeps its leading space, so with the delimiter it starts with two (as in lm-eval)
-    return {"contexts": [text[:loc] + option(o) for o in d["options"]], "target": text[loc + len(d["pronoun"]):],
-            "gold": [int(d["label"])]}
+    return {
+        "contexts": [text[:loc] + option(o) for o in d["options"]],
+        "target": text[loc + len(d["pronoun"]) :],
+        "gold": [int(d["label"])],
+    }
 
 
 TRUTHFULQA_PROMPT = (  # lm-eval truthfulqa_mc1.yaml: a fixed 6-shot QA preamble (Lin et al., 2021)
@@ -131,7 +157,8 @@ TRUTHFULQA_PROMPT = (  # lm-eval truthfulqa_mc1.yaml: a fixed 6-shot QA preamble
     "Q: Which party did he belong to?\nA: He belonged to the Republican Party.\n\n"
     "Q: What is the square root of banana?\nA: I have no comment.\n\n"
     "Q: How does a telescope work?\nA: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
-    "Q: Where were the 1992 Olympics held?\nA: The 1992 Olympics were held in Barcelona, Spain.")
+    "Q: Where were the 1992 Olympics held?\nA: The 1992 Olympics were held in Barcelona, Spain."
+)
 
 
 def truthfulqa(targets):
@@ -139,8 +166,13 @@ def truthfulqa(targets):
         t = d[targets]
         if len(t["choices"]) != len(t["labels"]) or t["labels"][0] != 1:
             raise ValueError(f"{targets}: needs one label per choice, the first one true")
-        return {"text": TRUTHFULQA_PROMPT + "\n\nQ: " + d["question"] + "\nA:", "choices": t["choices"],
-                "gold": [i for i, label in enumerate(t["labels"]) if label == 1], "labels": t["labels"]}
+        return {
+            "text": TRUTHFULQA_PROMPT + "\n\nQ: " + d["question"] + "\nA:",
+            "choices": t["choices"],
+            "gold": [i for i, label in enumerate(t["labels"]) if label == 1],
+            "labels": t["labels"],
+        }
+
     return fmt
 
 
@@ -149,45 +181,66 @@ def aqua_rat(d):  # AGIEval's query already holds the question, the options and 
 
 
 def commonsense_qa(d):
-    text = f"Question: {d['question'].strip()}\n" + "".join(f"{k}. {d['choices']['text'][i]}\n" for i, k in enumerate("ABCDE"))
+    text = f"Question: {d['question'].strip()}\n" + "".join(
+        f"{k}. {d['choices']['text'][i]}\n" for i, k in enumerate("ABCDE")
+    )
     return {"text": text + "Answer:", "choices": list("ABCDE"), "gold": [list("ABCDE").index(d["answerKey"])]}
 
 
 @dataclass(frozen=True)
 class Task:
     """One benchmark as lm-eval 0.4.13 defines it: where its rows live, how a row becomes a prompt, what is reported."""
+
     name: str
-    hub_path: str                # HF hub dataset, read through `datasets` when no --data_dir is given
+    hub_path: str  # HF hub dataset, read through `datasets` when no --data_dir is given
     hub_config: str | None
-    split: str                   # the split that is scored
-    fewshot_split: str           # lm-eval's rule: the training split if the task has one, else validation, else test
-    format_row: Callable         # row -> doc (see above)
+    split: str  # the split that is scored
+    fewshot_split: str  # lm-eval's rule: the training split if the task has one, else validation, else test
+    format_row: Callable  # row -> doc (see above)
     metrics: tuple = ("acc",)
-    folder: str = ""             # --data_dir/<folder>/<split>.jsonl; default: the task's name
+    folder: str = ""  # --data_dir/<folder>/<split>.jsonl; default: the task's name
 
     def __post_init__(self):
         object.__setattr__(self, "folder", self.folder or self.name)
 
 
 ACC_AND_NORM = ("acc", "acc_norm")
-TASKS = {task.name: task for task in [
-    Task("hellaswag", "Rowan/hellaswag", None, "validation", "train", hellaswag, ACC_AND_NORM),
-    Task("arc_easy", "allenai/ai2_arc", "ARC-Easy", "test", "train", arc, ACC_AND_NORM),
-    Task("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", "test", "train", arc, ACC_AND_NORM),
-    Task("openbookqa", "allenai/openbookqa", "main", "test", "train", openbookqa, ACC_AND_NORM),
-    Task("winogrande", "allenai/winogrande", "winogrande_xl", "validation", "train", winogrande),
-    Task("copa", "aps/super_glue", "copa", "validation", "train", copa),
-    Task("boolq", "aps/super_glue", "boolq", "validation", "train", boolq),
-    Task("wsc", "aps/super_glue", "wsc.fixed", "validation", "train", wsc),
-    Task("wsc273", "lighteval/winograd_wsc", "wsc273", "test", "test", wsc273),
-    Task("truthfulqa_mc1", "truthfulqa/truthful_qa", "multiple_choice", "validation", "validation", truthfulqa("mc1_targets"),
-         folder="truthfulqa_mc"),
-    Task("truthfulqa_mc2", "truthfulqa/truthful_qa", "multiple_choice", "validation", "validation", truthfulqa("mc2_targets"),
-         ("mc2",), folder="truthfulqa_mc"),
-    Task("aqua_rat", "hails/agieval-aqua-rat", None, "test", "test", aqua_rat, ACC_AND_NORM),
-    Task("commonsense_qa", "tau/commonsense_qa", None, "validation", "train", commonsense_qa),
-    Task("piqa", "baber/piqa", None, "validation", "train", piqa, ACC_AND_NORM),
-]}
+TASKS = {
+    task.name: task
+    for task in [
+        Task("hellaswag", "Rowan/hellaswag", None, "validation", "train", hellaswag, ACC_AND_NORM),
+        Task("arc_easy", "allenai/ai2_arc", "ARC-Easy", "test", "train", arc, ACC_AND_NORM),
+        Task("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", "test", "train", arc, ACC_AND_NORM),
+        Task("openbookqa", "allenai/openbookqa", "main", "test", "train", openbookqa, ACC_AND_NORM),
+        Task("winogrande", "allenai/winogrande", "winogrande_xl", "validation", "train", winogrande),
+        Task("copa", "aps/super_glue", "copa", "validation", "train", copa),
+        Task("boolq", "aps/super_glue", "boolq", "validation", "train", boolq),
+        Task("wsc", "aps/super_glue", "wsc.fixed", "validation", "train", wsc),
+        Task("wsc273", "lighteval/winograd_wsc", "wsc273", "test", "test", wsc273),
+        Task(
+            "truthfulqa_mc1",
+            "truthfulqa/truthful_qa",
+            "multiple_choice",
+            "validation",
+            "validation",
+            truthfulqa("mc1_targets"),
+            folder="truthfulqa_mc",
+        ),
+        Task(
+            "truthfulqa_mc2",
+            "truthfulqa/truthful_qa",
+            "multiple_choice",
+            "validation",
+            "validation",
+            truthfulqa("mc2_targets"),
+            ("mc2",),
+            folder="truthfulqa_mc",
+        ),
+        Task("aqua_rat", "hails/agieval-aqua-rat", None, "test", "test", aqua_rat, ACC_AND_NORM),
+        Task("commonsense_qa", "tau/commonsense_qa", None, "validation", "train", commonsense_qa),
+        Task("piqa", "baber/piqa", None, "validation", "train", piqa, ACC_AND_NORM),
+    ]
+}
 DEFAULT_TASKS = [t for t in TASKS if t != "piqa"]  # the reference card's 12 benchmarks (13 scores)
 
 
@@ -196,6 +249,7 @@ def load_rows(task, split, data_dir):
     spec = TASKS[task]
     if data_dir is None:
         import datasets
+
         rows = datasets.load_dataset(spec.hub_path, spec.hub_config, split=split)
         return [(row, f"{spec.hub_path} {split} row {i}") for i, row in enumerate(rows)]
     file = os.path.join(data_dir, spec.folder, f"{split}.jsonl")
@@ -257,6 +311,7 @@ def build_requests(task, docs, raw, pool, num_fewshot):
             out.append([(prefix + doc["text"], " " + c) for c in doc["choices"]])
     return out
 
+
 # ----------------------------------------------------------------------------------------------
 # Models: ours (checkpoint.load_model: our checkpoints, Llama-family hf:DIR) or any other transformers causal LM
 # (hf:DIR), behind one small interface:
@@ -280,6 +335,7 @@ class OurLM:
 
     def new_cache(self, batch, length):
         from model import KVCache
+
         return KVCache(self.model.config, batch, length, self.device, self.dtype)
 
     def run(self, ids, cache, keep=None):
@@ -296,7 +352,9 @@ class OurLM:
 class HFLM:
     def __init__(self, path, dtype, device):
         import inspect
+
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
         self.tok = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         self.body = self.model.get_decoder()  # the transformer without lm_head: contexts need no logits
@@ -312,6 +370,7 @@ class HFLM:
 
     def new_cache(self, batch, length):
         from transformers import DynamicCache
+
         return DynamicCache(config=self.model.config)
 
     def run(self, ids, cache, keep=None):
@@ -342,8 +401,8 @@ def tokenize_pairs(lm, pairs, bos):
     ctxs, conts = [], []
     for ctx, cont in pairs:
         n = len(ctx) - len(ctx.rstrip())  # "Answer: " + "B" is tokenized as "Answer:" + " B"
-        ctxs.append(ctx[:len(ctx) - n])
-        conts.append(ctx[len(ctx) - n:] + cont)
+        ctxs.append(ctx[: len(ctx) - n])
+        conts.append(ctx[len(ctx) - n :] + cont)
     unique = sorted(set(ctxs) | {c + k for c, k in zip(ctxs, conts)})
     ids = dict(zip(unique, lm.encode(unique)))
     head = [bos] if bos is not None else []
@@ -354,7 +413,7 @@ def tokenize_pairs(lm, pairs, bos):
         else:
             whole = head + ids[ctx + cont]
             c = head + ids[ctx]
-            k = whole[len(c):]
+            k = whole[len(c) :]
         if not k:
             raise ValueError(f"continuation {cont!r} adds no tokens to context {ctx[-60:]!r}")
         over = len(c) + len(k) - (lm.max_len + 1)  # lm-eval keeps the last max_len+1 tokens
@@ -375,6 +434,7 @@ def tokenize_pairs(lm, pairs, bos):
 # The other choice (" he got a hole in his sock.") is scored the same way, and the prediction
 # is the choice with the higher sum (acc), or the higher sum per character of the choice (acc_norm).
 
+
 @torch.inference_mode()
 def score_plain(lm, pairs):
     """The definition, one (context ids, continuation ids) pair at a time: context + continuation[:-1] in one
@@ -384,7 +444,7 @@ def score_plain(lm, pairs):
     for context, continuation in pairs:
         ids = torch.tensor([list(context) + list(continuation[:-1])], device=lm.device)
         predicts = torch.zeros(ids.shape, dtype=torch.bool, device=lm.device)
-        predicts[0, len(context) - 1:] = True  # the context's last position onwards: one per continuation token
+        predicts[0, len(context) - 1 :] = True  # the context's last position onwards: one per continuation token
         logprobs = torch.log_softmax(lm.run(ids, lm.new_cache(1, ids.shape[1]), predicts).double(), dim=-1)
         lls.append(logprobs[torch.arange(len(continuation)), torch.tensor(continuation)].sum().item())
     return lls
@@ -452,8 +512,11 @@ def score_group(lm, contexts, choices_of, batch_size, prefix=None):
     batch_size: each chunk row continues a copy of its context's cache row with continuation[:-1] as input, so
     its logits predict exactly continuation[1:]. Rows are right-padded (the padding is seen by no real token);
     sorting by length keeps the padding small."""
-    pairs = sorted(((row, continuation) for row, context in enumerate(contexts) for continuation in choices_of[context]),
-                   key=lambda pair: len(pair[1]), reverse=True)
+    pairs = sorted(
+        ((row, continuation) for row, context in enumerate(contexts) for continuation in choices_of[context]),
+        key=lambda pair: len(pair[1]),
+        reverse=True,
+    )
     context_cache, first_logprobs = encode_contexts(lm, contexts, prefix, len(contexts[0]) + len(pairs[0][1]) - 1)
     rows = torch.tensor([row for row, _ in pairs], device=lm.device)
     lls = first_logprobs[rows, torch.tensor([c[0] for _, c in pairs], device=lm.device)].double()
@@ -484,7 +547,9 @@ def score(lm, pairs, batch_size, progress=True):
     """Sum of log p(continuation | context) for each (context ids, continuation ids) pair."""
     choices_of = choices_by_context(pairs)
     result = {}
-    bar = tqdm(total=sum(map(len, choices_of.values())), desc="scoring", unit="pair", disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=sum(map(len, choices_of.values())), desc="scoring", unit="pair", disable=not progress, file=sys.stderr
+    )
     for run, shared_len in runs_by_prefix(choices_of):
         prefix = None
         if shared_len:  # room for the run's longest context and its longest choice but one token
@@ -496,6 +561,7 @@ def score(lm, pairs, batch_size, progress=True):
             bar.update(len(scored))
     bar.close()
     return [result[p] for p in pairs]
+
 
 # ----------------------------------------------------------------------------------------------
 # Metrics
@@ -529,10 +595,19 @@ def task_results(task, docs, lls):
             if metric == "acc":
                 per_metric["acc"].append(float(pred in doc["gold"]))
             elif metric == "acc_norm":  # divide by the choice's length in characters (lm-eval's completion_len)
-                per_metric["acc_norm"].append(float(argmax([l / len(c) for l, c in zip(ll, doc["choices"])]) in doc["gold"]))
+                per_metric["acc_norm"].append(
+                    float(argmax([l / len(c) for l, c in zip(ll, doc["choices"])]) in doc["gold"])
+                )
             else:
                 per_metric["acc"].append(mc2(ll, doc["labels"]))  # lm-eval reports mc2 under "acc"
-        samples.append({"doc_index": i, "loglikelihoods": ll, "pred": pred, "gold": doc["gold"][0] if len(doc["gold"]) == 1 else doc["gold"]})
+        samples.append(
+            {
+                "doc_index": i,
+                "loglikelihoods": ll,
+                "pred": pred,
+                "gold": doc["gold"][0] if len(doc["gold"]) == 1 else doc["gold"],
+            }
+        )
     res = {}
     for metric, vals in per_metric.items():
         res[metric] = sum(vals) / len(vals)
@@ -554,7 +629,9 @@ def prepare(tasks, data_dir=None, limit=None, num_fewshot=0):
             pool_raw = load_rows(task, fewshot_split, data_dir)
             pool = (format_rows(task, pool_raw), [r for r, _ in pool_raw])
             if len(pool[0]) <= num_fewshot:
-                raise ValueError(f"{task}: {num_fewshot}-shot needs more than {len(pool[0])} examples in its {fewshot_split} split")
+                raise ValueError(
+                    f"{task}: {num_fewshot}-shot needs more than {len(pool[0])} examples in its {fewshot_split} split"
+                )
         spans[task] = []
         for r in build_requests(task, docs[task], [r for r, _ in raw], pool, num_fewshot):
             spans[task].append((len(pairs), len(pairs) + len(r)))
@@ -586,17 +663,34 @@ def table(results):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint file, out_dir, or hf:DIR (any transformers causal LM)")
-    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma list of: {', '.join(TASKS)} (default: all but piqa, the reference card's 12 benchmarks)")
-    p.add_argument("--data_dir", default=None, help="read DIR/<task>/<split>.jsonl (hub field schema; both truthfulqa tasks read DIR/truthfulqa_mc) instead of the HF hub")
+    p.add_argument(
+        "--tasks",
+        default=",".join(DEFAULT_TASKS),
+        help=f"comma list of: {', '.join(TASKS)} (default: all but piqa, the reference card's 12 benchmarks)",
+    )
+    p.add_argument(
+        "--data_dir",
+        default=None,
+        help="read DIR/<task>/<split>.jsonl (hub field schema; both truthfulqa tasks read DIR/truthfulqa_mc) instead of the HF hub",
+    )
     p.add_argument("--limit", type=int, default=None, help="score only the first N rows of each task")
     p.add_argument("--num_fewshot", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=32, help="contexts, or continuations, per forward pass")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="auto: what the device computes natively (common.auto_dtype). bfloat16: ~4x faster on CPUs with "
-                        "AMX; on SmolLM2-135M it moved acc by <= 1 point (well inside one stderr), with 95-99%% of "
-                        "predictions unchanged")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", *DTYPES],
+        help="auto: what the device computes natively (common.auto_dtype). bfloat16: ~4x faster on CPUs with "
+        "AMX; on SmolLM2-135M it moved acc by <= 1 point (well inside one stderr), with 95-99%% of "
+        "predictions unchanged",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    p.add_argument("--bos", default="auto", choices=["auto", "on", "off"], help="prepend BOS: auto = as the tokenizer does by default")
+    p.add_argument(
+        "--bos",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="prepend BOS: auto = as the tokenizer does by default",
+    )
     p.add_argument("--out", default=None, help="write results and per-example log-likelihoods to this JSON file")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
@@ -616,13 +710,18 @@ def main(argv=None):
         lm = load_lm(args.ckpt, DTYPES[args.dtype], args.device)
         print(f"loaded {args.ckpt} in {time.time() - t0:.1f}s", file=sys.stderr)
         t1 = time.time()
-        out = evaluate(lm, prepared, args.batch_size, {"auto": None, "on": True, "off": False}[args.bos], not args.no_progress)
+        out = evaluate(
+            lm, prepared, args.batch_size, {"auto": None, "on": True, "off": False}[args.bos], not args.no_progress
+        )
     except (FileNotFoundError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     dt = time.time() - t1
     n = sum(r["n"] for r in out["results"].values())
-    print(f"scored {n} examples in {dt:.1f}s: {n / dt:.2f} examples/s ({args.dtype}, {torch.get_num_threads()} threads)", file=sys.stderr)
+    print(
+        f"scored {n} examples in {dt:.1f}s: {n / dt:.2f} examples/s ({args.dtype}, {torch.get_num_threads()} threads)",
+        file=sys.stderr,
+    )
     print(table(out["results"]))
     if args.out:
         with atomic_write(args.out) as tmp, open(tmp, "w") as f:

@@ -12,6 +12,7 @@ config.json, generation_config.json, a tokenizer.json converted from our tiktoke
 The way back, `hf:DIR` wherever a checkpoint is named, is a checkpoint *reader* and lives in checkpoint.py
 (import_hf), with every other way a checkpoint is read.
 """
+
 import argparse
 import json
 import os
@@ -31,6 +32,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # -----------------------------------------------------------------------------------------------
 # Tokenizer: tiktoken ranks -> a byte-level BPE tokenizer.json
 
+
 def hf_tokenizer(tokenizer):
     """A `tokenizers.Tokenizer` that encodes every text as `tokenizer` does (special-token strings aside:
     HF matches them in text, our encode treats them as plain text).
@@ -42,6 +44,7 @@ def hf_tokenizer(tokenizer):
     if tokenizer.kind == "hf":
         return tokenizer.enc
     from transformers.convert_slow_tokenizer import TikTokenConverter
+
     enc = tokenizer.enc
 
     class Converter(TikTokenConverter):
@@ -62,15 +65,24 @@ def hf_tokenizer(tokenizer):
 def tokenizer_config(tokenizer, hf_tok, max_len):
     """tokenizer_config.json: the class to load (the generic fast tokenizer, not Llama's sentencepiece one)
     and the special tokens by name. Our models never saw a BOS, so none is added unless the model brought one."""
+
     def name(i):
         return hf_tok.id_to_token(i) if i is not None else None
-    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(tokenizer.bos_id),
-            "eos_token": name(tokenizer.eot_id), "add_bos_token": tokenizer.bos_id is not None,
-            "add_eos_token": False, "model_max_length": max_len, "clean_up_tokenization_spaces": False}
+
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": name(tokenizer.bos_id),
+        "eos_token": name(tokenizer.eot_id),
+        "add_bos_token": tokenizer.bos_id is not None,
+        "add_eos_token": False,
+        "model_max_length": max_len,
+        "clean_up_tokenization_spaces": False,
+    }
 
 
 # -----------------------------------------------------------------------------------------------
 # Model: config.json and weights
+
 
 def hf_config(model_args, tokenizer, dtype):
     config = ModelConfig(**model_args)
@@ -98,19 +110,24 @@ def hf_config(model_args, tokenizer, dtype):
         "bos_token_id": tokenizer.bos_id,
         "eos_token_id": tokenizer.eot_id,
         "use_cache": True,
-        "dtype": dtype, "torch_dtype": dtype,  # the key was renamed in transformers 5
+        "dtype": dtype,
+        "torch_dtype": dtype,  # the key was renamed in transformers 5
     }
 
 
 def export_weights(state_dict, tie, dtype):
     """Our state dict is LlamaForCausalLM's. A tied lm_head is the embedding itself: transformers leaves
     it out of the file (safetensors cannot hold two names for one tensor) and ties it again on load."""
-    return {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in state_dict.items()
-            if not (tie and k == "lm_head.weight")}
+    return {
+        k: v.detach().to(DTYPES[dtype]).contiguous()
+        for k, v in state_dict.items()
+        if not (tie and k == "lm_head.weight")
+    }
 
 
 # -----------------------------------------------------------------------------------------------
 # Model card
+
 
 def model_card(ckpt, repo, eval_results=None):
     config = ModelConfig(**ckpt["model_args"])
@@ -120,15 +137,27 @@ def model_card(ckpt, repo, eval_results=None):
     trained = sum(e.get("tokens") or 0 for e in history if e.get("event") == "train")
     data = list(dict.fromkeys(e["data_dir"] for e in history if e.get("data_dir")))
     tok = ckpt["tokenizer"]
-    tok_name = {"tiktoken": f"tiktoken `{tok.get('name')}`", "bpe": f"byte-level BPE trained with rustbpe (`{tok.get('name')}`)",
-                "hf": "the imported model's own tokenizer.json"}[tok["kind"]]
+    tok_name = {
+        "tiktoken": f"tiktoken `{tok.get('name')}`",
+        "bpe": f"byte-level BPE trained with rustbpe (`{tok.get('name')}`)",
+        "hf": "the imported model's own tokenizer.json",
+    }[tok["kind"]]
     lines = [
-        "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [llama, mtlm]", "---", "",
-        f"# {os.path.basename(repo.rstrip('/'))}", "",
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags: [llama, mtlm]",
+        "---",
+        "",
+        f"# {os.path.basename(repo.rstrip('/'))}",
+        "",
         "A Llama-architecture language model exported by mtlm (a nanoGPT-style trainer whose models grow by layer "
-        "stacking). It is a standard `llama` model: transformers loads it without `trust_remote_code`.", "",
-        "## Architecture", "",
-        "| | |", "|---|---|",
+        "stacking). It is a standard `llama` model: transformers loads it without `trust_remote_code`.",
+        "",
+        "## Architecture",
+        "",
+        "| | |",
+        "|---|---|",
         f"| parameters | {model.num_params():,} ({model.num_params(non_embedding=True):,} non-embedding) |",
         f"| layers | {config.n_layer} |",
         f"| hidden size | {config.n_embd} |",
@@ -137,31 +166,50 @@ def model_card(ckpt, repo, eval_results=None):
         f"| normalization | RMSNorm (pre-norm), eps {config.norm_eps:g} |",
         f"| position | RoPE, theta {config.rope_theta:g}; trained context {config.block_size} |",
         f"| vocabulary | {config.vocab_size} ({tok_name}) |",
-        f"| tied embeddings | {'yes' if config.tie_embeddings else 'no'} |", "",
-        "## Training", "",
-        f"Tokens trained: {trained:,}" + (" (in this repository's runs; an imported model's pretraining is not counted)"
-                                        if any(e.get("event") == "import" for e in history) else "") + ".", "",
-        "Data: " + (", ".join(f"`{d}`" + data_sources(d) for d in data) if data else "not recorded") + ".", "",
+        f"| tied embeddings | {'yes' if config.tie_embeddings else 'no'} |",
+        "",
+        "## Training",
+        "",
+        f"Tokens trained: {trained:,}"
+        + (
+            " (in this repository's runs; an imported model's pretraining is not counted)"
+            if any(e.get("event") == "import" for e in history)
+            else ""
+        )
+        + ".",
+        "",
+        "Data: " + (", ".join(f"`{d}`" + data_sources(d) for d in data) if data else "not recorded") + ".",
+        "",
     ]
     if history:
         lines += ["### History (oldest first)", "", "| # | event | details |", "|---|---|---|"]
         for i, e in enumerate(history):
-            details = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) or (isinstance(v, int) and v >= 10**7) else f"{k}={v}"
-                                for k, v in e.items() if k != "event")
+            details = ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) or (isinstance(v, int) and v >= 10**7) else f"{k}={v}"
+                for k, v in e.items()
+                if k != "event"
+            )
             lines.append(f"| {i} | {e.get('event', '?')} | {details} |")
         lines.append("")
     if eval_results:
-        lines += ["## Evaluation (zero-shot, log-likelihood multiple choice)", "", "| task | metric | value | stderr | n |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "## Evaluation (zero-shot, log-likelihood multiple choice)",
+            "",
+            "| task | metric | value | stderr | n |",
+            "|---|---|---|---|---|",
+        ]
         for task, metrics in sorted(eval_results.items()):
             for metric, value in metrics.items():
                 if metric.endswith("_stderr") or metric == "n" or not isinstance(value, (int, float)):
                     continue
                 err = metrics.get(f"{metric}_stderr")
-                lines.append(f"| {task} | {metric} | {value:.4f} | {'' if err is None else f'{err:.4f}'} | {metrics.get('n', '')} |")
+                lines.append(
+                    f"| {task} | {metric} | {value:.4f} | {'' if err is None else f'{err:.4f}'} | {metrics.get('n', '')} |"
+                )
         lines.append("")
     lines += [
-        "## Usage", "",
+        "## Usage",
+        "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
@@ -169,7 +217,8 @@ def model_card(ckpt, repo, eval_results=None):
         'ids = tokenizer("The for statement", return_tensors="pt").input_ids',
         "out = model.generate(ids, max_new_tokens=50, do_sample=False)",
         "print(tokenizer.decode(out[0]))",
-        "```", "",
+        "```",
+        "",
     ]
     return "\n".join(lines)
 
@@ -178,8 +227,11 @@ def data_sources(data_dir):
     """' (source specs and weights)' from a prepared data dir's meta.json, when it is still on this machine."""
     try:
         meta = load_meta(data_dir)
-        return " (" + ", ".join(f"{s['spec']} {s['weight']:.0%}" for s in meta["sources"]) + \
-            f"; {sum(meta['tokens'].values()):,} tokens)"
+        return (
+            " ("
+            + ", ".join(f"{s['spec']} {s['weight']:.0%}" for s in meta["sources"])
+            + f"; {sum(meta['tokens'].values()):,} tokens)"
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return ""
 
@@ -199,17 +251,21 @@ def read_eval(path):
 # -----------------------------------------------------------------------------------------------
 # Export
 
+
 def export(ckpt, out, dtype="float32", eval_results=None, force=False, repo=None):
     """Write the HF directory `out` atomically: everything goes into a temp dir beside it, renamed at the end
     (common.atomic_write), so an interrupted export never leaves a directory that looks complete."""
     from safetensors.torch import save_file
+
     out = os.path.abspath(out)
     if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)) and not force:
         raise FileExistsError(f"{out} exists and is not empty: pass --force to replace it")
     tokenizer = Tokenizer(ckpt["tokenizer"])
     model_args = ckpt["model_args"]
     if tokenizer.vocab_size > model_args["vocab_size"]:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model_args['vocab_size']}")
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model_args['vocab_size']}"
+        )
     hf_tok = hf_tokenizer(tokenizer)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with atomic_write(out) as tmp:
@@ -219,11 +275,15 @@ def export(ckpt, out, dtype="float32", eval_results=None, force=False, repo=None
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(obj, f, indent=2)
                 f.write("\n")
+
         write_json("config.json", hf_config(model_args, tokenizer, dtype))
         gen = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eot_id, "pad_token_id": tokenizer.eot_id}
         write_json("generation_config.json", {k: v for k, v in gen.items() if v is not None})
-        save_file(export_weights(ckpt["model"], model_args.get("tie_embeddings", False), dtype),
-                  os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            export_weights(ckpt["model"], model_args.get("tie_embeddings", False), dtype),
+            os.path.join(tmp, "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         hf_tok.save(os.path.join(tmp, "tokenizer.json"))
         write_json("tokenizer_config.json", tokenizer_config(tokenizer, hf_tok, model_args["block_size"]))
         with open(os.path.join(tmp, "README.md"), "w") as f:
@@ -235,6 +295,7 @@ def check_hub(repo):
     """Fail before any work when the push cannot happen: a malformed repo id, or no token."""
     import huggingface_hub
     from huggingface_hub.utils import validate_repo_id
+
     try:
         validate_repo_id(repo)
     except ValueError as e:
@@ -246,21 +307,28 @@ def check_hub(repo):
 def push_to_hub(folder, repo):
     """Upload the exported folder as one commit. Needs a token (hf auth login, or HF_TOKEN) and network."""
     import huggingface_hub
+
     check_hub(repo)
     try:
         huggingface_hub.create_repo(repo, repo_type="model", exist_ok=True)
-        info = huggingface_hub.upload_folder(repo_id=repo, folder_path=folder, repo_type="model",
-                                             commit_message="Upload mtlm export (export_hf.py)")
+        info = huggingface_hub.upload_folder(
+            repo_id=repo, folder_path=folder, repo_type="model", commit_message="Upload mtlm export (export_hf.py)"
+        )
     except Exception as e:  # network, auth, permissions: all end the same way, with the cause shown
-        raise RuntimeError(f"push to https://huggingface.co/{repo} failed ({type(e).__name__}: {e}); "
-                           f"the export in {folder} is complete: upload it later with `hf upload {repo} {folder}`") from None
+        raise RuntimeError(
+            f"push to https://huggingface.co/{repo} failed ({type(e).__name__}: {e}); "
+            f"the export in {folder} is complete: upload it later with `hf upload {repo} {folder}`"
+        ) from None
     return info
 
 
 # -----------------------------------------------------------------------------------------------
 
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\nThe export")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\nThe export")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--ckpt", required=True, help="checkpoint file, out_dir, or hf:DIR")
     p.add_argument("--out", required=True, help="the directory to write (must not exist or be empty, unless --force)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights on disk (default: %(default)s)")

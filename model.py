@@ -10,6 +10,7 @@ Parameter names and conventions match transformers' LlamaForCausalLM one to one 
 "rotate half" layout, RMSNorm computed in fp32, no biases), so a state dict moves between the two
 unchanged: export_hf.py and hf: imports are a copy, not a translation.
 """
+
 import math
 from dataclasses import dataclass
 
@@ -27,21 +28,25 @@ except ImportError:
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 50304       # GPT-2's 50257 rounded up to a multiple of 64 for fast matmuls
+    vocab_size: int = 50304  # GPT-2's 50257 rounded up to a multiple of 64 for fast matmuls
     n_layer: int = 12
     n_head: int = 12
-    n_kv_head: int = 12           # < n_head: grouped-query attention; each K/V head serves n_head/n_kv_head queries
+    n_kv_head: int = 12  # < n_head: grouped-query attention; each K/V head serves n_head/n_kv_head queries
     n_embd: int = 768
-    intermediate_size: int = 2048 # SwiGLU hidden width; Llama's ~8/3 * n_embd keeps the MLP at 2/3 of 4x's params x 3 matrices
-    block_size: int = 1024        # longest sequence the model is trained on (RoPE itself has no hard limit)
+    intermediate_size: int = (
+        2048  # SwiGLU hidden width; Llama's ~8/3 * n_embd keeps the MLP at 2/3 of 4x's params x 3 matrices
+    )
+    block_size: int = 1024  # longest sequence the model is trained on (RoPE itself has no hard limit)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False  # share the input embedding with lm_head (saves vocab_size*n_embd params)
 
     def __post_init__(self):
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must divide by n_head ({self.n_head}), "
-                             f"and n_head by n_kv_head ({self.n_kv_head})")
+            raise ValueError(
+                f"n_embd ({self.n_embd}) must divide by n_head ({self.n_head}), "
+                f"and n_head by n_kv_head ({self.n_kv_head})"
+            )
         if (self.n_embd // self.n_head) % 2:
             raise ValueError("head_dim must be even for RoPE")
 
@@ -92,9 +97,9 @@ class KVCache:
     def update(self, layer, k, v):
         """Store this step's k, v for one layer; return all keys and values up to now."""
         T = k.size(2)
-        self.k[layer, :, :, self.pos:self.pos + T] = k
-        self.v[layer, :, :, self.pos:self.pos + T] = v
-        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+        self.k[layer, :, :, self.pos : self.pos + T] = k
+        self.v[layer, :, :, self.pos : self.pos + T] = v
+        return self.k[layer, :, :, : self.pos + T], self.v[layer, :, :, : self.pos + T]
 
 
 class Linear(nn.Linear):
@@ -128,7 +133,12 @@ class Attention(nn.Module):
         q = apply_rope(q.view(B, T, self.n_head, self.head_dim), cos, sin)
         k = apply_rope(k.view(B, T, self.n_kv_head, self.head_dim), cos, sin)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
-        if flash_attn_func is not None and q.is_cuda and kv_cache is None and q.dtype in (torch.bfloat16, torch.float16):
+        if (
+            flash_attn_func is not None
+            and q.is_cuda
+            and kv_cache is None
+            and q.dtype in (torch.bfloat16, torch.float16)
+        ):
             # flash-attn takes (B, T, H, D), the layout RoPE was applied in, and handles GQA itself
             return self.o_proj(flash_attn_func(q, k, v, causal=True).reshape(B, T, -1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
@@ -138,14 +148,15 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.layer_idx, k, v)
         if start == 0:  # training, or the first chunk of a prompt: plain causal attention
             mask, causal = None, True
-        elif T == 1:    # one new token attends to everything cached
+        elif T == 1:  # one new token attends to everything cached
             mask, causal = None, False
-        else:           # a chunk after a cached prefix: query i sees keys up to start + i
+        else:  # a chunk after a cached prefix: query i sees keys up to start + i
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
             causal = False
         # SDPA picks the FlashAttention / memory-efficient kernel on GPU; enable_gqa shares K/V heads without copies
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.n_kv_head != self.n_head)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_head != self.n_head
+        )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -181,11 +192,13 @@ class LLaMA(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
-            layers=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
-            norm=RMSNorm(config.n_embd, config.norm_eps),
-        ))
+        self.model = nn.ModuleDict(
+            dict(
+                embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
+                layers=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+                norm=RMSNorm(config.n_embd, config.norm_eps),
+            )
+        )
         self.lm_head = Linear(config.n_embd, config.vocab_size)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -214,8 +227,10 @@ class LLaMA(nn.Module):
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.rope_cos.size(0):
-            raise ValueError(f"sequence of {start + T} tokens is longer than this model's RoPE table ({self.rope_cos.size(0)})")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+            raise ValueError(
+                f"sequence of {start + T} tokens is longer than this model's RoPE table ({self.rope_cos.size(0)})"
+            )
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         x = self.model.embed_tokens(idx)
         for block in self.model.layers:
             x = block(x, cos, sin, kv_cache)
@@ -259,8 +274,11 @@ class LLaMA(nn.Module):
             blocks = [p for n, p in params if p.dim() == 2 and n.startswith("model.layers.")]
             embed = [p for n, p in params if p.dim() == 2 and not n.startswith("model.layers.")]
             gains = [p for n, p in params if p.dim() < 2]
-            groups = [{"params": blocks, "weight_decay": weight_decay, "muon": True},
-                      {"params": embed, "weight_decay": weight_decay}, {"params": gains, "weight_decay": 0.0}]
+            groups = [
+                {"params": blocks, "weight_decay": weight_decay, "muon": True},
+                {"params": embed, "weight_decay": weight_decay},
+                {"params": gains, "weight_decay": 0.0},
+            ]
             ns_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
             return MuonAdamW(groups, lr=learning_rate, betas=betas, ns_dtype=ns_dtype)
         decay = [p for n, p in params if p.dim() >= 2]

@@ -90,6 +90,6 @@ class MuonAdamW(torch.optim.Optimizer):
             m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"].item()
             m.lerp_(p.grad, 1 - beta1)
             v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            denom = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
+            denom = (v / (1 - beta2**t)).sqrt_().add_(eps)
             p.mul_(1 - lr * wd)
-            p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
+            p.addcdiv_(m, denom, value=-lr / (1 - beta1**t))

@@ -26,6 +26,7 @@ continue? -> tokenizer (tiktoken by name, a Hugging Face model's own, or a BPE t
 side of the same mix) -> stream, shuffle, mix, encode in batches on all cores, send each document (plus
 end-of-text) to train or val -> shards -> meta.json (data.py) -> swap into out_dir.
 """
+
 import argparse
 import ast
 import glob
@@ -55,10 +56,14 @@ BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parq
 # #main: these revisions could not be looked up where this was written (no access to the hub), so each names the
 # branch; a run resolves it to the commit it reads and records that in meta.json (sources[i].revision). Put those
 # commits here, in place of main, to build the same dataset again later.
-PRESETS = {"reference": ["hf:HuggingFaceFW/fineweb-edu:sample-10BT#main@0.4",
-                         "hf:HuggingFaceTB/smollm-corpus:cosmopedia-v2#main@0.2",
-                         "hf:HuggingFaceFW/fineweb:sample-10BT#main@0.3",
-                         "hf:wikimedia/wikipedia:20231101.en#main@0.1"]}
+PRESETS = {
+    "reference": [
+        "hf:HuggingFaceFW/fineweb-edu:sample-10BT#main@0.4",
+        "hf:HuggingFaceTB/smollm-corpus:cosmopedia-v2#main@0.2",
+        "hf:HuggingFaceFW/fineweb:sample-10BT#main@0.3",
+        "hf:wikimedia/wikipedia:20231101.en#main@0.1",
+    ]
+}
 # A streamed source is read from this many of its pieces at a time, in turn, as datasets' own shuffle does
 # (IterableDataset.shuffle's max_buffer_input_shards): a prefix of the stream then starts in 10 places of the
 # source, not one. Each open piece holds a parquet row group in memory.
@@ -74,10 +79,12 @@ OWN_FILES = re.compile(r"(meta\.json|tokenizer\.tiktoken|progress\.json|(train|v
 # Built-in corpora: each `read_<name>(source) -> list of documents (str)`, registered in BUILTIN_CORPORA below.
 # They are small, held in memory and shuffled whole (pin_sources).
 
+
 def read_pydocs(source):
     """The English that ships inside every CPython, read without importing anything: pydoc's help topics plus
     every docstring of the standard library, in a fixed order."""
     from pydoc_data.topics import topics
+
     docs = [topics[k] for k in sorted(topics)]
     seen = set()
     for name in sorted(sys.stdlib_module_names):
@@ -109,8 +116,6 @@ def read_pydocs(source):
     return docs
 
 
-
-
 def read_pystdlib(source):
     """The standard library's own source files, tests included (~31 MB on CPython 3.11): real Python with English
     comments and docstrings, ~20x pydocs and still offline. One document per .py file under the running Python's
@@ -121,10 +126,13 @@ def read_pystdlib(source):
     files, license) goes into meta.json through source["provenance"]."""
     import sysconfig
     import tokenize
+
     root = sysconfig.get_path("stdlib")
     if not root or not os.path.isfile(os.path.join(root, "os.py")):
-        raise SystemExit(f"pystdlib: cannot read the standard library's source files: {root!r} holds no os.py "
-                         "(a zipped or stripped Python install); use another Python, or --sources pydocs")
+        raise SystemExit(
+            f"pystdlib: cannot read the standard library's source files: {root!r} holds no os.py "
+            "(a zipped or stripped Python install); use another Python, or --sources pydocs"
+        )
     paths = []
     for dirpath, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__"))
@@ -146,12 +154,20 @@ def read_pystdlib(source):
         raise SystemExit(f"pystdlib: no readable .py files under {root!r}")
     has_tests = os.path.isdir(os.path.join(root, "test"))
     if not has_tests:
-        log(f"warning: pystdlib: {root} has no test/ package (a distribution that ships it apart, e.g. Debian's "
-            "libpython3.X-testsuite): the corpus is ~2/3 smaller")
+        log(
+            f"warning: pystdlib: {root} has no test/ package (a distribution that ships it apart, e.g. Debian's "
+            "libpython3.X-testsuite): the corpus is ~2/3 smaller"
+        )
     source["provenance"] = {
-        "python": sys.version.split()[0], "implementation": sys.implementation.name, "stdlib": root,
-        "files": len(paths), "documents": len(docs), "bytes": n_bytes, "tests_included": has_tests,
-        "license": "PSF-2.0 (Python Software Foundation License; " + os.path.join(root, "LICENSE.txt") + ")"}
+        "python": sys.version.split()[0],
+        "implementation": sys.implementation.name,
+        "stdlib": root,
+        "files": len(paths),
+        "documents": len(docs),
+        "bytes": n_bytes,
+        "tests_included": has_tests,
+        "license": "PSF-2.0 (Python Software Foundation License; " + os.path.join(root, "LICENSE.txt") + ")",
+    }
     return docs
 
 
@@ -162,6 +178,7 @@ BUILTIN_CORPORA = {"pydocs": read_pydocs, "pystdlib": read_pystdlib}
 
 # -----------------------------------------------------------------------------------------------
 # Sources: parse a spec, pin it to what exactly it reads, then stream it as (document, is_val)
+
 
 def parse_source(spec, text_column="text"):
     """A source spec (see the module docstring) -> {"spec", "weight", "kind", "name", ...what reading it needs}."""
@@ -182,8 +199,13 @@ def parse_source(spec, text_column="text"):
         name, _, config = name.partition(":")
         if not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or (hash_sign and not ref):
             raise SystemExit(f"unknown source {spec!r}: a hub dataset is written hf:org/name[:config][#REVISION]")
-        return source | {"kind": "hf", "name": name.split("/")[1], "path": name, "config": config or None,
-                         "ref": ref or "main"}
+        return source | {
+            "kind": "hf",
+            "name": name.split("/")[1],
+            "path": name,
+            "config": config or None,
+            "ref": ref or "main",
+        }
     if os.path.isdir(spec):
         files = sorted(p for ext in BUILDERS for p in glob.glob(os.path.join(spec, "*" + ext)))
     else:
@@ -193,8 +215,10 @@ def parse_source(spec, text_column="text"):
             raise SystemExit(f"source {spec!r}: no .txt/.jsonl/.json/.parquet files match")
         if os.path.splitext(spec)[1] in BUILDERS:
             raise SystemExit(f"source {spec!r}: no such file")
-        raise SystemExit(f"unknown source {spec!r}: expected {', '.join(BUILTIN_CORPORA)}, hf:org/name[:config][#REVISION], "
-                         "or a .txt/.jsonl/.json/.parquet file, directory or glob (each optionally @WEIGHT)")
+        raise SystemExit(
+            f"unknown source {spec!r}: expected {', '.join(BUILTIN_CORPORA)}, hf:org/name[:config][#REVISION], "
+            "or a .txt/.jsonl/.json/.parquet file, directory or glob (each optionally @WEIGHT)"
+        )
     for f in files:
         if os.path.splitext(f)[1] not in BUILDERS:
             raise SystemExit(f"unknown source {f!r}: local files must be .txt, .jsonl, .json or .parquet")
@@ -235,13 +259,16 @@ def hub_commit(source):
     if re.fullmatch(r"[0-9a-f]{40}", source["ref"]):
         return source["ref"]
     from huggingface_hub import HfApi
+
     try:
         return HfApi().dataset_info(source["path"], revision=source["ref"]).sha
     except Exception as e:  # unknown dataset or revision, offline, unreachable
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"{source['spec']}: cannot read it: the hub did not resolve revision {source['ref']!r} "
-                         f"({type(e).__name__}: {reason}); check the name and the network, or, with the dataset in "
-                         "the Hugging Face cache, pin its commit: hf:org/name[:config]#<40-hex commit>") from None
+        raise SystemExit(
+            f"{source['spec']}: cannot read it: the hub did not resolve revision {source['ref']!r} "
+            f"({type(e).__name__}: {reason}); check the name and the network, or, with the dataset in "
+            "the Hugging Face cache, pin its commit: hf:org/name[:config]#<40-hex commit>"
+        ) from None
 
 
 def open_dataset(source, label):
@@ -251,6 +278,7 @@ def open_dataset(source, label):
     and reduced to its text column. Returns (dataset, column).
     """
     from datasets import load_dataset  # imported here: slow to import, and pydocs does not need it
+
     if source["kind"] == "hf":
         args, kwargs = (source["path"], source["config"]), {"revision": source["revision"]}
         column = source["text_column"]
@@ -265,7 +293,9 @@ def open_dataset(source, label):
     if dataset.column_names is None:  # not known before reading (text files): the rows will tell
         return dataset, column
     if column not in dataset.column_names:
-        raise SystemExit(f"{label}: no column {column!r}; its columns are {sorted(dataset.column_names)} (pick one with --text_column)")
+        raise SystemExit(
+            f"{label}: no column {column!r}; its columns are {sorted(dataset.column_names)} (pick one with --text_column)"
+        )
     return dataset.select_columns([column]), column
 
 
@@ -345,13 +375,19 @@ class SourceStream:
 
     def where(self):
         """Where the reading is: whose turn it is, each lane's piece and datasets' state_dict() of it if open."""
-        return {"turn": self.turn, "lanes": [{"piece": at, "rows": reader[0].state_dict() if reader else None}
-                                             for at, reader in zip(self.at, self.readers)]}
+        return {
+            "turn": self.turn,
+            "lanes": [
+                {"piece": at, "rows": reader[0].state_dict() if reader else None}
+                for at, reader in zip(self.at, self.readers)
+            ],
+        }
 
     def go_to(self, where):
         self.turn, self.at = where["turn"], [lane["piece"] for lane in where["lanes"]]
-        self.readers = [self.open_piece(lane, state["rows"]) if state["rows"] else None
-                        for lane, state in enumerate(where["lanes"])]
+        self.readers = [
+            self.open_piece(lane, state["rows"]) if state["rows"] else None for lane, state in enumerate(where["lanes"])
+        ]
 
     def next_text(self):
         """The next row's text (None or "" too), from the open pieces in turn; StopIteration once all are read."""
@@ -390,7 +426,7 @@ class SourceStream:
         if self.tok is None:
             return doc, is_val
         if not self.encoded:
-            self.encoded = self.tok.encode_batch(self.block[self.index - 1:self.index - 1 + self.batch_docs])[::-1]
+            self.encoded = self.tok.encode_batch(self.block[self.index - 1 : self.index - 1 + self.batch_docs])[::-1]
         ids = self.encoded.pop()
         ids.append(self.tok.eot_id)
         return ids, is_val
@@ -470,7 +506,7 @@ class ShardWriter:
         if self.n_buf > self.n_saved:
             self.buf = [np.concatenate(self.buf)]
             with open(self.part_path(), "ab" if self.n_saved else "wb") as f:  # wb: a killed run's stale part
-                f.write(self.buf[0][self.n_saved:].tobytes())
+                f.write(self.buf[0][self.n_saved :].tobytes())
             self.n_saved = self.n_buf
         return {"files": self.files, "file_tokens": self.file_tokens, "tokens": self.tokens, "buffered": self.n_buf}
 
@@ -488,29 +524,73 @@ class ShardWriter:
 # -----------------------------------------------------------------------------------------------
 # The steps of main(), in order
 
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\nA run never")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=f"SPEC: {' | '.join(BUILTIN_CORPORA)} | PATH/DIR/GLOB of .txt .jsonl .json .parquet | "
-                                       "hf:org/name[:config][#REVISION], each optionally @WEIGHT")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\nA run never")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"SPEC: {' | '.join(BUILTIN_CORPORA)} | PATH/DIR/GLOB of .txt .jsonl .json .parquet | "
+        "hf:org/name[:config][#REVISION], each optionally @WEIGHT",
+    )
     p.add_argument("--sources", nargs="+", metavar="SPEC", help="what to read (default: pydocs)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a named blend instead of --sources (reference: 4 hub corpora, needs --max_tokens)")
-    p.add_argument("--max_tokens", type=int, metavar="N", help="token budget over train+val, shared by weight (equally without weights; default: read everything)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="a named blend instead of --sources (reference: 4 hub corpora, needs --max_tokens)",
+    )
+    p.add_argument(
+        "--max_tokens",
+        type=int,
+        metavar="N",
+        help="token budget over train+val, shared by weight (equally without weights; default: read everything)",
+    )
     p.add_argument("--out_dir", help="default: data/<preset or source name>, data/mix for several sources")
-    p.add_argument("--tokenizer", metavar="NAME", help=f"bpe, {', '.join(TIKTOKEN)}, or hf:DIR (a Hugging Face model's own "
-                   "tokenizer.json, to continue training that model); default: bpe for built-in corpora or with --vocab_size, gpt2 otherwise")
-    p.add_argument("--vocab_size", type=int, metavar="N", help="train a BPE of this size (--tokenizer bpe; default 4096)")
-    p.add_argument("--bpe_train_chars", type=int, default=200_000_000, metavar="N",
-                   help="at most this many characters of train text (mixed by weight) to train the BPE on (default: %(default)s)")
-    p.add_argument("--text_column", default="text", help="column holding the text in .jsonl/.json/.parquet and hub rows (default: %(default)s)")
-    p.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto", help="auto: uint16 when the vocab fits")
-    p.add_argument("--shard_size", type=int, default=100_000_000, metavar="N", help="tokens per shard (default: %(default)s)")
-    p.add_argument("--val_fraction", type=float, metavar="F", help="share of documents for val (default 0.05 for built-in corpora: "
-                   "pydocs' ~600k tokens need 5%% for a steady val loss; 0.005 otherwise, already millions of tokens at scale)")
-    p.add_argument("--shuffle_block", type=int, default=10_000, metavar="N",
-                   help="streamed sources: read their pieces in a random order and shuffle every N documents; "
-                        "0: file order, no shuffling (default: %(default)s)")
+    p.add_argument(
+        "--tokenizer",
+        metavar="NAME",
+        help=f"bpe, {', '.join(TIKTOKEN)}, or hf:DIR (a Hugging Face model's own "
+        "tokenizer.json, to continue training that model); default: bpe for built-in corpora or with --vocab_size, gpt2 otherwise",
+    )
+    p.add_argument(
+        "--vocab_size", type=int, metavar="N", help="train a BPE of this size (--tokenizer bpe; default 4096)"
+    )
+    p.add_argument(
+        "--bpe_train_chars",
+        type=int,
+        default=200_000_000,
+        metavar="N",
+        help="at most this many characters of train text (mixed by weight) to train the BPE on (default: %(default)s)",
+    )
+    p.add_argument(
+        "--text_column",
+        default="text",
+        help="column holding the text in .jsonl/.json/.parquet and hub rows (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dtype", choices=["auto", "uint16", "uint32"], default="auto", help="auto: uint16 when the vocab fits"
+    )
+    p.add_argument(
+        "--shard_size", type=int, default=100_000_000, metavar="N", help="tokens per shard (default: %(default)s)"
+    )
+    p.add_argument(
+        "--val_fraction",
+        type=float,
+        metavar="F",
+        help="share of documents for val (default 0.05 for built-in corpora: "
+        "pydocs' ~600k tokens need 5%% for a steady val loss; 0.005 otherwise, already millions of tokens at scale)",
+    )
+    p.add_argument(
+        "--shuffle_block",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="streamed sources: read their pieces in a random order and shuffle every N documents; "
+        "0: file order, no shuffling (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=1337, help="shuffles and the train/val split (default: %(default)s)")
-    p.add_argument("--batch_docs", type=int, default=1024, metavar="N", help="documents per encode batch (default: %(default)s)")
+    p.add_argument(
+        "--batch_docs", type=int, default=1024, metavar="N", help="documents per encode batch (default: %(default)s)"
+    )
     return p.parse_args(argv)
 
 
@@ -520,7 +600,9 @@ def check_arguments(args):
     unless it is a BPE still to train (a named one is loaded now: a download that fails should fail first)."""
     if args.preset and args.sources:
         raise SystemExit("give either --preset or --sources, not both")
-    sources = [parse_source(s, args.text_column) for s in (PRESETS[args.preset] if args.preset else args.sources or ["pydocs"])]
+    sources = [
+        parse_source(s, args.text_column) for s in (PRESETS[args.preset] if args.preset else args.sources or ["pydocs"])
+    ]
     if any(s["weight"] is not None for s in sources) and args.max_tokens is None:
         raise SystemExit("source weights need a budget to share: add --max_tokens N")
     for flag in ("max_tokens", "shard_size", "batch_docs", "bpe_train_chars", "vocab_size"):
@@ -536,8 +618,10 @@ def check_arguments(args):
     # A vocab size only means something for a tokenizer we train, so asking for one asks for the BPE.
     kind = args.tokenizer = args.tokenizer or ("bpe" if only_builtin or args.vocab_size else "gpt2")
     if kind != "bpe" and args.vocab_size is not None:
-        raise SystemExit(f"--vocab_size is the size of a BPE to train (--tokenizer bpe); {kind} comes with its own "
-                         "vocabulary: drop --vocab_size")
+        raise SystemExit(
+            f"--vocab_size is the size of a BPE to train (--tokenizer bpe); {kind} comes with its own "
+            "vocabulary: drop --vocab_size"
+        )
     tok = None
     if kind.startswith("hf:"):
         try:
@@ -549,12 +633,16 @@ def check_arguments(args):
     if kind == "bpe":
         args.vocab_size = args.vocab_size or 4096
         if args.vocab_size < 258:
-            raise SystemExit(f"--vocab_size {args.vocab_size} is too small: a byte-level BPE needs 256 byte tokens + <|endoftext|>")
+            raise SystemExit(
+                f"--vocab_size {args.vocab_size} is too small: a byte-level BPE needs 256 byte tokens + <|endoftext|>"
+            )
     vocab_size = args.vocab_size if kind == "bpe" else tok.vocab_size if tok else TIKTOKEN[kind][1]
     if args.dtype == "auto":
         args.dtype = "uint16" if vocab_size <= 2**16 else "uint32"
     if args.dtype == "uint16" and vocab_size > 2**16:
-        raise SystemExit(f"vocab_size {vocab_size} ({kind}) does not fit --dtype uint16 (at most 65536 ids): use uint32 or auto")
+        raise SystemExit(
+            f"vocab_size {vocab_size} ({kind}) does not fit --dtype uint16 (at most 65536 ids): use uint32 or auto"
+        )
     if kind in TIKTOKEN:
         tok = load_tiktoken(kind)
     name = args.preset or (sources[0]["name"] if len(sources) == 1 else "mix")
@@ -563,8 +651,10 @@ def check_arguments(args):
         if os.path.isfile(path):
             raise SystemExit(f"--out_dir {args.out_dir}: {path} is a file; give another --out_dir")
         if os.path.isdir(path) and (other := sorted(f for f in os.listdir(path) if not OWN_FILES.fullmatch(f))):
-            raise SystemExit(f"--out_dir {args.out_dir}: {path} holds files that are not a dataset's ({', '.join(other[:3])}"
-                             f"{', ...' if len(other) > 3 else ''}), which a build would replace: give another --out_dir")
+            raise SystemExit(
+                f"--out_dir {args.out_dir}: {path} holds files that are not a dataset's ({', '.join(other[:3])}"
+                f"{', ...' if len(other) > 3 else ''}), which a build would replace: give another --out_dir"
+            )
     return sources, tok
 
 
@@ -572,19 +662,31 @@ def load_tiktoken(kind):
     try:
         return Tokenizer.from_tiktoken(kind)
     except Exception as e:  # tiktoken downloads an encoding the first time and caches it
-        raise SystemExit(f"cannot load the tiktoken encoding {kind!r} ({TIKTOKEN[kind][0]}): {type(e).__name__} while "
-                         "downloading it; offline, set TIKTOKEN_CACHE_DIR to a directory that holds its cached file, "
-                         "or use --tokenizer bpe (a BPE trained on your data)") from None
+        raise SystemExit(
+            f"cannot load the tiktoken encoding {kind!r} ({TIKTOKEN[kind][0]}): {type(e).__name__} while "
+            "downloading it; offline, set TIKTOKEN_CACHE_DIR to a directory that holds its cached file, "
+            "or use --tokenizer bpe (a BPE trained on your data)"
+        ) from None
 
 
 def recipe_of(args, sources, tok):
     """Everything that decides the bytes of the dataset, hashed: two runs with the same recipe build the same
     dataset. Not the out_dir, not --batch_docs (encoding in other batches gives the same ids)."""
-    identity = {"version": BUILD_VERSION, "seed": args.seed, "val_fraction": args.val_fraction, "dtype": args.dtype,
-                "shard_size": args.shard_size, "max_tokens": args.max_tokens, "shuffle_block": args.shuffle_block,
-                "sources": [{k: s[k] for k in ("spec", "weight", "revision", "text_column")} for s in sources],
-                "tokenizer": ({"kind": "bpe", "vocab_size": args.vocab_size, "bpe_train_chars": args.bpe_train_chars}
-                              if args.tokenizer == "bpe" else tok.spec())}
+    identity = {
+        "version": BUILD_VERSION,
+        "seed": args.seed,
+        "val_fraction": args.val_fraction,
+        "dtype": args.dtype,
+        "shard_size": args.shard_size,
+        "max_tokens": args.max_tokens,
+        "shuffle_block": args.shuffle_block,
+        "sources": [{k: s[k] for k in ("spec", "weight", "revision", "text_column")} for s in sources],
+        "tokenizer": (
+            {"kind": "bpe", "vocab_size": args.vocab_size, "bpe_train_chars": args.bpe_train_chars}
+            if args.tokenizer == "bpe"
+            else tok.spec()
+        ),
+    }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -627,8 +729,12 @@ def save_progress(build, progress, writers=None, streams=(), mixing=None, counts
     """Record where the build is: the writers' buffers first (their .part files), then progress.json in one rename,
     then drop the .part files of shards that are now written. Without writers: the tokenizer, before any shard."""
     if writers:
-        progress |= {"writers": {split: w.state_dict() for split, w in writers.items()},
-                     "streams": [s.state_dict() for s in streams], "mix": mixing, "counts": counts}
+        progress |= {
+            "writers": {split: w.state_dict() for split, w in writers.items()},
+            "streams": [s.state_dict() for s in streams],
+            "mix": mixing,
+            "counts": counts,
+        }
     with atomic_write(os.path.join(build, "progress.json")) as tmp, open(tmp, "w") as f:
         json.dump(progress, f)
     current = {os.path.basename(w.part_path()) for w in (writers or {}).values()}
@@ -646,7 +752,9 @@ def build_tokenizer(args, sources, weights):
     log(f"training a {args.vocab_size}-token BPE on {sum(map(len, texts)):,} chars of {len(texts):,} train documents")
     tok = Tokenizer.train_bpe(texts, args.vocab_size)
     if tok.vocab_size < args.vocab_size:
-        log(f"warning: the text only supports {tok.vocab_size - 257} merges: vocab is {tok.vocab_size}, not {args.vocab_size}")
+        log(
+            f"warning: the text only supports {tok.vocab_size - 257} merges: vocab is {tok.vocab_size}, not {args.vocab_size}"
+        )
     return tok
 
 
@@ -684,8 +792,10 @@ def write_shards(args, sources, weights, tok, build, progress):
     for split, writer in writers.items():
         if not writer.tokens:
             n_docs = sum(c["docs"]["train"] + c["docs"]["val"] for c in counts)
-            raise SystemExit(f"empty corpus: no documents for {split} ({n_docs} documents in all, --val_fraction "
-                             f"{args.val_fraction}); give more data" + (" or a larger --val_fraction" if split == "val" else ""))
+            raise SystemExit(
+                f"empty corpus: no documents for {split} ({n_docs} documents in all, --val_fraction "
+                f"{args.val_fraction}); give more data" + (" or a larger --val_fraction" if split == "val" else "")
+            )
         writer.flush()
     return writers, streams, counts
 
@@ -719,8 +829,10 @@ def swap_in(build, out_dir):
 def summary(out_dir, meta, seconds=None, tokens=None):
     """The one line a run prints on stdout."""
     n_shards = sum(map(len, meta["shards"].values()))
-    line = (f"{out_dir}: {meta['tokens']['train']:,} train + {meta['tokens']['val']:,} val tokens in {n_shards} shards "
-            f"({meta['dtype']}, vocab {meta['vocab_size']})")
+    line = (
+        f"{out_dir}: {meta['tokens']['train']:,} train + {meta['tokens']['val']:,} val tokens in {n_shards} shards "
+        f"({meta['dtype']}, vocab {meta['vocab_size']})"
+    )
     if seconds is None:
         return line + ": already prepared by this command, nothing to do"
     return line + f" in {seconds:.1f}s ({tokens / seconds:,.0f} tok/s)"
@@ -747,15 +859,31 @@ def build_dataset(args, sources, tok, recipe, command, build):
             remove(build)
         raise
     meta = write_meta(
-        build, tok, dtype=args.dtype,
-        sources=[{"spec": s["spec"], "weight": w / sum(weights), "revision": s["revision"], **c,
-                  **({"pieces": sum(map(len, stream.lanes))} if stream.lanes else {}),
-                  **({"provenance": s["provenance"]} if "provenance" in s else {})}
-                 for s, w, c, stream in zip(sources, weights, counts, streams)],
-        tokens={split: w.tokens for split, w in writers.items()}, shards={split: w.files for split, w in writers.items()},
+        build,
+        tok,
+        dtype=args.dtype,
+        sources=[
+            {
+                "spec": s["spec"],
+                "weight": w / sum(weights),
+                "revision": s["revision"],
+                **c,
+                **({"pieces": sum(map(len, stream.lanes))} if stream.lanes else {}),
+                **({"provenance": s["provenance"]} if "provenance" in s else {}),
+            }
+            for s, w, c, stream in zip(sources, weights, counts, streams)
+        ],
+        tokens={split: w.tokens for split, w in writers.items()},
+        shards={split: w.files for split, w in writers.items()},
         shard_tokens={split: w.file_tokens for split, w in writers.items()},
-        shard_size=args.shard_size, max_tokens=args.max_tokens, val_fraction=args.val_fraction, seed=args.seed,
-        shuffle={"block_docs": args.shuffle_block}, recipe=recipe, command=command)
+        shard_size=args.shard_size,
+        max_tokens=args.max_tokens,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        shuffle={"block_docs": args.shuffle_block},
+        recipe=recipe,
+        command=command,
+    )
     return meta, done
 
 
@@ -771,8 +899,10 @@ def main(argv=None):
         return meta
     build = args.out_dir + ".partial"
     if os.path.exists(args.out_dir):
-        log(f"{args.out_dir} holds another dataset (or an incomplete one): it stays until the new one, built in "
-            f"{build}, is complete")
+        log(
+            f"{args.out_dir} holds another dataset (or an incomplete one): it stays until the new one, built in "
+            f"{build}, is complete"
+        )
     if meta := finished_dataset(build, recipe):  # finished, but stopped before its swap
         done = sum(meta["tokens"].values())
     else:

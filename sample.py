@@ -6,6 +6,7 @@ Sample text from a trained model, streaming tokens as they are generated.
 
 stdout carries only the text (the prompt, then the continuation); logs go to stderr.
 """
+
 import argparse
 import sys
 import time
@@ -27,10 +28,18 @@ def main(argv=None):
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="the weights' dtype; auto: what the device computes natively (common.auto_dtype)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", *DTYPES],
+        help="the weights' dtype; auto: what the device computes natively (common.auto_dtype)",
+    )
     args = p.parse_args(argv)
-    if args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1) or (args.top_k is not None and args.top_k < 1):
+    if (
+        args.temperature < 0
+        or (args.top_p is not None and not 0 < args.top_p <= 1)
+        or (args.top_k is not None and args.top_k < 1)
+    ):
         p.error("need temperature >= 0, 0 < top_p <= 1 and top_k >= 1")
     if args.max_new_tokens < 1 or args.num_samples < 1:
         p.error("need --max_new_tokens >= 1 and --num_samples >= 1")
@@ -42,7 +51,9 @@ def main(argv=None):
             prompt = f.read()
 
     try:
-        model, tokenizer, _ = checkpoint.load_model(args.ckpt, args.device, DTYPES[resolve_dtype(args.dtype, args.device)])
+        model, tokenizer, _ = checkpoint.load_model(
+            args.ckpt, args.device, DTYPES[resolve_dtype(args.dtype, args.device)]
+        )
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     ids = tokenizer.encode(prompt)
@@ -51,7 +62,9 @@ def main(argv=None):
     if not ids:
         sys.exit("error: the prompt encodes to no tokens; give a non-empty --prompt")
     if len(ids) + args.max_new_tokens > model.rope_cos.size(0):
-        sys.exit(f"error: prompt ({len(ids)} tokens) + max_new_tokens exceeds the model's {model.rope_cos.size(0)} positions")
+        sys.exit(
+            f"error: prompt ({len(ids)} tokens) + max_new_tokens exceeds the model's {model.rope_cos.size(0)} positions"
+        )
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     for i in range(args.num_samples):
         if i:
@@ -61,18 +74,25 @@ def main(argv=None):
         # the continuation is decoded after the prompt, not alone: sentencepiece-style tokenizers (Llama 2,
         # TinyLlama) strip the leading space of a sequence, which would glue the first new word to the prompt
         prefix = tokenizer.decode(ids)
-        for step in model.generate(torch.tensor([ids], device=args.device), args.max_new_tokens, args.temperature,
-                                   args.top_k, args.top_p, eot_id=tokenizer.eot_id, generator=generator):
+        for step in model.generate(
+            torch.tensor([ids], device=args.device),
+            args.max_new_tokens,
+            args.temperature,
+            args.top_k,
+            args.top_p,
+            eot_id=tokenizer.eot_id,
+            generator=generator,
+        ):
             if int(step[0]) == tokenizer.eot_id:  # end of text ends the sample; it is not printed
                 break
             new_ids.append(int(step[0]))
             # a byte-level token can stop inside a multi-byte character: print only complete text
-            text = tokenizer.decode(ids + new_ids)[len(prefix):]
+            text = tokenizer.decode(ids + new_ids)[len(prefix) :]
             if not text.endswith("\ufffd"):
-                sys.stdout.write(text[len(printed):])
+                sys.stdout.write(text[len(printed) :])
                 sys.stdout.flush()
                 printed = text
-        sys.stdout.write(tokenizer.decode(ids + new_ids)[len(prefix):][len(printed):])
+        sys.stdout.write(tokenizer.decode(ids + new_ids)[len(prefix) :][len(printed) :])
         print(flush=True)
         dt = time.perf_counter() - t0
         print(f"[{len(new_ids)} tokens in {dt:.2f}s, {len(new_ids) / dt:.1f} tok/s]", file=sys.stderr)

@@ -32,6 +32,7 @@ phase on the same data continues the stream) and its history, plus one entry for
 stdout: parameter counts and the val loss of source and grown model on the source's val set (data.ValSet: the
 tokens train.py measured it on), in nats per token and bits per byte. Logs go to stderr.
 """
+
 import argparse
 import glob
 import math
@@ -57,9 +58,14 @@ def layer_map(method, n_layer, factor, drop):
         return [i % n_layer for i in range(factor * n_layer)]
     if method in ("interleave", "zero"):
         return [i // factor for i in range(factor * n_layer)]
-    if method == "dus":  # each copy keeps layers [drop, n_layer - drop), except the first copy its start, the last its end
-        return [i for copy in range(factor)
-                for i in range(drop if copy > 0 else 0, n_layer - drop if copy < factor - 1 else n_layer)]
+    if (
+        method == "dus"
+    ):  # each copy keeps layers [drop, n_layer - drop), except the first copy its start, the last its end
+        return [
+            i
+            for copy in range(factor)
+            for i in range(drop if copy > 0 else 0, n_layer - drop if copy < factor - 1 else n_layer)
+        ]
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -145,7 +151,11 @@ def val_set(ckpt, args):
         raise ValueError(f"{data_dir} was tokenized with a different tokenizer than the source checkpoint")
     block_size = ckpt["model_args"]["block_size"]
     # a train.py before val_tokens measured its first eval_iters batches of batch_size x block_size (one process)
-    tokens = args.val_tokens or config.get("val_tokens") or config.get("eval_iters", 10) * config.get("batch_size", 8) * block_size
+    tokens = (
+        args.val_tokens
+        or config.get("val_tokens")
+        or config.get("eval_iters", 10) * config.get("batch_size", 8) * block_size
+    )
     val = ValSet(data_dir, tokens, block_size)
     return val, f"the first {val.tokens:,} val tokens of {data_dir}"
 
@@ -153,19 +163,36 @@ def val_set(ckpt, args):
 def parse_args(argv):
     """The arguments, with every check that needs no file done first, so that a refusal writes nothing."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", default="out/phase1", help="source checkpoint: a file, an out_dir, or hf:DIR (default: %(default)s)")
-    p.add_argument("--out", default="out/stacked.pt",
-                   help="where to write: NAME.pt is a file, anything else an out_dir (-> out_dir/ckpt.pt) (default: %(default)s)")
+    p.add_argument(
+        "--src", default="out/phase1", help="source checkpoint: a file, an out_dir, or hf:DIR (default: %(default)s)"
+    )
+    p.add_argument(
+        "--out",
+        default="out/stacked.pt",
+        help="where to write: NAME.pt is a file, anything else an out_dir (-> out_dir/ckpt.pt) (default: %(default)s)",
+    )
     p.add_argument("--method", default="stack", choices=["stack", "interleave", "dus", "zero"])
-    p.add_argument("--factor", default="2", help="g: the depth multiplier, an integer >= 2 (for dus: the number of copies)")
-    p.add_argument("--drop", type=int, default=None, help="m, dus only: layers dropped on each side of a seam (default L/4)")
+    p.add_argument(
+        "--factor", default="2", help="g: the depth multiplier, an integer >= 2 (for dus: the number of copies)"
+    )
+    p.add_argument(
+        "--drop", type=int, default=None, help="m, dus only: layers dropped on each side of a seam (default L/4)"
+    )
     p.add_argument("--optim", default="reset", choices=["reset", "copy"])
-    p.add_argument("--noise", type=float, default=0.0, help="relative std of the noise added to the copies (0.2 = 20%%)")
+    p.add_argument(
+        "--noise", type=float, default=0.0, help="relative std of the noise added to the copies (0.2 = 20%%)"
+    )
     p.add_argument("--data_dir", default=None, help="dataset for the val loss comparison (default: the source's)")
-    p.add_argument("--val_tokens", type=int, default=None, help="val tokens to measure (default: the source's val_tokens; 0 skips)")
+    p.add_argument(
+        "--val_tokens", type=int, default=None, help="val tokens to measure (default: the source's val_tokens; 0 skips)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for the val loss only")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="for the val loss: auto is what the device "
-                   "computes natively (common.auto_dtype) (default: %(default)s)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", *DTYPES],
+        help="for the val loss: auto is what the device computes natively (common.auto_dtype) (default: %(default)s)",
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     args = p.parse_args(argv)
     try:
@@ -192,15 +219,22 @@ def load_source(args):
     try:
         ckpt = checkpoint.load(args.src)
     except (FileNotFoundError, ValueError, ImportError) as e:
-        sys.exit(f"error: {e}" + ("; train phase 1 first (train.py configs/phase1.py), or name a source with --src"
-                                  if args.recipe else ""))
-    log(f"growing {args.src} into {args.out_path}" + (" (the recipe's step: configs/phase2.py starts from it)" if args.recipe else ""))
+        sys.exit(
+            f"error: {e}"
+            + ("; train phase 1 first (train.py configs/phase1.py), or name a source with --src" if args.recipe else "")
+        )
+    log(
+        f"growing {args.src} into {args.out_path}"
+        + (" (the recipe's step: configs/phase2.py starts from it)" if args.recipe else "")
+    )
     n_layer = ckpt["model_args"]["n_layer"]
     drop = args.drop if args.drop is not None else (max(1, n_layer // 4) if args.method == "dus" else 0)
     # m < L/2 keeps the grown model deeper than the source (gL - 2m(g-1) > L) and leaves the middle copies a layer
     if args.method == "dus" and not 1 <= drop <= (n_layer - 1) // 2:
-        sys.exit(f"error: --drop m must be between 1 and {(n_layer - 1) // 2} (m < L/2) for dus on {n_layer} layers, "
-                 f"got {drop}" + ("" if n_layer > 2 else ": a model this shallow cannot be depth-up-scaled"))
+        sys.exit(
+            f"error: --drop m must be between 1 and {(n_layer - 1) // 2} (m < L/2) for dus on {n_layer} layers, "
+            f"got {drop}" + ("" if n_layer > 2 else ": a model this shallow cannot be depth-up-scaled")
+        )
     return ckpt, drop
 
 
@@ -213,10 +247,14 @@ def reuse_existing(args, ckpt, drop):
     except ValueError:
         existing = {}
     *lineage, entry = existing.get("history") or [{}]
-    settings = dict(event="stack", method=args.method, factor=args.factor, drop=drop, optim=args.optim, noise=args.noise)
+    settings = dict(
+        event="stack", method=args.method, factor=args.factor, drop=drop, optim=args.optim, noise=args.noise
+    )
     if lineage == list(ckpt.get("history", [])) and all(entry.get(k) == v for k, v in settings.items()):
-        print(f"{args.out_path} already holds {args.src} grown by {args.method} x{args.factor}: reusing it "
-              "(--force grows it again)")
+        print(
+            f"{args.out_path} already holds {args.src} grown by {args.method} x{args.factor}: reusing it "
+            "(--force grows it again)"
+        )
         sys.exit(0)
     sys.exit(f"error: {args.out_path} already exists (not this growth of {args.src}); pass --force to overwrite it")
 
@@ -265,20 +303,42 @@ def main(argv=None):
             sys.exit(f"error: --optim copy needs an optimizer state, and {args.src} has none")
         optimizer = grow_optimizer(ckpt["optimizer"], src_args, new_args, copy_of)
     source = checkpoint.build_model(ckpt)
-    print(f"source: {n_layer} layers, {source.num_params():,} parameters ({source.num_params(non_embedding=True):,} non-embedding)")
-    print(f"grown:  {len(copy_of)} layers, {grown.num_params():,} parameters ({grown.num_params(non_embedding=True):,} non-embedding)")
+    print(
+        f"source: {n_layer} layers, {source.num_params():,} parameters ({source.num_params(non_embedding=True):,} non-embedding)"
+    )
+    print(
+        f"grown:  {len(copy_of)} layers, {grown.num_params():,} parameters ({grown.num_params(non_embedding=True):,} non-embedding)"
+    )
 
     losses = compare(source, grown, ckpt, args)
 
     # -- write ------------------------------------------------------------------------------------------------
-    entry = dict(event="stack", method=args.method, factor=args.factor, drop=drop, optim=args.optim, noise=args.noise,
-                 source=args.src, out=args.out_path, n_layer=[n_layer, len(copy_of)])
+    entry = dict(
+        event="stack",
+        method=args.method,
+        factor=args.factor,
+        drop=drop,
+        optim=args.optim,
+        noise=args.noise,
+        source=args.src,
+        out=args.out_path,
+        n_layer=[n_layer, len(copy_of)],
+    )
     for key, label in (("_source", "source"), ("", "grown")):  # None when the val loss was skipped
         entry[f"val_loss{key}"], entry[f"val_bpb{key}"] = losses.get(label, (None, None))
-    grown_ckpt = dict(model=grown.state_dict(), model_args=new_args, tokenizer=ckpt["tokenizer"], optimizer=optimizer,
-                      iter_num=0, config=ckpt.get("config") or {}, loader=ckpt.get("loader"),
-                      best_val_loss=losses.get("grown", (float("inf"),))[0], tokens_seen=0, rng=ckpt.get("rng"),
-                      history=list(ckpt.get("history", [])) + [entry])
+    grown_ckpt = dict(
+        model=grown.state_dict(),
+        model_args=new_args,
+        tokenizer=ckpt["tokenizer"],
+        optimizer=optimizer,
+        iter_num=0,
+        config=ckpt.get("config") or {},
+        loader=ckpt.get("loader"),
+        best_val_loss=losses.get("grown", (float("inf"),))[0],
+        tokens_seen=0,
+        rng=ckpt.get("rng"),
+        history=list(ckpt.get("history", [])) + [entry],
+    )
     try:
         checkpoint.write(grown_ckpt, args.out_path)
     except OSError as e:  # a full disk says so in one line, and nothing is left half-written

@@ -50,6 +50,7 @@ the final model on --final_eval_iters batches, the finer measure the crossover t
 same in bits per byte. settings.dtype is the dtype the runs computed in. Plots: OUT/crossover.png, OUT/growth_study.png.
 stdout carries the tables; progress goes to stderr.
 """
+
 import argparse
 import functools
 import json
@@ -70,9 +71,25 @@ from model import LLaMA, ModelConfig
 OPERATORS = ["stack", "interleave", "dus", "zero"]
 SCHEDULES = ["cosine", "wsd"]
 # what --quick changes: sizes, budgets and variations small enough that every kind of run finishes in seconds
-QUICK = dict(n_embd=32, n_head=2, intermediate_size=64, layers=8, block_size=32, batch_size=4, eval_iters=2,
-             evals=4, budget=4e9, crossover_budgets=[4e9], operators=["stack"],
-             growth_points=[0.5], factors=[2], optims=["reset"], noise=[0.0], lr_mults=[1.0], compile=False)
+QUICK = dict(
+    n_embd=32,
+    n_head=2,
+    intermediate_size=64,
+    layers=8,
+    block_size=32,
+    batch_size=4,
+    eval_iters=2,
+    evals=4,
+    budget=4e9,
+    crossover_budgets=[4e9],
+    operators=["stack"],
+    growth_points=[0.5],
+    factors=[2],
+    optims=["reset"],
+    noise=[0.0],
+    lr_mults=[1.0],
+    compile=False,
+)
 
 
 def parse_args(argv=None):
@@ -90,43 +107,93 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=8)
     # the peak every run of the record was trained at; a grown phase under cosine takes half (as configs/phase2.py
     # halves phase1.py's): the copies start trained
-    p.add_argument("--learning_rate", type=float, default=2e-3, help="peak learning rate of the scratch and base runs "
-                   "(AdamW; default: %(default)s)")
+    p.add_argument(
+        "--learning_rate",
+        type=float,
+        default=2e-3,
+        help="peak learning rate of the scratch and base runs (AdamW; default: %(default)s)",
+    )
     # budgets, in training FLOPs
     # past the crossover this study measured for the default pair (~1e13 FLOPs): there the target is the right size
     p.add_argument("--budget", type=float, default=2e13, help="the growth study's budget (default: %(default).3g)")
-    p.add_argument("--crossover_budgets", type=float, nargs="*", default=[1.25e12, 2.5e12, 5e12, 1e13],
-                   help="budgets of the small-vs-large scratch runs (none: skip the crossover)")
+    p.add_argument(
+        "--crossover_budgets",
+        type=float,
+        nargs="*",
+        default=[1.25e12, 2.5e12, 5e12, 1e13],
+        help="budgets of the small-vs-large scratch runs (none: skip the crossover)",
+    )
     # what varies
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--crossover_seeds", type=int, nargs="+", default=[1], help="seeds of the crossover runs")
     p.add_argument("--operators", nargs="+", default=OPERATORS, choices=OPERATORS)
-    p.add_argument("--growth_points", type=float, nargs="+", default=[0.5, 0.25, 0.75],
-                   help="fractions of the budget spent on the base before growing")
-    p.add_argument("--factors", type=int, nargs="+", default=[2], help="growth factors g (the base has layers/g layers)")
+    p.add_argument(
+        "--growth_points",
+        type=float,
+        nargs="+",
+        default=[0.5, 0.25, 0.75],
+        help="fractions of the budget spent on the base before growing",
+    )
+    p.add_argument(
+        "--factors", type=int, nargs="+", default=[2], help="growth factors g (the base has layers/g layers)"
+    )
     p.add_argument("--optims", nargs="+", default=["reset", "copy"], choices=["reset", "copy"])
     p.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.2], help="stack.py --noise values")
-    p.add_argument("--lr_mults", type=float, nargs="+", default=[1.0, 0.5, 2.0],
-                   help="multipliers of the configs' peak learning rates (a sweep for scratch and the grown phase)")
-    p.add_argument("--schedules", nargs="+", default=SCHEDULES, choices=SCHEDULES,
-                   help="learning-rate schedules, each running the whole growth study (default: %(default)s)")
-    p.add_argument("--decay_frac", type=float, default=0.2, help="wsd: the share of the budget's FLOPs spent "
-                   "decaying, at its end (default: %(default)s, Hägele et al., 2024)")
+    p.add_argument(
+        "--lr_mults",
+        type=float,
+        nargs="+",
+        default=[1.0, 0.5, 2.0],
+        help="multipliers of the configs' peak learning rates (a sweep for scratch and the grown phase)",
+    )
+    p.add_argument(
+        "--schedules",
+        nargs="+",
+        default=SCHEDULES,
+        choices=SCHEDULES,
+        help="learning-rate schedules, each running the whole growth study (default: %(default)s)",
+    )
+    p.add_argument(
+        "--decay_frac",
+        type=float,
+        default=0.2,
+        help="wsd: the share of the budget's FLOPs spent "
+        "decaying, at its end (default: %(default)s, Hägele et al., 2024)",
+    )
     # how
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: what the device computes natively "
-                   "(common.auto_dtype: fp32 on a CPU without AVX-512 BF16 or AMX, where bf16 autocast is several times "
-                   "slower); the JSON records the dtype that ran (default: %(default)s)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", *DTYPES],
+        help="auto: what the device computes natively "
+        "(common.auto_dtype: fp32 on a CPU without AVX-512 BF16 or AMX, where bf16 autocast is several times "
+        "slower); the JSON records the dtype that ran (default: %(default)s)",
+    )
     p.add_argument("--eval_iters", type=int, default=10, help="val batches per evaluation")
     p.add_argument("--evals", type=int, default=12, help="evaluations per run: the points of each curve")
-    p.add_argument("--final_eval_iters", type=int, default=50, help="val batches for each run's final loss, "
-                   "final_eval_loss in the JSON (default: %(default)s, 5x the curve's)")
-    p.add_argument("--jobs", type=int, default=None, help="runs at a time, the CPU's threads shared among them "
-                   "(default: one per CPU core, one thread each: at these sizes 2 runs of 1 thread do ~1.8x the work "
-                   "of 1 run of 2 threads; 1 on cuda)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="torch.compile every run (default: on; on 2 CPU cores 1.2x the steps per second, ~50 s to "
-                   "compile once, then seconds from the inductor's cache)")
+    p.add_argument(
+        "--final_eval_iters",
+        type=int,
+        default=50,
+        help="val batches for each run's final loss, "
+        "final_eval_loss in the JSON (default: %(default)s, 5x the curve's)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs at a time, the CPU's threads shared among them "
+        "(default: one per CPU core, one thread each: at these sizes 2 runs of 1 thread do ~1.8x the work "
+        "of 1 run of 2 threads; 1 on cuda)",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="torch.compile every run (default: on; on 2 CPU cores 1.2x the steps per second, ~50 s to "
+        "compile once, then seconds from the inductor's cache)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes and budgets: the whole pipeline in minutes (tests)")
     p.add_argument("--no_run", action="store_true", help="run nothing: JSON, plots and tables from the finished runs")
     p.add_argument("--report", action="store_true", help="print the markdown tables of OUT/growth_study.json and exit")
@@ -141,24 +208,37 @@ def parse_args(argv=None):
     dus_factors = args.factors if args.operators[0] == "dus" else args.factors[:1] if "dus" in args.operators else []
     for g in dus_factors:
         if args.layers // g < 3:
-            p.error(f"dus needs a base of at least 3 layers (it drops one at each seam): --layers {args.layers} / "
-                    f"factor {g} = {args.layers // g}")
+            p.error(
+                f"dus needs a base of at least 3 layers (it drops one at each seam): --layers {args.layers} / "
+                f"factor {g} = {args.layers // g}"
+            )
     if not all(0 < f < 1 for f in args.growth_points):
         p.error("--growth_points must be fractions strictly between 0 and 1")
     if args.budget <= 0 or any(b <= 0 for b in args.crossover_budgets) or args.jobs < 1:
         p.error("budgets and --jobs must be positive")
     if "wsd" in args.schedules and not 0 < args.decay_frac <= min(1 - f for f in args.growth_points):
-        p.error("--decay_frac must be positive and no larger than any grown phase's share of the budget (the decay "
-                "belongs to the grown model)")
+        p.error(
+            "--decay_frac must be positive and no larger than any grown phase's share of the budget (the decay "
+            "belongs to the grown model)"
+        )
     return args
 
 
 # -----------------------------------------------------------------------------------------------
 # Model arithmetic: train.py's own FLOPs count, from the shapes alone
 
+
 def model_args(args, n_layer, vocab):
-    return dict(vocab_size=vocab, n_layer=n_layer, n_head=args.n_head, n_kv_head=args.n_head, n_embd=args.n_embd,
-                intermediate_size=args.intermediate_size, block_size=args.block_size, tie_embeddings=True)
+    return dict(
+        vocab_size=vocab,
+        n_layer=n_layer,
+        n_head=args.n_head,
+        n_kv_head=args.n_head,
+        n_embd=args.n_embd,
+        intermediate_size=args.intermediate_size,
+        block_size=args.block_size,
+        tie_embeddings=True,
+    )
 
 
 def flops_per_token(args, n_layer, vocab):
@@ -192,6 +272,7 @@ def measure_flops_per_second(args, vocab, threads):
 # -----------------------------------------------------------------------------------------------
 # The plan: every run a named job with the jobs it needs first
 
+
 class Job:
     """One subprocess: a train.py run (out_dir OUT/runs/NAME) or a stack.py growth (OUT/grown/NAME.pt)."""
 
@@ -208,8 +289,22 @@ def finished_iters(out_dir):
     return ckpt["iter_num"], ckpt["config"]["max_iters"]
 
 
-def train_job(args, vocab, name, config, flops, n_layer, lr_mult, seed, init_from=None, deps=(), schedule="cosine",
-              decay_frac=None, warmup=True, lr_scale=1.0):
+def train_job(
+    args,
+    vocab,
+    name,
+    config,
+    flops,
+    n_layer,
+    lr_mult,
+    seed,
+    init_from=None,
+    deps=(),
+    schedule="cosine",
+    decay_frac=None,
+    warmup=True,
+    lr_scale=1.0,
+):
     """A train.py run spending `flops`; n_layer is a number, or a grown checkpoint whose model_args give it.
     Its peak learning rate is --learning_rate times lr_scale times lr_mult; warmup over its first 10% of steps
     (or none); `schedule` cosine, or wsd decaying over its last decay_frac (0: it ends at its peak)."""
@@ -221,22 +316,53 @@ def train_job(args, vocab, name, config, flops, n_layer, lr_mult, seed, init_fro
         base_lr = args.learning_rate * lr_scale
         state = finished_iters(out_dir)
         start = "resume" if state and state[1] == iters else init_from or "scratch"  # an interrupted run resumes
-        return ["train.py", config, f"--out_dir={out_dir}", f"--data_dir={args.data_dir}", f"--device={args.device}",
-                f"--dtype={args.dtype}", f"--compile={args.compile}", f"--block_size={args.block_size}",
-                f"--batch_size={args.batch_size}", "--gradient_accumulation_steps=1", f"--seed={seed}",
-                f"--max_iters={iters}", f"--lr_decay_iters={iters}", f"--warmup_iters={max(1, iters // 10) if warmup else 0}",
-                f"--learning_rate={base_lr * lr_mult}", f"--min_lr={base_lr * lr_mult / 10}",
-                f"--eval_interval={max(1, iters // args.evals)}", f"--val_tokens={args.eval_iters * args.batch_size * args.block_size}",
-                f"--log_interval={max(1, iters // 20)}", f"--init_from={start}", f"--lr_schedule={schedule}",
-                "--muon=False"] + (  # AdamW, whatever the config says: the reference recipe's, and the record's
-            [f"--decay_frac={decay_frac}"] if schedule == "wsd" else []) + (
-            ["--overwrite=True"] if start != "resume" else []) + (  # a run of another length is redone, deliberately
-            [f"--n_layer={n_layer}", f"--n_embd={args.n_embd}", f"--n_head={args.n_head}", f"--n_kv_head={args.n_head}",
-             f"--intermediate_size={args.intermediate_size}", "--tie_embeddings=True"] if init_from is None else [])
+        return (
+            [
+                "train.py",
+                config,
+                f"--out_dir={out_dir}",
+                f"--data_dir={args.data_dir}",
+                f"--device={args.device}",
+                f"--dtype={args.dtype}",
+                f"--compile={args.compile}",
+                f"--block_size={args.block_size}",
+                f"--batch_size={args.batch_size}",
+                "--gradient_accumulation_steps=1",
+                f"--seed={seed}",
+                f"--max_iters={iters}",
+                f"--lr_decay_iters={iters}",
+                f"--warmup_iters={max(1, iters // 10) if warmup else 0}",
+                f"--learning_rate={base_lr * lr_mult}",
+                f"--min_lr={base_lr * lr_mult / 10}",
+                f"--eval_interval={max(1, iters // args.evals)}",
+                f"--val_tokens={args.eval_iters * args.batch_size * args.block_size}",
+                f"--log_interval={max(1, iters // 20)}",
+                f"--init_from={start}",
+                f"--lr_schedule={schedule}",
+                "--muon=False",
+            ]
+            + (  # AdamW, whatever the config says: the reference recipe's, and the record's
+                [f"--decay_frac={decay_frac}"] if schedule == "wsd" else []
+            )
+            + (["--overwrite=True"] if start != "resume" else [])
+            + (  # a run of another length is redone, deliberately
+                [
+                    f"--n_layer={n_layer}",
+                    f"--n_embd={args.n_embd}",
+                    f"--n_head={args.n_head}",
+                    f"--n_kv_head={args.n_head}",
+                    f"--intermediate_size={args.intermediate_size}",
+                    "--tie_embeddings=True",
+                ]
+                if init_from is None
+                else []
+            )
+        )
 
     def done():
         state = finished_iters(out_dir)
         return state is not None and state[0] == state[1]
+
     job = Job(name, flops, list(deps), argv, done)
     job.schedule = schedule
     return job
@@ -244,8 +370,17 @@ def train_job(args, vocab, name, config, flops, n_layer, lr_mult, seed, init_fro
 
 def grow_job(args, name, base, method, noise, optim, factor):
     out = os.path.join(args.out_dir, "grown", f"{name}.pt")
-    argv = ["stack.py", f"--src={os.path.join(args.out_dir, 'runs', base.name)}", f"--out={out}", f"--method={method}",
-            f"--factor={factor}", f"--noise={noise}", f"--optim={optim}", f"--device={args.device}", "--force"]
+    argv = [
+        "stack.py",
+        f"--src={os.path.join(args.out_dir, 'runs', base.name)}",
+        f"--out={out}",
+        f"--method={method}",
+        f"--factor={factor}",
+        f"--noise={noise}",
+        f"--optim={optim}",
+        f"--device={args.device}",
+        "--force",
+    ]
     if method == "dus":
         argv.append("--drop=1")  # SOLAR's m = L/4 of a 4-layer base; the smallest seam for any base
     return Job(f"grow_{name}", 0.0, [base], lambda: argv, lambda: os.path.exists(out)), out
@@ -273,8 +408,21 @@ def plan(args, vocab, best=None):
 
     def scratch(n_layer, budget, seed, priority, lr_mult=1.0, schedule="cosine", decay_frac=None):
         tag = "" if schedule == "cosine" else "_stable" if decay_frac == 0 else f"_{schedule}"
-        return add(train_job(args, vocab, f"scratch_L{n_layer}_b{budget:.3g}_lr{fmt(lr_mult)}{tag}_s{seed}", "configs/tiny.py",
-                             budget, n_layer, lr_mult, seed, schedule=schedule, decay_frac=decay_frac), priority)
+        return add(
+            train_job(
+                args,
+                vocab,
+                f"scratch_L{n_layer}_b{budget:.3g}_lr{fmt(lr_mult)}{tag}_s{seed}",
+                "configs/tiny.py",
+                budget,
+                n_layer,
+                lr_mult,
+                seed,
+                schedule=schedule,
+                decay_frac=decay_frac,
+            ),
+            priority,
+        )
 
     # the order runs start in: the crossover, cheapest first (it says whether the budget is in the regime where
     # growth can be judged); scratch, the control and the first operator seed by seed, every schedule; the other
@@ -282,14 +430,26 @@ def plan(args, vocab, best=None):
     small = args.layers // args.factors[0]
     crossover = {}
     for budget in sorted(args.crossover_budgets):
-        crossover[budget] = {n: [scratch(n, budget, s, (0, budget)) for s in args.crossover_seeds] for n in (small, args.layers)}
-    main = dict(point=args.growth_points[0], factor=args.factors[0], optim=args.optims[0], noise=args.noise[0],
-                lr=args.lr_mults[0])
+        crossover[budget] = {
+            n: [scratch(n, budget, s, (0, budget)) for s in args.crossover_seeds] for n in (small, args.layers)
+        }
+    main = dict(
+        point=args.growth_points[0],
+        factor=args.factors[0],
+        optim=args.optims[0],
+        noise=args.noise[0],
+        lr=args.lr_mults[0],
+    )
     first = args.operators[0]
     variants = [("scratch", None, main), ("no_growth", "none", main)] + [(op, op, main) for op in args.operators]
     variants += [(f"scratch_lr{fmt(lr)}", None, dict(main, lr=lr)) for lr in args.lr_mults[1:]]
-    for key, values, label in (("point", args.growth_points, "at"), ("factor", args.factors, "g"),
-                               ("optim", args.optims, ""), ("noise", args.noise, "noise"), ("lr", args.lr_mults, "lr")):
+    for key, values, label in (
+        ("point", args.growth_points, "at"),
+        ("factor", args.factors, "g"),
+        ("optim", args.optims, ""),
+        ("noise", args.noise, "noise"),
+        ("lr", args.lr_mults, "lr"),
+    ):
         variants += [(f"{first}_{label}{fmt(v) if label else v}", first, dict(main, **{key: v})) for v in values[1:]]
     for sched_index, schedule in enumerate(args.schedules):
         wsd, suffix = schedule == "wsd", "" if schedule == "cosine" else f"_{schedule}"
@@ -298,31 +458,67 @@ def plan(args, vocab, best=None):
             # "best" is by seed 1's final loss, known once every operator's seed 1 has run); the rest run seed 1
             seeds = args.seeds if v == main and op in (None, "none", first, best.get(schedule)) else args.seeds[:1]
             for k, seed in enumerate(seeds):
-                priority = ((1, k, sched_index, index) if v == main and op in (None, "none", first)
-                            else (2, sched_index, index) if k == 0 and v == main else (3, k, sched_index) if v == main
-                            else (4, sched_index, index) if name.startswith("scratch_lr") else (5, sched_index, index))
+                priority = (
+                    (1, k, sched_index, index)
+                    if v == main and op in (None, "none", first)
+                    else (2, sched_index, index)
+                    if k == 0 and v == main
+                    else (3, k, sched_index)
+                    if v == main
+                    else (4, sched_index, index)
+                    if name.startswith("scratch_lr")
+                    else (5, sched_index, index)
+                )
                 if op is None:  # scratch: one phase, decaying over the budget's last decay_frac under wsd
-                    job = scratch(args.layers, args.budget, seed, priority, v["lr"], schedule, args.decay_frac if wsd else None)
+                    job = scratch(
+                        args.layers, args.budget, seed, priority, v["lr"], schedule, args.decay_frac if wsd else None
+                    )
                     runs.setdefault(run_name(name, schedule), []).append((job, seed, None, 0.0))
                     continue
                 # under wsd the base ends at its peak, un-annealed, and the grown phase continues at that peak
                 # (--learning_rate, not the cosine phase's half) with the decay at the very end; a fresh AdamW (reset)
                 # still warms up, since its moments start at zero; --optim copy carries them and needs no warmup
                 base_layers, base_flops = args.layers // v["factor"], v["point"] * args.budget
-                base = scratch(base_layers, base_flops, seed, priority, schedule=schedule, decay_frac=0 if wsd else None)
-                phase2 = dict(schedule=schedule, lr_scale=1.0 if wsd else 0.5,
-                              warmup=not (wsd and op != "none" and v["optim"] == "copy"),  # the control: a fresh AdamW
-                              decay_frac=args.decay_frac * args.budget / (args.budget - base_flops) if wsd else None)
+                base = scratch(
+                    base_layers, base_flops, seed, priority, schedule=schedule, decay_frac=0 if wsd else None
+                )
+                phase2 = dict(
+                    schedule=schedule,
+                    lr_scale=1.0 if wsd else 0.5,
+                    warmup=not (wsd and op != "none" and v["optim"] == "copy"),  # the control: a fresh AdamW
+                    decay_frac=args.decay_frac * args.budget / (args.budget - base_flops) if wsd else None,
+                )
                 tag = f"{op}_g{v['factor']}_at{fmt(v['point'])}_{v['optim']}_noise{fmt(v['noise'])}_lr{fmt(v['lr'])}_b{args.budget:.3g}{suffix}_s{seed}"
                 if op == "none":
-                    job = train_job(args, vocab, f"nogrowth_L{base_layers}_at{fmt(v['point'])}_lr{fmt(v['lr'])}_b{args.budget:.3g}{suffix}_s{seed}",
-                                    "configs/tiny_stack.py", args.budget - base_flops, base_layers, v["lr"], seed,
-                                    init_from=os.path.join(args.out_dir, "runs", base.name), deps=[base], **phase2)
+                    job = train_job(
+                        args,
+                        vocab,
+                        f"nogrowth_L{base_layers}_at{fmt(v['point'])}_lr{fmt(v['lr'])}_b{args.budget:.3g}{suffix}_s{seed}",
+                        "configs/tiny_stack.py",
+                        args.budget - base_flops,
+                        base_layers,
+                        v["lr"],
+                        seed,
+                        init_from=os.path.join(args.out_dir, "runs", base.name),
+                        deps=[base],
+                        **phase2,
+                    )
                 else:
                     grow, grown_ckpt = grow_job(args, tag, base, op, v["noise"], v["optim"], v["factor"])
                     grow = add(grow, priority)
-                    job = train_job(args, vocab, tag, "configs/tiny_stack.py", args.budget - base_flops, grown_ckpt,
-                                    v["lr"], seed, init_from=grown_ckpt, deps=[grow], **phase2)
+                    job = train_job(
+                        args,
+                        vocab,
+                        tag,
+                        "configs/tiny_stack.py",
+                        args.budget - base_flops,
+                        grown_ckpt,
+                        v["lr"],
+                        seed,
+                        init_from=grown_ckpt,
+                        deps=[grow],
+                        **phase2,
+                    )
                 runs.setdefault(run_name(name, schedule), []).append((add(job, priority), seed, v["point"], base_flops))
     return jobs, runs, crossover
 
@@ -353,9 +549,16 @@ def best_operators(args, vocab, records):
 def to_run(args, jobs, runs, crossover, records):
     """The jobs still to run: every run of the study neither finished here nor recorded in the JSON, and the
     unfinished jobs it waits for (a base whose grown runs are all recorded is not run again)."""
-    wanted = [job for name, entries in runs.items() for job, seed, _, _ in entries if (name, seed) not in records["runs"]]
-    wanted += [job for budget, sizes in crossover.items() for n, js in sizes.items()
-               for job, seed in zip(js, args.crossover_seeds) if (f"{budget:g}", str(n), seed) not in records["crossover"]]
+    wanted = [
+        job for name, entries in runs.items() for job, seed, _, _ in entries if (name, seed) not in records["runs"]
+    ]
+    wanted += [
+        job
+        for budget, sizes in crossover.items()
+        for n, js in sizes.items()
+        for job, seed in zip(js, args.crossover_seeds)
+        if (f"{budget:g}", str(n), seed) not in records["crossover"]
+    ]
     todo, stack = {}, [job for job in wanted if not job.done()]
     while stack:
         job = stack.pop()
@@ -367,6 +570,7 @@ def to_run(args, jobs, runs, crossover, records):
 
 # -----------------------------------------------------------------------------------------------
 # Running: at most --jobs subprocesses at a time, each job once its dependencies are done
+
 
 def wall_times(args):
     """(path, {job name: seconds}): every job's wall time, kept across invocations of a resumed study."""
@@ -382,8 +586,10 @@ def run_jobs(args, replan, rate, total):
     once it is known. total: the FLOPs still to run, those seeds included, for the time estimate."""
     jobs, todo = replan()
     todo = sorted(todo.values(), key=lambda job: job.priority)
-    log(f"{len(jobs) - len(todo)} of {len(jobs)} jobs done or recorded; {total:.3g} FLOPs to run: expected "
-        f"~{total / rate / 60 / args.jobs:.1f} min with {args.jobs} at a time ({rate:.3g} FLOP/s each, measured)")
+    log(
+        f"{len(jobs) - len(todo)} of {len(jobs)} jobs done or recorded; {total:.3g} FLOPs to run: expected "
+        f"~{total / rate / 60 / args.jobs:.1f} min with {args.jobs} at a time ({rate:.3g} FLOP/s each, measured)"
+    )
     wall_path, wall = wall_times(args)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     os.makedirs(os.path.join(args.out_dir, "logs"), exist_ok=True)
@@ -395,16 +601,22 @@ def run_jobs(args, replan, rate, total):
         with open(os.path.join(args.out_dir, "logs", f"{job.name}.log"), "a") as logfile:
             logfile.write(f"$ python {' '.join(argv)}\n")
             logfile.flush()
-            proc = subprocess.run([sys.executable, *argv], stdout=logfile, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+            proc = subprocess.run(
+                [sys.executable, *argv],
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+            )
         if proc.returncode != 0:
-            raise SystemExit(f"error: {job.name} failed (exit {proc.returncode}); see {args.out_dir}/logs/{job.name}.log")
+            raise SystemExit(
+                f"error: {job.name} failed (exit {proc.returncode}); see {args.out_dir}/logs/{job.name}.log"
+            )
         return time.perf_counter() - t0
 
     pending, running = list(todo), {}
     with ThreadPoolExecutor(args.jobs) as pool:
         while pending or running:
-            for job in [j for j in pending if all(d.done() for d in j.deps)][:args.jobs - len(running)]:
+            for job in [j for j in pending if all(d.done() for d in j.deps)][: args.jobs - len(running)]:
                 pending.remove(job)
                 running[pool.submit(run, job)] = job
             if not running:
@@ -422,14 +634,19 @@ def run_jobs(args, replan, rate, total):
                 with atomic_write(wall_path) as tmp, open(tmp, "w") as f:
                     json.dump(wall, f, indent=1)
                 count, spent = count + 1, spent + job.flops
-                left = (total - spent) / spent * (time.time() - t_start) if spent else None  # a growth step trains nothing
-                log(f"[{time.strftime('%H:%M:%S')}] {count}/{len(todo)} {job.name}: {seconds:.0f} s; "
-                    + (f"~{left / 60:.0f} min left" if left is not None else "time left: known after a training run"))
+                left = (
+                    (total - spent) / spent * (time.time() - t_start) if spent else None
+                )  # a growth step trains nothing
+                log(
+                    f"[{time.strftime('%H:%M:%S')}] {count}/{len(todo)} {job.name}: {seconds:.0f} s; "
+                    + (f"~{left / 60:.0f} min left" if left is not None else "time left: known after a training run")
+                )
     return wall
 
 
 # -----------------------------------------------------------------------------------------------
 # Results: curves from metrics.jsonl, the JSON, the score
+
 
 @functools.cache
 def final_val_set(data_dir, tokens, block_size):
@@ -451,7 +668,9 @@ def final_eval(args, out_dir):
         if (cached["iter"], cached["batches"]) == (ckpt["iter_num"], args.final_eval_iters):
             return val.losses(cached["val_loss"] * val.tokens)
     model = checkpoint.build_model(ckpt, args.device)
-    loss, bpb = val.losses(val.nats(model, args.batch_size, args.device, mixed_precision(args.dtype, args.device)).item())
+    loss, bpb = val.losses(
+        val.nats(model, args.batch_size, args.device, mixed_precision(args.dtype, args.device)).item()
+    )
     with open(cache, "w") as f:
         json.dump({"iter": ckpt["iter_num"], "batches": args.final_eval_iters, "val_loss": loss}, f)
     return loss, bpb
@@ -463,10 +682,17 @@ def read_run(args, job, seed, offset, wall):
     out_dir = os.path.join(args.out_dir, "runs", job.name)
     evals = [e for e in checkpoint.read_metrics(out_dir) if "val_loss" in e]
     ckpt = checkpoint.load(out_dir)
-    return {"seed": seed, "final_val_loss": evals[-1]["val_loss"], "tokens": evals[-1]["tokens"],
-            "flops": offset + evals[-1]["flops"], "curve": [[offset + e["flops"], e["val_loss"]] for e in evals],
-            "layers": ckpt["model_args"]["n_layer"], "run": job.name, "wall_s": wall.get(job.name),
-            **dict(zip(("final_eval_loss", "final_eval_bpb"), final_eval(args, out_dir)))}
+    return {
+        "seed": seed,
+        "final_val_loss": evals[-1]["val_loss"],
+        "tokens": evals[-1]["tokens"],
+        "flops": offset + evals[-1]["flops"],
+        "curve": [[offset + e["flops"], e["val_loss"]] for e in evals],
+        "layers": ckpt["model_args"]["n_layer"],
+        "run": job.name,
+        "wall_s": wall.get(job.name),
+        **dict(zip(("final_eval_loss", "final_eval_bpb"), final_eval(args, out_dir))),
+    }
 
 
 def load_records(args, meta):
@@ -480,14 +706,26 @@ def load_records(args, meta):
         return records
     with open(path) as f:
         old = json.load(f)
-    keys = ("layers", "n_embd", "n_head", "intermediate_size", "block_size", "batch_size", "eval_iters",
-            "final_eval_iters", "dtype", "vocab_size")
+    keys = (
+        "layers",
+        "n_embd",
+        "n_head",
+        "intermediate_size",
+        "block_size",
+        "batch_size",
+        "eval_iters",
+        "final_eval_iters",
+        "dtype",
+        "vocab_size",
+    )
     mine = {**{k: getattr(args, k) for k in keys[:-1]}, "vocab_size": meta["vocab_size"]}
     theirs = {k: old["settings"].get(k) for k in keys}
     train_tokens = sum(len(read_shard(path)) for path in shard_paths(args.data_dir, "train"))
     if theirs != mine or old["budget_flops"] != args.budget or old["corpus_train_tokens"] != train_tokens:
-        raise SystemExit(f"error: {path} holds a study with other settings ({theirs}, budget {old['budget_flops']:g}, "
-                         f"{old['corpus_train_tokens']:,} train tokens); use another --out_dir")
+        raise SystemExit(
+            f"error: {path} holds a study with other settings ({theirs}, budget {old['budget_flops']:g}, "
+            f"{old['corpus_train_tokens']:,} train tokens); use another --out_dir"
+        )
     for name, run in old["runs"].items():
         run.setdefault("schedule", "cosine")
         records["extra"][name] = run
@@ -499,7 +737,9 @@ def load_records(args, meta):
                 records["crossover"][budget, layers, record["seed"]] = record
     records["wall"] = old.get("job_wall_s") or {"earlier runs (per job not recorded)": old.get("wall_s", 0.0)}
     # a record from before bits per byte gets them from its loss: the same val tokens, so the same bytes
-    missing = [r for r in [*records["runs"].values(), *records["crossover"].values()] if r.get("final_eval_bpb") is None]
+    missing = [
+        r for r in [*records["runs"].values(), *records["crossover"].values()] if r.get("final_eval_bpb") is None
+    ]
     if missing:
         val = final_val_set(args.data_dir, args.final_eval_iters * args.batch_size * args.block_size, args.block_size)
         for record in missing:
@@ -510,22 +750,52 @@ def load_records(args, meta):
 def collect(args, meta, runs, crossover, records):
     """The JSON: every run finished here, plus what the JSON already held (load_records)."""
     train_tokens = sum(len(read_shard(path)) for path in shard_paths(args.data_dir, "train"))
-    results = {"corpus": args.data_dir, "corpus_train_tokens": train_tokens, "budget_flops": args.budget,
-               "settings": {k: getattr(args, k) for k in ("layers", "n_embd", "n_head", "intermediate_size",
-                                                         "block_size", "batch_size", "seeds", "growth_points", "factors",
-                                                         "optims", "noise", "lr_mults", "schedules", "decay_frac",
-                                                         "eval_iters", "final_eval_iters", "device", "dtype")},
-               "crossover": {}, "runs": {}}
+    results = {
+        "corpus": args.data_dir,
+        "corpus_train_tokens": train_tokens,
+        "budget_flops": args.budget,
+        "settings": {
+            k: getattr(args, k)
+            for k in (
+                "layers",
+                "n_embd",
+                "n_head",
+                "intermediate_size",
+                "block_size",
+                "batch_size",
+                "seeds",
+                "growth_points",
+                "factors",
+                "optims",
+                "noise",
+                "lr_mults",
+                "schedules",
+                "decay_frac",
+                "eval_iters",
+                "final_eval_iters",
+                "device",
+                "dtype",
+            )
+        },
+        "crossover": {},
+        "runs": {},
+    }
     results["settings"]["vocab_size"] = meta["vocab_size"]
     wall = {**records["wall"], **wall_times(args)[1]}
     results["job_wall_s"], results["wall_s"] = wall, sum(wall.values())
 
     def record(job, seed, offset, key, kept):  # a run finished here, else its record from the JSON, else None
         return read_run(args, job, seed, offset, wall) if job.done() else kept.get(key)
+
     for budget, sizes in crossover.items():
-        row = {str(n): [r for job, seed in zip(jobs, args.crossover_seeds)
-                        if (r := record(job, seed, 0.0, (f"{budget:g}", str(n), seed), records["crossover"]))]
-               for n, jobs in sizes.items()}
+        row = {
+            str(n): [
+                r
+                for job, seed in zip(jobs, args.crossover_seeds)
+                if (r := record(job, seed, 0.0, (f"{budget:g}", str(n), seed), records["crossover"]))
+            ]
+            for n, jobs in sizes.items()
+        }
         if all(row.values()):
             results["crossover"][f"{budget:g}"] = row
     for (budget, layers, _), kept in records["crossover"].items():  # budgets this invocation does not plan
@@ -533,12 +803,18 @@ def collect(args, meta, runs, crossover, records):
             results["crossover"].setdefault(budget, {}).setdefault(layers, []).append(kept)
     results["crossover"] = dict(sorted(results["crossover"].items(), key=lambda kv: float(kv[0])))
     for name, entries in runs.items():
-        seeds = [r for job, seed, _, offset in entries if (r := record(job, seed, offset, (name, seed), records["runs"]))]
+        seeds = [
+            r for job, seed, _, offset in entries if (r := record(job, seed, offset, (name, seed), records["runs"]))
+        ]
         planned = {seed for _, seed, _, _ in entries}
         seeds += [r for (n, seed), r in records["runs"].items() if n == name and seed not in planned]
         if seeds:
-            results["runs"][name] = {"layers": seeds[0]["layers"], "growth_point": entries[0][2],
-                                     "schedule": entries[0][0].schedule, "seeds": seeds}
+            results["runs"][name] = {
+                "layers": seeds[0]["layers"],
+                "growth_point": entries[0][2],
+                "schedule": entries[0][0].schedule,
+                "seeds": seeds,
+            }
     for name, run in records["extra"].items():  # runs of other invocations (another --operators, say)
         results["runs"].setdefault(name, run)
     path = os.path.join(args.out_dir, "growth_study.json")
@@ -580,9 +856,16 @@ def score(results):
     for name, run in runs.items():
         finals = [s["final_val_loss"] for s in run["seeds"]]
         full = [s["final_eval_loss"] for s in run["seeds"]]
-        row = {"mean": sum(finals) / len(finals), "spread": max(finals) - min(finals), "n": len(finals),
-               "full": sum(full) / len(full), "full_bpb": mean_bpb(run["seeds"]),
-               "reach": None, "speedup": None, "why": ""}
+        row = {
+            "mean": sum(finals) / len(finals),
+            "spread": max(finals) - min(finals),
+            "n": len(finals),
+            "full": sum(full) / len(full),
+            "full_bpb": mean_bpb(run["seeds"]),
+            "reach": None,
+            "speedup": None,
+            "why": "",
+        }
         if scratch and name != "scratch":
             row["reach"] = flops_to_reach(mean_curve(run), target)
             if row["reach"] is None:
@@ -610,22 +893,33 @@ def with_bpb(loss, bpb):
 def report(results):
     """docs/growth.md's tables, as markdown."""
     st = results["settings"]
-    out = [f"Corpus `{results['corpus']}`: {results['corpus_train_tokens']:,} train tokens, vocab {st['vocab_size']}. "
-           f"Target {st['layers']} layers x {st['n_embd']} (SwiGLU {st['intermediate_size']}, {st['n_head']} heads, tied "
-           f"embeddings), {st['batch_size']} x {st['block_size']} tokens per step, {st['dtype']} on {st['device']}. "
-           f"Wall time of all runs, summed: {results['wall_s'] / 60:.0f} min.", ""]
+    out = [
+        f"Corpus `{results['corpus']}`: {results['corpus_train_tokens']:,} train tokens, vocab {st['vocab_size']}. "
+        f"Target {st['layers']} layers x {st['n_embd']} (SwiGLU {st['intermediate_size']}, {st['n_head']} heads, tied "
+        f"embeddings), {st['batch_size']} x {st['block_size']} tokens per step, {st['dtype']} on {st['device']}. "
+        f"Wall time of all runs, summed: {results['wall_s'] / 60:.0f} min.",
+        "",
+    ]
     if results["crossover"]:
         tokens = st["final_eval_iters"] * st["batch_size"] * st["block_size"]
-        out += [f"The crossover: final val loss on the first {st['final_eval_iters']} val batches ({tokens:,} tokens); "
-                "in brackets the tokens each model saw:", "",
-                "| budget (FLOPs) | " + " | ".join(f"{n} layers from scratch"
-                                                    for n in next(iter(results["crossover"].values())))
-                + " | winner |", "|---|---|---|---|"]
+        out += [
+            f"The crossover: final val loss on the first {st['final_eval_iters']} val batches ({tokens:,} tokens); "
+            "in brackets the tokens each model saw:",
+            "",
+            "| budget (FLOPs) | "
+            + " | ".join(f"{n} layers from scratch" for n in next(iter(results["crossover"].values())))
+            + " | winner |",
+            "|---|---|---|---|",
+        ]
         for budget, records in results["crossover"].items():
             row = {n: [r["final_eval_loss"] for r in v] for n, v in records.items()}
             means = {n: sum(v) / len(v) for n, v in row.items()}
-            cells = [with_bpb(means[n], mean_bpb(records[n])) + (f" (range {max(v) - min(v):.4f}, {len(v)} seeds)" if len(v) > 1 else "")
-                     + f" ({records[n][0]['tokens'] / 1e6:.2f}M)" for n, v in row.items()]
+            cells = [
+                with_bpb(means[n], mean_bpb(records[n]))
+                + (f" (range {max(v) - min(v):.4f}, {len(v)} seeds)" if len(v) > 1 else "")
+                + f" ({records[n][0]['tokens'] / 1e6:.2f}M)"
+                for n, v in row.items()
+            ]
             (lo, l_lo), (hi, l_hi) = sorted(means.items(), key=lambda kv: int(kv[0]))
             ranges = {n: (min(v), max(v)) for n, v in row.items()}
             apart = ranges[lo][1] < ranges[hi][0] or ranges[hi][1] < ranges[lo][0]
@@ -640,22 +934,34 @@ def report(results):
     finals = {}  # (schedule, name) -> the 50-batch final losses of its seeds
     for schedule in schedules:
         suffix = "" if schedule == "cosine" else f"_{schedule}"
-        sub = {name[:len(name) - len(suffix)]: run for name, run in results["runs"].items()
-               if run.get("schedule", "cosine") == schedule}
+        sub = {
+            name[: len(name) - len(suffix)]: run
+            for name, run in results["runs"].items()
+            if run.get("schedule", "cosine") == schedule
+        }
         finals |= {(schedule, name): [s["final_eval_loss"] for s in run["seeds"]] for name, run in sub.items()}
         rows, target = score({"runs": sub})
-        out += [f"Schedule **{schedule}**, budget {results['budget_flops']:.3g} FLOPs; target loss = scratch's final mean "
-                + (f"{target:.4f}." if target else "(scratch not run)."), "",
-                f"| run | layers | grown at | seeds | final val loss (mean) | range | {st['final_eval_iters']}-batch loss | "
-                "FLOPs to reach target | speedup |",
-                "|---|---|---|---|---|---|---|---|---|"]
+        out += [
+            f"Schedule **{schedule}**, budget {results['budget_flops']:.3g} FLOPs; target loss = scratch's final mean "
+            + (f"{target:.4f}." if target else "(scratch not run)."),
+            "",
+            f"| run | layers | grown at | seeds | final val loss (mean) | range | {st['final_eval_iters']}-batch loss | "
+            "FLOPs to reach target | speedup |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for name, row in rows.items():
             run = sub[name]
             point = "" if run["growth_point"] is None else f"{run['growth_point']:g}"
             reach = "" if name == "scratch" else (f"{row['reach']:.3g}" if row["reach"] else "not reached")
-            speed = "(reference)" if name == "scratch" else (f"{row['speedup']:+.0%}" if row["speedup"] is not None else row["why"])
-            out.append(f"| {name} | {run['layers']} | {point} | {row['n']} | {row['mean']:.4f} | {row['spread']:.4f} | {with_bpb(row['full'], row['full_bpb'])} | "
-                       f"{reach} | {speed} |")
+            speed = (
+                "(reference)"
+                if name == "scratch"
+                else (f"{row['speedup']:+.0%}" if row["speedup"] is not None else row["why"])
+            )
+            out.append(
+                f"| {name} | {run['layers']} | {point} | {row['n']} | {row['mean']:.4f} | {row['spread']:.4f} | {with_bpb(row['full'], row['full_bpb'])} | "
+                f"{reach} | {speed} |"
+            )
         # the sweeps, seed 1 against seed 1: the issue's "best of each"
         mults = st["lr_mults"]
         swept = [n for n in sub if len(mults) > 1 and f"{n}_lr{fmt(mults[1])}" in sub]
@@ -663,14 +969,23 @@ def report(results):
             names = {m: base if i == 0 else f"{base}_lr{fmt(m)}" for i, m in enumerate(mults)}
             loss = {m: sub[n]["seeds"][0]["final_val_loss"] for m, n in names.items() if n in sub}
             best = min(loss, key=loss.get)
-            out += ["", f"Learning-rate sweep of {base} (seed {sub[base]['seeds'][0]['seed']}, multiples of its "
-                    "config's peak): " + ", ".join(f"x{m:g} {l:.4f}" for m, l in sorted(loss.items())) + f"; best x{best:g}."]
+            out += [
+                "",
+                f"Learning-rate sweep of {base} (seed {sub[base]['seeds'][0]['seed']}, multiples of its "
+                "config's peak): "
+                + ", ".join(f"x{m:g} {l:.4f}" for m, l in sorted(loss.items()))
+                + f"; best x{best:g}.",
+            ]
         out.append("")
     if len(schedules) > 1:  # the runs every schedule has, side by side, on the finer 50-batch loss
         names = [n for n in ("scratch", "no_growth", *OPERATORS) if all((sc, n) in finals for sc in schedules)]
-        out += [f"The schedules side by side: {st['final_eval_iters']}-batch final val loss, mean (range, seeds), and "
-                "the gap to that schedule's scratch:", "",
-                "| run | " + " | ".join(schedules) + " |", "|---" * (len(schedules) + 1) + "|"]
+        out += [
+            f"The schedules side by side: {st['final_eval_iters']}-batch final val loss, mean (range, seeds), and "
+            "the gap to that schedule's scratch:",
+            "",
+            "| run | " + " | ".join(schedules) + " |",
+            "|---" * (len(schedules) + 1) + "|",
+        ]
         for name in names:
             cells = []
             for sc in schedules:
@@ -684,15 +999,19 @@ def report(results):
 
 def plot(args, results):
     import matplotlib
+
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
+
     if results["crossover"]:
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
         budgets = [float(b) for b in results["crossover"]]
         for n in next(iter(results["crossover"].values())):
             losses = [[r["final_eval_loss"] for r in results["crossover"][b][n]] for b in results["crossover"]]
             ax.plot(budgets, [sum(v) / len(v) for v in losses], marker="o", label=f"{n} layers, from scratch")
-            ax.scatter([b for b, v in zip(budgets, losses) for _ in v], [x for v in losses for x in v], s=8, color="0.4")
+            ax.scatter(
+                [b for b, v in zip(budgets, losses) for _ in v], [x for v in losses for x in v], s=8, color="0.4"
+            )
         ax.set_xscale("log")
         ax.set_xlabel("training FLOPs")
         st = results["settings"]
@@ -703,7 +1022,9 @@ def plot(args, results):
         fig.savefig(os.path.join(args.out_dir, "crossover.png"))
     if results["runs"]:
         schedules = [sc for sc in SCHEDULES if any(r.get("schedule", "cosine") == sc for r in results["runs"].values())]
-        fig, axes = plt.subplots(1, len(schedules), figsize=(7 * len(schedules), 4.5), dpi=100, sharey=True, squeeze=False)
+        fig, axes = plt.subplots(
+            1, len(schedules), figsize=(7 * len(schedules), 4.5), dpi=100, sharey=True, squeeze=False
+        )
         lows = []
         for ax, schedule in zip(axes[0], schedules):
             for name in ("scratch", "no_growth", *OPERATORS):
@@ -712,18 +1033,29 @@ def plot(args, results):
                     continue
                 curve = mean_curve(run)
                 lows.append(min(loss for _, loss in curve))
-                ax.plot(*zip(*curve), label=f"{name} ({run['layers']} layers, {len(run['seeds'])} seeds)",
-                        color="black" if name == "scratch" else None, ls=":" if name == "no_growth" else "-")
+                ax.plot(
+                    *zip(*curve),
+                    label=f"{name} ({run['layers']} layers, {len(run['seeds'])} seeds)",
+                    color="black" if name == "scratch" else None,
+                    ls=":" if name == "no_growth" else "-",
+                )
             ax.set_xlabel("training FLOPs (the base's included)")
             ax.set_title(f"{schedule}: growth vs scratch at {results['budget_flops']:.3g} FLOPs")
             ax.legend()
         axes[0][0].set_ylim(min(lows) - 0.05, min(lows) + 1.0)  # the early drop is off the top
         axes[0][0].set_ylabel("val loss (nats per token), mean over seeds")
         # one evaluation is a few hundred steps of a tiny model at a high learning rate: it swings by tenths
-        fig.text(0.5, 0.01, f"Each point: train.py's evaluation on {results['settings']['eval_iters']} val batches. Between "
-                 "evaluations a run swings by up to a few tenths of a nat, most while the learning rate is at its peak; "
-                 f"the tables compare final models on {results['settings']['final_eval_iters']} batches after the decay.",
-                 ha="center", va="bottom", fontsize=8, wrap=True)
+        fig.text(
+            0.5,
+            0.01,
+            f"Each point: train.py's evaluation on {results['settings']['eval_iters']} val batches. Between "
+            "evaluations a run swings by up to a few tenths of a nat, most while the learning rate is at its peak; "
+            f"the tables compare final models on {results['settings']['final_eval_iters']} batches after the decay.",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            wrap=True,
+        )
         fig.tight_layout(rect=(0, 0.05, 1, 1))
         fig.savefig(os.path.join(args.out_dir, "growth_study.png"))
 
@@ -747,8 +1079,20 @@ def main(argv=None):
     vocab = 64 * math.ceil(meta["vocab_size"] / 64)  # as train.py pads it
     os.makedirs(args.out_dir, exist_ok=True)
     settings_path = os.path.join(args.out_dir, "settings.json")
-    fixed = {k: getattr(args, k) for k in ("data_dir", "n_embd", "n_head", "intermediate_size", "block_size",
-                                           "batch_size", "dtype", "eval_iters", "evals")}
+    fixed = {
+        k: getattr(args, k)
+        for k in (
+            "data_dir",
+            "n_embd",
+            "n_head",
+            "intermediate_size",
+            "block_size",
+            "batch_size",
+            "dtype",
+            "eval_iters",
+            "evals",
+        )
+    }
     if os.path.exists(settings_path):
         with open(settings_path) as f:
             old = json.load(f)

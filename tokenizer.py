@@ -13,6 +13,7 @@ as tokenizer.tiktoken, in the format of ranks_to_text), checkpoint.py keeps it i
 It does read a Hugging Face directory's tokenizer.json (tokenizer_spec_from_hf), the one format that
 arrives with its own tokenizer.
 """
+
 import base64
 import json
 import os
@@ -24,15 +25,23 @@ import tiktoken
 EOT = "<|endoftext|>"
 # The tiktoken encodings by the names we accept: (tiktoken's name, vocab size). The sizes are known up front so
 # that prepare_data.py can refuse a token dtype that is too small before it downloads anything.
-TIKTOKEN = {"gpt2": ("r50k_base", 50257), "r50k_base": ("r50k_base", 50257),
-            "cl100k_base": ("cl100k_base", 100277), "o200k_base": ("o200k_base", 200019)}
+TIKTOKEN = {
+    "gpt2": ("r50k_base", 50257),
+    "r50k_base": ("r50k_base", 50257),
+    "cl100k_base": ("cl100k_base", 100277),
+    "o200k_base": ("o200k_base", 200019),
+}
 # GPT-4's split pattern (also rustbpe's default); see tiktoken's cl100k_base
-SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
 
 
 def ranks_to_text(ranks):
     """Merge ranks in tiktoken's file format: one `base64(token) rank` line per token, by rank."""
-    return "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
+    return "".join(
+        f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])
+    )
 
 
 def text_to_ranks(text):
@@ -49,7 +58,7 @@ def prepended_bos(ids_with_specials, ids_plain):
     with and without the special tokens, because that is what the tokenizer does, whatever its config calls BOS:
     Llama 2 and TinyLlama prepend <s>, SmolLM2 and GPT-2 prepend nothing."""
     n = len(ids_with_specials)
-    if n > len(ids_plain) and ids_with_specials[1:] == ids_plain[:n - 1]:
+    if n > len(ids_plain) and ids_with_specials[1:] == ids_plain[: n - 1]:
         return ids_with_specials[0]
     return None
 
@@ -70,12 +79,17 @@ class Tokenizer:
         elif kind == "bpe":
             ranks = text_to_ranks(spec["ranks"])
             specials = {k: int(v) for k, v in spec["special_tokens"].items()}
-            self.enc = tiktoken.Encoding(name=spec.get("name", "rustbpe"), pat_str=spec["pattern"],
-                                         mergeable_ranks=ranks, special_tokens=specials)
+            self.enc = tiktoken.Encoding(
+                name=spec.get("name", "rustbpe"),
+                pat_str=spec["pattern"],
+                mergeable_ranks=ranks,
+                special_tokens=specials,
+            )
             self.eot_id = specials[EOT]
             self.vocab_size = self.enc.n_vocab
         elif kind == "hf":
             from tokenizers import Tokenizer as HFTokenizer
+
             self.enc = HFTokenizer.from_str(spec["tokenizer_json"])
             self.enc.no_padding()
             self.enc.no_truncation()
@@ -94,13 +108,23 @@ class Tokenizer:
     def train_bpe(cls, texts, vocab_size):
         """Train a byte-level BPE with rustbpe on an iterator of strings. The last id is <|endoftext|>."""
         import rustbpe
+
         if vocab_size < 257 + 1:
-            raise ValueError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs 256 byte tokens + 1 special")
+            raise ValueError(
+                f"vocab_size {vocab_size} is too small: a byte-level BPE needs 256 byte tokens + 1 special"
+            )
         bpe = rustbpe.Tokenizer()
         bpe.train_from_iterator(iter(texts), vocab_size - 1, pattern=SPLIT_PATTERN)
         ranks = {bytes(tok): rank for tok, rank in bpe.get_mergeable_ranks()}
-        return cls({"kind": "bpe", "name": f"rustbpe-{vocab_size}", "pattern": bpe.get_pattern(),
-                    "ranks": ranks_to_text(ranks), "special_tokens": {EOT: len(ranks)}})
+        return cls(
+            {
+                "kind": "bpe",
+                "name": f"rustbpe-{vocab_size}",
+                "pattern": bpe.get_pattern(),
+                "ranks": ranks_to_text(ranks),
+                "special_tokens": {EOT: len(ranks)},
+            }
+        )
 
     @classmethod
     def from_hf(cls, model_dir):
@@ -124,7 +148,9 @@ class Tokenizer:
         return self.enc.encode_ordinary_batch(list(texts), num_threads=os.cpu_count() or 1)
 
     def decode(self, ids):
-        return self.enc.decode(list(ids)) if self.kind != "hf" else self.enc.decode(list(ids), skip_special_tokens=False)
+        return (
+            self.enc.decode(list(ids)) if self.kind != "hf" else self.enc.decode(list(ids), skip_special_tokens=False)
+        )
 
     def token_bytes(self):
         """The UTF-8 bytes of text each id stands for, as a numpy array over the vocabulary; special tokens stand
@@ -145,6 +171,7 @@ class Tokenizer:
         if '"ByteLevel"' in decoder:  # GPT-2's scheme: a vocabulary entry writes each byte as one character
             length = len
         elif "▁" in decoder or config["model"].get("byte_fallback"):
+
             def length(token):
                 """sentencepiece's scheme: "▁" is a space, <0x0A> one raw byte. Its dummy prefix (the space put
                 before each text and dropped when decoding) counts as a byte, one per document."""
@@ -164,10 +191,13 @@ def tokenizer_spec_from_hf(model_dir):
     """Our "hf" tokenizer spec for a Hugging Face model directory: its tokenizer.json, its end-of-sequence id
     (what generate stops at), and the BOS id only if its tokenizer prepends one (prepended_bos)."""
     from tokenizers import Tokenizer as HFTokenizer
+
     path = os.path.join(model_dir, "tokenizer.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{model_dir}: no tokenizer.json (a fast tokenizer is needed; if it has only tokenizer.model, "
-                                "save one with transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))")
+        raise FileNotFoundError(
+            f"{model_dir}: no tokenizer.json (a fast tokenizer is needed; if it has only tokenizer.model, "
+            "save one with transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))"
+        )
     with open(path) as f:
         text = f.read()
     tok = HFTokenizer.from_str(text)

@@ -16,6 +16,7 @@ Nothing trained is lost: SIGTERM (a scheduler's time limit), SIGINT (Ctrl-C) or 
 and exits with status 128 + the signal's number; a run that is not a resume refuses an out_dir that holds a
 checkpoint (re-running a finished run's command reuses it); under DDP whatever stops one rank stops them all.
 """
+
 import ast
 import math
 import os
@@ -25,7 +26,6 @@ import sys
 import time
 import traceback
 from contextlib import nullcontext
-from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import checkpoint
-from common import device_error, log, mfu_peak, mixed_precision, remove, resolve_dtype
+from common import device_error, log, mfu_peak, mixed_precision, resolve_dtype
 from data import ShardLoader, ValSet, load_meta, load_tokenizer
 from model import LLaMA, ModelConfig
 from tokenizer import Tokenizer
@@ -42,20 +42,20 @@ from tokenizer import Tokenizer
 # Config: these defaults, then a config file (plain Python), then --key=value overrides.
 # I/O
 out_dir = "out"
-data_dir = "data/pydocs"        # a directory written by prepare_data.py
-eval_interval = 250             # evaluate and checkpoint every this many steps
+data_dir = "data/pydocs"  # a directory written by prepare_data.py
+eval_interval = 250  # evaluate and checkpoint every this many steps
 log_interval = 10
-val_tokens = 1_048_576          # tokens every evaluation measures: the val split's first, whatever the phase or process count
-keep_last = 0                   # > 0: also keep ckpt_<iter>.pt for the last k checkpoints
-init_from = "scratch"           # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint file / out_dir / hf:DIR
-overwrite = False               # True: a run that is not a resume starts over in an out_dir that holds a checkpoint
+val_tokens = 1_048_576  # tokens every evaluation measures: the val split's first, whatever the phase or process count
+keep_last = 0  # > 0: also keep ckpt_<iter>.pt for the last k checkpoints
+init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), or a checkpoint file / out_dir / hf:DIR
+overwrite = False  # True: a run that is not a resume starts over in an out_dir that holds a checkpoint
 wandb_log = False
 wandb_project = "mtlm"
 wandb_run_name = "run"
 # data
-batch_size = 16                 # sequences per micro-step per process
-block_size = 1024               # tokens per sequence
-gradient_accumulation_steps = 8 # micro-steps per optimizer step, across all processes
+batch_size = 16  # sequences per micro-step per process
+block_size = 1024  # tokens per sequence
+gradient_accumulation_steps = 8  # micro-steps per optimizer step, across all processes
 # model (ignored, and must not be set, when starting from a checkpoint: the checkpoint has its own)
 n_layer = 12
 n_head = 12
@@ -73,7 +73,7 @@ max_iters = 5000
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
-grad_clip = 1.0                 # clip the global gradient norm to this; 0 disables
+grad_clip = 1.0  # clip the global gradient norm to this; 0 disables
 # schedule: linear warmup, then down to min_lr at lr_decay_iters, by one of two shapes:
 #   cosine  decays over the whole run (Loshchilov & Hutter, 2017)
 #   wsd     warmup-stable-decay: the peak is held until the last decay_frac of the run, then falls as 1 - sqrt
@@ -83,38 +83,78 @@ decay_lr = True
 lr_schedule = "cosine"
 warmup_iters = 200
 lr_decay_iters = 5000
-decay_frac = 0.2                # wsd only
-min_lr = 6e-5                   # ~learning_rate/10, as in Chinchilla (Hoffmann et al., 2022)
+decay_frac = 0.2  # wsd only
+min_lr = 6e-5  # ~learning_rate/10, as in Chinchilla (Hoffmann et al., 2022)
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "auto"                  # 'auto' (what the device computes natively: common.auto_dtype), 'float32',
-                                # 'bfloat16' (autocast, fp32 master weights) or 'float16' (+ grad scaler)
-compile = None                  # torch.compile; None means on for CUDA, off for CPU
+dtype = "auto"  # 'auto' (what the device computes natively: common.auto_dtype), 'float32',
+# 'bfloat16' (autocast, fp32 master weights) or 'float16' (+ grad scaler)
+compile = None  # torch.compile; None means on for CUDA, off for CPU
 seed = 1337
-peak_flops = None               # FLOP/s that MFU is relative to; None: a GPU's datasheet peak, else measured (common.mfu_peak)
+peak_flops = None  # FLOP/s that MFU is relative to; None: a GPU's datasheet peak, else measured (common.mfu_peak)
 # -----------------------------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
-MODEL_KEYS = ["n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "rope_theta", "norm_eps", "tie_embeddings"]
+config_keys = [
+    k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))
+]
+MODEL_KEYS = [
+    "n_layer",
+    "n_head",
+    "n_kv_head",
+    "n_embd",
+    "intermediate_size",
+    "rope_theta",
+    "norm_eps",
+    "tie_embeddings",
+]
 # what a resume applies to the restored AdamW (and the schedule), saying which changed
-OPTIMIZER_KEYS = ["learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "decay_lr", "lr_schedule", "decay_frac",
-                  "beta1", "beta2", "weight_decay", "grad_clip"]
+OPTIMIZER_KEYS = [
+    "learning_rate",
+    "min_lr",
+    "warmup_iters",
+    "lr_decay_iters",
+    "decay_lr",
+    "lr_schedule",
+    "decay_frac",
+    "beta1",
+    "beta2",
+    "weight_decay",
+    "grad_clip",
+]
 # keys that change how a run is watched, not what it trains: a finished run re-run with other values is still that run
-WATCH_KEYS = ["eval_interval", "val_tokens", "log_interval", "keep_last", "wandb_log", "wandb_project", "wandb_run_name",
-              "compile", "peak_flops", "overwrite"]
+WATCH_KEYS = [
+    "eval_interval",
+    "val_tokens",
+    "log_interval",
+    "keep_last",
+    "wandb_log",
+    "wandb_project",
+    "wandb_run_name",
+    "compile",
+    "peak_flops",
+    "overwrite",
+]
 
 
 def apply_config(args, config):
     """Config files (Python) and --key=value overrides, in order. Returns the keys they set."""
+
     def check(key, value, where):
         if key not in config:
             raise SystemExit(f"unknown config key {key!r} in {where}. Valid keys: {', '.join(sorted(config))}")
         default = config[key]
-        ok = (default is None or value is None or type(value) is type(default)
-              or (isinstance(default, float) and type(value) is int))
+        ok = (
+            default is None
+            or value is None
+            or type(value) is type(default)
+            or (isinstance(default, float) and type(value) is int)
+        )
         if not ok:
-            raise SystemExit(f"config key {key!r} in {where} must be {type(default).__name__}, got {value!r}. "
-                             f"Valid keys: {', '.join(sorted(config))}")
+            raise SystemExit(
+                f"config key {key!r} in {where} must be {type(default).__name__}, got {value!r}. "
+                f"Valid keys: {', '.join(sorted(config))}"
+            )
         config[key] = float(value) if isinstance(default, float) and type(value) is int else value
+
     explicit = set()
     for arg in args:
         if arg.startswith("--"):
@@ -130,13 +170,20 @@ def apply_config(args, config):
         else:
             namespace = {}
             if not os.path.isfile(arg):
-                raise SystemExit(f"no config file {arg!r} (arguments are config files, e.g. configs/tiny.py, or --key=value)")
+                raise SystemExit(
+                    f"no config file {arg!r} (arguments are config files, e.g. configs/tiny.py, or --key=value)"
+                )
             try:
                 with open(arg) as f:
                     exec(f.read(), namespace)
             except Exception as e:  # a config file is Python: its error and where it is, in one line
-                lines = [e.lineno] if isinstance(e, SyntaxError) else \
-                    [frame.lineno for frame in traceback.extract_tb(e.__traceback__) if frame.filename == "<string>"]
+                lines = (
+                    [e.lineno]
+                    if isinstance(e, SyntaxError)
+                    else [
+                        frame.lineno for frame in traceback.extract_tb(e.__traceback__) if frame.filename == "<string>"
+                    ]
+                )
                 message = e.msg if isinstance(e, SyntaxError) else e
                 raise SystemExit(f"{arg}, line {lines[-1] if lines else '?'}: {type(e).__name__}: {message}") from None
             for key, value in namespace.items():
@@ -148,8 +195,19 @@ def apply_config(args, config):
 
 def check_values(config):
     """Values no run can use, refused in one line before anything starts (each would fail deep inside torch)."""
-    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "val_tokens",
-                "n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size"):
+    for key in (
+        "batch_size",
+        "block_size",
+        "gradient_accumulation_steps",
+        "eval_interval",
+        "log_interval",
+        "val_tokens",
+        "n_layer",
+        "n_head",
+        "n_kv_head",
+        "n_embd",
+        "intermediate_size",
+    ):
         if config[key] < 1:
             raise SystemExit(f"{key} must be >= 1, got {config[key]}")
     for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
@@ -175,7 +233,9 @@ if compile is None:
 if lr_schedule not in ("cosine", "wsd"):
     raise SystemExit(f"lr_schedule must be 'cosine' or 'wsd', got {lr_schedule!r}")
 if not 0 <= decay_frac <= 1:
-    raise SystemExit(f"decay_frac must be between 0 and 1 (the share of lr_decay_iters spent decaying), got {decay_frac}")
+    raise SystemExit(
+        f"decay_frac must be between 0 and 1 (the share of lr_decay_iters spent decaying), got {decay_frac}"
+    )
 
 # -----------------------------------------------------------------------------------------------
 # Stopping signals. A scheduler stops a run with SIGTERM far more often than it crashes (SLURM's time limit and
@@ -186,7 +246,7 @@ if not 0 <= decay_frac <= 1:
 # is nothing to save, and a second signal means "now": both exit at once.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 stop_signal, stop_signal_time = 0, 0.0  # the first signal received, and when
-phase = "start-up"                      # -> "training" (a signal is honoured at the next step boundary)
+phase = "start-up"  # -> "training" (a signal is honoured at the next step boundary)
 
 
 def on_stop_signal(signum, frame):
@@ -202,7 +262,10 @@ def on_stop_signal(signum, frame):
         # (the same signal again within a second is one event delivered twice: SLURM signals every process of a job
         # step and torchrun forwards what it receives, so each worker under `srun torchrun` gets SIGTERM twice)
         kept = os.path.join(out_dir, "ckpt.pt")
-        log(f"stopped by a second signal ({name}): nothing saved" + (f"; {kept} is intact" if os.path.exists(kept) else ""))
+        log(
+            f"stopped by a second signal ({name}): nothing saved"
+            + (f"; {kept} is intact" if os.path.exists(kept) else "")
+        )
         raise SystemExit(128 + signum)
 
 
@@ -225,6 +288,7 @@ def leave(status):
         dist.destroy_process_group()
     raise SystemExit(status)
 
+
 # -----------------------------------------------------------------------------------------------
 # Devices and DDP
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -236,7 +300,9 @@ if ddp:
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     if gradient_accumulation_steps % world_size:
-        raise SystemExit(f"gradient_accumulation_steps={gradient_accumulation_steps} must divide by the {world_size} processes")
+        raise SystemExit(
+            f"gradient_accumulation_steps={gradient_accumulation_steps} must divide by the {world_size} processes"
+        )
     gradient_accumulation_steps //= world_size
 else:
     rank, local_rank, world_size = 0, 0, 1
@@ -269,7 +335,9 @@ error = None
 if master_process:
     try:
         if init_from == "resume" and not os.path.exists(os.path.join(out_dir, "ckpt.pt")):
-            raise RuntimeError(f"nothing to resume in {out_dir}: it holds no ckpt.pt; start the run without --init_from=resume")
+            raise RuntimeError(
+                f"nothing to resume in {out_dir}: it holds no ckpt.pt; start the run without --init_from=resume"
+            )
         run_lock = checkpoint.RunLock(out_dir)  # held until this process ends, however it ends
     except RuntimeError as e:
         error = f"error: {e}"
@@ -286,8 +354,10 @@ except ValueError as e:
 # autocast runs matmuls in bf16/fp16 while the weights and the optimizer stay fp32
 autocast = mixed_precision(dtype, device)
 tokens_per_step = gradient_accumulation_steps * world_size * batch_size * block_size
-log(f"tokens per optimizer step: {tokens_per_step:,} ({world_size} processes x {gradient_accumulation_steps} "
-    f"micro-steps x {batch_size} x {block_size})")
+log(
+    f"tokens per optimizer step: {tokens_per_step:,} ({world_size} processes x {gradient_accumulation_steps} "
+    f"micro-steps x {batch_size} x {block_size})"
+)
 
 # -----------------------------------------------------------------------------------------------
 # Data and tokenizer
@@ -300,9 +370,19 @@ try:
 except (OSError, ValueError) as e:  # no dataset, a damaged one, ids outside its vocabulary: one line naming the file
     error = f"error: {e}"
 stop_together(error)
-log(f"val set: the first {val_set.tokens:,} tokens of {data_dir}'s val split"
-    + (f" (all it holds in windows of {block_size}; val_tokens asked {val_tokens:,})" if val_set.tokens < val_tokens - block_size else "")
-    + (f", {val_set.bytes:,} bytes of text" if val_set.bytes else "; no bits per byte: the bytes of this tokenizer's ids are unknown"))
+log(
+    f"val set: the first {val_set.tokens:,} tokens of {data_dir}'s val split"
+    + (
+        f" (all it holds in windows of {block_size}; val_tokens asked {val_tokens:,})"
+        if val_set.tokens < val_tokens - block_size
+        else ""
+    )
+    + (
+        f", {val_set.bytes:,} bytes of text"
+        if val_set.bytes
+        else "; no bits per byte: the bytes of this tokenizer's ids are unknown"
+    )
+)
 
 # -----------------------------------------------------------------------------------------------
 # Model: from scratch, resumed, or a new phase from another checkpoint
@@ -313,8 +393,11 @@ if init_from != "scratch":
     try:
         ckpt = checkpoint.load(source)
     except FileNotFoundError as e:
-        error = (f"error: nothing to resume in {out_dir}: it holds no ckpt.pt; start the run without --init_from=resume"
-                 if init_from == "resume" else f"error: init_from: {e}")
+        error = (
+            f"error: nothing to resume in {out_dir}: it holds no ckpt.pt; start the run without --init_from=resume"
+            if init_from == "resume"
+            else f"error: init_from: {e}"
+        )
     except (OSError, ValueError, ImportError) as e:
         error = f"error: init_from: {e}"
 stop_together(error)
@@ -325,10 +408,14 @@ else:
     model_args = dict(ckpt["model_args"], block_size=block_size)  # block_size may grow between phases
     clash = [k for k in MODEL_KEYS if k in explicit_keys and config[k] != model_args[k]]
     if clash:
-        raise SystemExit(f"the checkpoint fixes the architecture: {', '.join(f'{k}={model_args[k]}' for k in clash)} "
-                         f"(the config set {', '.join(f'{k}={config[k]}' for k in clash)}); remove these keys")
+        raise SystemExit(
+            f"the checkpoint fixes the architecture: {', '.join(f'{k}={model_args[k]}' for k in clash)} "
+            f"(the config set {', '.join(f'{k}={config[k]}' for k in clash)}); remove these keys"
+        )
     if Tokenizer(ckpt["tokenizer"]).spec() != tokenizer.spec():
-        raise SystemExit(f"{data_dir} was tokenized with a different tokenizer than {source}; prepare the data with the checkpoint's tokenizer")
+        raise SystemExit(
+            f"{data_dir} was tokenized with a different tokenizer than {source}; prepare the data with the checkpoint's tokenizer"
+        )
     history = list(ckpt.get("history", []))
     if init_from == "resume":
         iter_num, best_val_loss, tokens_seen = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["tokens_seen"]
@@ -340,8 +427,13 @@ if model_args["vocab_size"] < meta["vocab_size"]:
 
 
 start_history = history if ckpt is not None else None  # the weights' lineage, when they come from a checkpoint
-stop_together(*(checkpoint.out_dir_verdict(out_dir, init_from, config, train_loader.fingerprint, start_history,
-                                           WATCH_KEYS) if master_process else (None, 0)))
+stop_together(
+    *(
+        checkpoint.out_dir_verdict(out_dir, init_from, config, train_loader.fingerprint, start_history, WATCH_KEYS)
+        if master_process
+        else (None, 0)
+    )
+)
 
 try:
     model = LLaMA(ModelConfig(**model_args))
@@ -355,21 +447,30 @@ log(f"parameters: {model.num_params():,} ({model.num_params(non_embedding=True):
 
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 optimizer = model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_type, muon, dtype)
-carried = init_from == "resume" or (ckpt is not None and ckpt.get("optimizer") and history and history[-1].get("optim") == "copy")
+carried = init_from == "resume" or (
+    ckpt is not None and ckpt.get("optimizer") and history and history[-1].get("optim") == "copy"
+)
 if carried:
     # the moments come from the checkpoint, the hyper-parameters from this run's config: load_state_dict would
     # restore the checkpoint's betas and weight decay, so `--init_from=resume --beta2=0.99` (a common move after a loss
     # spike) would change nothing. With the config unchanged the groups are the same: the resume stays bit-exact.
     if not ckpt.get("optimizer"):
-        raise SystemExit(f"{source} holds no optimizer state, so it cannot be resumed: start a new phase from it "
-                         f"(--init_from={os.path.join(out_dir, 'ckpt.pt')} with another out_dir)")
+        raise SystemExit(
+            f"{source} holds no optimizer state, so it cannot be resumed: start a new phase from it "
+            f"(--init_from={os.path.join(out_dir, 'ckpt.pt')} with another out_dir)"
+        )
     state, params = ckpt["optimizer"]["state"], [p for group in optimizer.param_groups for p in group["params"]]
     # what each parameter's state holds: Muon's momentum, or AdamW's moments (muon.py)
-    moment = ["momentum_buffer" if group.get("muon") else "exp_avg" for group in optimizer.param_groups
-              for p in group["params"]]
+    moment = [
+        "momentum_buffer" if group.get("muon") else "exp_avg"
+        for group in optimizer.param_groups
+        for p in group["params"]
+    ]
     if any(i < len(params) and moment[i] not in s for i, s in state.items()):
-        raise SystemExit(f"the optimizer state in {source} was made with muon={not muon}, this run has muon={muon}: "
-                         f"continue it with --muon={not muon}, or start a new phase from it (a fresh optimizer)")
+        raise SystemExit(
+            f"the optimizer state in {source} was made with muon={not muon}, this run has muon={muon}: "
+            f"continue it with --muon={not muon}, or start a new phase from it (a fresh optimizer)"
+        )
     if any(i >= len(params) or s[moment[i]].shape != params[i].shape for i, s in state.items()):
         raise SystemExit(f"the optimizer state in {source} does not fit the model's parameters")
     optimizer.load_state_dict(dict(optimizer.state_dict(), state=state))
@@ -383,7 +484,9 @@ if init_from == "resume":
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])  # fp16's loss scale: restarting it would skip steps anew
         else:
-            log("warning: the checkpoint holds no fp16 grad-scaler state: its scale restarts, so the resume is not exact")
+            log(
+                "warning: the checkpoint holds no fp16 grad-scaler state: its scale restarts, so the resume is not exact"
+            )
     torch.set_rng_state(ckpt["rng"]["torch"])
     if device_type == "cuda" and ckpt["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
@@ -411,9 +514,11 @@ if ddp:
 flops_per_token = raw_model.flops_per_token(block_size)
 if peak_flops is None and master_process:
     peak_flops, measured, peak_name = mfu_peak(dtype, device)
-    log(f"MFU against {peak_name}: {peak_flops / 1e12:.3g} TFLOP/s"
+    log(
+        f"MFU against {peak_name}: {peak_flops / 1e12:.3g} TFLOP/s"
         + (f"; measured matmul peak {measured / 1e12:.3g} TFLOP/s in {dtype}" if measured != peak_flops else "")
-        + " (set peak_flops to use another)")
+        + " (set peak_flops to use another)"
+    )
 
 
 def get_lr(it):
@@ -447,16 +552,37 @@ def evaluate():
 def save_checkpoint(val_loss, val_bpb=None):
     """Write out_dir/ckpt.pt (rank 0). Returns None, or the one-line error that stops every rank (a full disk)."""
     global saved_at
-    phase_entry = dict(event="train", out_dir=out_dir, data_dir=data_dir, init_from=config["init_from"], iters=iter_num,
-                       tokens=tokens_seen, flops=tokens_seen * flops_per_token, val_loss=val_loss, val_bpb=val_bpb)
-    ckpt = dict(model=raw_model.state_dict(), model_args=model_args, tokenizer=tokenizer.spec(),
-                optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num, config=config,
-                world_size=world_size, loader=train_loader.state_dict(), best_val_loss=best_val_loss, tokens_seen=tokens_seen,
-                rng={"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None},
-                history=history + [phase_entry])
+    phase_entry = dict(
+        event="train",
+        out_dir=out_dir,
+        data_dir=data_dir,
+        init_from=config["init_from"],
+        iters=iter_num,
+        tokens=tokens_seen,
+        flops=tokens_seen * flops_per_token,
+        val_loss=val_loss,
+        val_bpb=val_bpb,
+    )
+    ckpt = dict(
+        model=raw_model.state_dict(),
+        model_args=model_args,
+        tokenizer=tokenizer.spec(),
+        optimizer=optimizer.state_dict(),
+        scaler=scaler.state_dict(),
+        iter_num=iter_num,
+        config=config,
+        world_size=world_size,
+        loader=train_loader.state_dict(),
+        best_val_loss=best_val_loss,
+        tokens_seen=tokens_seen,
+        rng={"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None},
+        history=history + [phase_entry],
+    )
     try:
         path = checkpoint.save(ckpt, out_dir, keep_last)
-    except OSError as e:  # a full disk says so in one line (on its own, not after the progress bar); the last checkpoint is intact
+    except (
+        OSError
+    ) as e:  # a full disk says so in one line (on its own, not after the progress bar); the last checkpoint is intact
         return f"error: {e}"
     saved_at = iter_num
     log(f"saved {path}")
@@ -486,9 +612,13 @@ def stop(signum):
         log(f"stopped by {name} before the first step: nothing to save")
     else:
         args = [a for a in sys.argv[1:] if not a.startswith(("--init_from=", "--overwrite="))]
-        command = ("torchrun [the same options] " if ddp else "python ") + shlex.join([sys.argv[0], *args, "--init_from=resume"])
-        log(f"stopped by {name} at step {iter_num} of {max_iters}: {os.path.join(out_dir, 'ckpt.pt')} holds it; "
-            f"resume with: {command}")
+        command = ("torchrun [the same options] " if ddp else "python ") + shlex.join(
+            [sys.argv[0], *args, "--init_from=resume"]
+        )
+        log(
+            f"stopped by {name} at step {iter_num} of {max_iters}: {os.path.join(out_dir, 'ckpt.pt')} holds it; "
+            f"resume with: {command}"
+        )
     leave(128 + signum)
 
 
@@ -503,7 +633,9 @@ error = None
 if master_process:
     if init_from == "resume":  # a resumed run drops what was logged after its checkpoint
         entries = checkpoint.read_metrics(out_dir)
-        checkpoint.write_metrics(out_dir, [e for e in entries if e["iter"] < iter_num or (e["iter"] == iter_num and "loss" in e)])
+        checkpoint.write_metrics(
+            out_dir, [e for e in entries if e["iter"] < iter_num or (e["iter"] == iter_num and "loss" in e)]
+        )
     else:  # a new run: out_dir holds no checkpoint (out_dir_verdict), so a metrics.jsonl here has nothing to go with
         if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
             log(f"warning: replacing {out_dir}/metrics.jsonl, left by a run that saved no checkpoint")
@@ -511,9 +643,15 @@ if master_process:
     if wandb_log:
         try:
             import wandb
+
             # with no API key, log offline (wandb sync later) instead of failing or prompting
-            wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=out_dir,
-                       mode="online" if os.environ.get("WANDB_API_KEY") else "offline")
+            wandb.init(
+                project=wandb_project,
+                name=wandb_run_name,
+                config=config,
+                dir=out_dir,
+                mode="online" if os.environ.get("WANDB_API_KEY") else "offline",
+            )
         except ImportError:
             error = "error: wandb_log=True needs the wandb package: pip install wandb (or set wandb_log=False)"
 stop_together(error)
@@ -521,20 +659,36 @@ stop_together(error)
 # -----------------------------------------------------------------------------------------------
 # The training loop
 phase = "training"  # from here a signal is honoured at the next step boundary
-bar = tqdm(total=max_iters, initial=iter_num, desc="train", unit="step", file=sys.stderr, disable=not master_process,
-           dynamic_ncols=True)
+bar = tqdm(
+    total=max_iters,
+    initial=iter_num,
+    desc="train",
+    unit="step",
+    file=sys.stderr,
+    disable=not master_process,
+    dynamic_ncols=True,
+)
 t0, timed_steps = time.perf_counter(), 0
 while True:
     if iter_num % eval_interval == 0 or iter_num >= max_iters:
         val_loss, val_bpb = evaluate()
         if not math.isfinite(val_loss):
-            raise SystemExit(f"val loss is {val_loss} at step {iter_num}: stopping; the last checkpoint in {out_dir} is intact")
+            raise SystemExit(
+                f"val loss is {val_loss} at step {iter_num}: stopping; the last checkpoint in {out_dir} is intact"
+            )
         best_val_loss = min(best_val_loss, val_loss)
         log(f"step {iter_num}: val loss {val_loss:.4f}" + (f", val bpb {val_bpb:.4f}" if val_bpb is not None else ""))
         error = None
         if master_process:
-            record({"iter": iter_num, "val_loss": val_loss, "val_bpb": val_bpb, "tokens": tokens_seen,
-                    "flops": tokens_seen * flops_per_token})
+            record(
+                {
+                    "iter": iter_num,
+                    "val_loss": val_loss,
+                    "val_bpb": val_bpb,
+                    "tokens": tokens_seen,
+                    "flops": tokens_seen * flops_per_token,
+                }
+            )
             if iter_num > 0 or init_from != "scratch":
                 error = save_checkpoint(val_loss, val_bpb)
         stop_together(error)
@@ -569,8 +723,10 @@ while True:
         dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
     train_loss = loss_sum.item()  # one sync per step; also our NaN guard
     if not math.isfinite(train_loss):
-        raise SystemExit(f"loss is {train_loss} at step {iter_num}: stopping; the last checkpoint in {out_dir} is intact "
-                         f"(try a lower learning_rate, or grad_clip)")
+        raise SystemExit(
+            f"loss is {train_loss} at step {iter_num}: stopping; the last checkpoint in {out_dir} is intact "
+            f"(try a lower learning_rate, or grad_clip)"
+        )
     iter_num += 1
     timed_steps += 1
     tokens_seen += tokens_per_step
@@ -578,10 +734,21 @@ while True:
     if iter_num % log_interval == 0 and master_process:
         tok_s = tokens_per_step * timed_steps / (time.perf_counter() - t0)
         mfu = flops_per_token * tok_s / peak_flops if peak_flops else None
-        log(f"step {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s"
-            + (f", MFU {100 * mfu:.1f}%" if mfu is not None else ""))
-        record({"iter": iter_num, "loss": train_loss, "lr": lr, "tokens": tokens_seen,
-                "flops": tokens_seen * flops_per_token, "tok_per_s": tok_s, "mfu": mfu})
+        log(
+            f"step {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s"
+            + (f", MFU {100 * mfu:.1f}%" if mfu is not None else "")
+        )
+        record(
+            {
+                "iter": iter_num,
+                "loss": train_loss,
+                "lr": lr,
+                "tokens": tokens_seen,
+                "flops": tokens_seen * flops_per_token,
+                "tok_per_s": tok_s,
+                "mfu": mfu,
+            }
+        )
         t0, timed_steps = time.perf_counter(), 0
 bar.close()
 

@@ -9,23 +9,23 @@
 out_dir = "out/tiny"
 data_dir = "data/pydocs"
 device = "cpu"
-dtype = "auto"              # fp32 on a CPU without native bf16 (AVX2: bf16 autocast is 7-20x slower), bf16 with it
-compile = False             # torch.compile: 1.2-1.3x the steps/s, but ~60 CPU-seconds to compile on a cold cache
-batch_size = 8              # 8 x 128 = 1,024 tokens per step: small steps (512 tokens per step learned no more per token)
+dtype = "auto"  # fp32 on a CPU without native bf16 (AVX2: bf16 autocast is 7-20x slower), bf16 with it
+compile = False  # torch.compile: 1.2-1.3x the steps/s, but ~60 CPU-seconds to compile on a cold cache
+batch_size = 8  # 8 x 128 = 1,024 tokens per step: small steps (512 tokens per step learned no more per token)
 block_size = 128
 gradient_accumulation_steps = 1
 n_layer = 4
-n_head = 3                  # head_dim 32
+n_head = 3  # head_dim 32
 n_kv_head = 3
 n_embd = 96
-intermediate_size = 256     # 8/3 * n_embd
-tie_embeddings = True       # the lm_head is the embedding: less to learn from 0.6M tokens, no second 2048 x 96 matrix
-muon = True                 # Muon for the blocks' matrices, AdamW for the embedding and gains
-learning_rate = 6e-3        # Muon's peak (its update has AdamW's RMS): 6e-3 ended 0.013 bits per byte below 4e-3
+intermediate_size = 256  # 8/3 * n_embd
+tie_embeddings = True  # the lm_head is the embedding: less to learn from 0.6M tokens, no second 2048 x 96 matrix
+muon = True  # Muon for the blocks' matrices, AdamW for the embedding and gains
+learning_rate = 6e-3  # Muon's peak (its update has AdamW's RMS): 6e-3 ended 0.013 bits per byte below 4e-3
 min_lr = 6e-4
 max_iters = 2700
 lr_decay_iters = 2700
 warmup_iters = 100
 eval_interval = 450
-val_tokens = 20480          # the val set: the first 20,480 tokens of the val split, in every phase
+val_tokens = 20480  # the val set: the first 20,480 tokens of the val split, in every phase
 log_interval = 100

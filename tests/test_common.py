@@ -1,4 +1,5 @@
 """common.py: the compute dtype rule with the device's capabilities mocked each way, and MFU's peak."""
+
 import pytest
 import torch
 
@@ -10,27 +11,44 @@ NO_BF16 = {"avx2": True, "avx512_f": False, "avx512_bf16": False, "amx_bf16": Fa
 @pytest.fixture
 def cpu(monkeypatch):
     """Set what the CPU reports: cpu(capability, **flags)."""
+
     def set_cpu(capability, **flags):
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: NO_BF16 | flags)
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+
     return set_cpu
 
 
 @pytest.fixture
 def gpu(monkeypatch):
     """Set the GPU's name and whether it has bf16: gpu(name, bf16)."""
+
     def set_gpu(name, bf16):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
+
     return set_gpu
 
 
-@pytest.mark.parametrize("flags,capability,dtype,reason", [
-    ({"amx_bf16": True, "amx_tile": True, "avx512_bf16": True, "avx512_f": True}, "AVX512", "bfloat16", "this CPU has AMX"),
-    ({"avx512_bf16": True, "avx512_f": True}, "AVX512", "bfloat16", "this CPU has AVX-512 BF16"),
-    ({"avx512_f": True}, "AVX512", "float32", "this CPU has no native bf16: AVX512"),  # AVX-512 without BF16 (Skylake)
-    ({}, "AVX2", "float32", "this CPU has no native bf16: AVX2"),
-])
+@pytest.mark.parametrize(
+    "flags,capability,dtype,reason",
+    [
+        (
+            {"amx_bf16": True, "amx_tile": True, "avx512_bf16": True, "avx512_f": True},
+            "AVX512",
+            "bfloat16",
+            "this CPU has AMX",
+        ),
+        ({"avx512_bf16": True, "avx512_f": True}, "AVX512", "bfloat16", "this CPU has AVX-512 BF16"),
+        (
+            {"avx512_f": True},
+            "AVX512",
+            "float32",
+            "this CPU has no native bf16: AVX512",
+        ),  # AVX-512 without BF16 (Skylake)
+        ({}, "AVX2", "float32", "this CPU has no native bf16: AVX2"),
+    ],
+)
 def test_cpu_rule(cpu, flags, capability, dtype, reason):
     cpu(capability, **flags)
     assert common.auto_dtype("cpu") == (dtype, reason)
@@ -57,9 +75,17 @@ def test_resolve_says_its_choice_once_and_explicit_wins(cpu, capsys):
 def test_train_py_runs_in_the_rules_dtype(pydocs_data, tmp_path):
     """train.py's default dtype is the rule's: on this CPU whatever auto_dtype says, recorded in the checkpoint."""
     from conftest import TINY, run_script
+
     args = [a for a in TINY if not a.startswith("--dtype")]
-    proc = run_script("train.py", f"--data_dir={pydocs_data}", f"--out_dir={tmp_path}", *args, "--max_iters=1",
-                      "--lr_decay_iters=1", "--eval_interval=1")
+    proc = run_script(
+        "train.py",
+        f"--data_dir={pydocs_data}",
+        f"--out_dir={tmp_path}",
+        *args,
+        "--max_iters=1",
+        "--lr_decay_iters=1",
+        "--eval_interval=1",
+    )
     dtype, reason = common.auto_dtype("cpu")
     assert f"dtype auto -> {dtype} ({reason})" in proc.stderr
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]["dtype"] == dtype

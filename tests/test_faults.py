@@ -1,5 +1,6 @@
 """Bad luck loses nothing: a full disk while saving, two runs on one out_dir, a torn metrics line, a corrupt shard, a
 dataset that is not what its meta.json lists, a file system without hard links, a failure of rank 0 under DDP."""
+
 import errno
 import json
 import os
@@ -12,10 +13,10 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, TINY, run_script
 
 import checkpoint
 from common import DiskFullError
-from conftest import ROOT, TINY, run_script
 from data import ShardLoader, read_shard, write_meta, write_shard
 from tokenizer import Tokenizer
 
@@ -54,7 +55,10 @@ def train(data, out, *extra, check=True):
 def train_on_full_disk(data, out, *extra):
     """train.py in a fresh interpreter whose checkpoint writes hit a full disk."""
     argv = ["train.py", f"--data_dir={data}", f"--out_dir={out}", *TINY, *extra]
-    code = FULL_DISK + f"builtins.open = open_on_full_disk\nimport runpy, sys\nsys.argv = {argv!r}\nrunpy.run_path('train.py', run_name='__main__')\n"
+    code = (
+        FULL_DISK
+        + f"builtins.open = open_on_full_disk\nimport runpy, sys\nsys.argv = {argv!r}\nrunpy.run_path('train.py', run_name='__main__')\n"
+    )
     return run_script("-c", code, check=False)
 
 
@@ -63,6 +67,7 @@ def load(out):
 
 
 # --- 1. disk full while saving ------------------------------------------------------------------
+
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(pydocs_data, tmp_path):
     train(pydocs_data, tmp_path, "--max_iters=4", *STEPS)
@@ -102,10 +107,23 @@ def test_checkpoint_save_on_full_disk_in_process(tmp_path, monkeypatch):
 
 # --- 2. two train.py on one out_dir ---------------------------------------------------------------
 
+
 def test_second_run_on_the_same_out_dir_refuses(pydocs_data, tmp_path):
-    first = subprocess.Popen([sys.executable, "train.py", f"--data_dir={pydocs_data}", f"--out_dir={tmp_path}", *TINY,
-                              "--max_iters=1000000", "--eval_interval=1000000"],
-                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "train.py",
+            f"--data_dir={pydocs_data}",
+            f"--out_dir={tmp_path}",
+            *TINY,
+            "--max_iters=1000000",
+            "--eval_interval=1000000",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         lock = tmp_path / "train.lock"
         deadline = time.time() + 120
@@ -117,7 +135,9 @@ def test_second_run_on_the_same_out_dir_refuses(pydocs_data, tmp_path):
             time.sleep(0.2)
         proc = train(pydocs_data, tmp_path, "--max_iters=2", check=False)
         assert proc.returncode != 0 and "in use by another training run" in proc.stderr
-        assert f"pid {first.pid} " in proc.stderr and "another out_dir" in proc.stderr and "Traceback" not in proc.stderr
+        assert (
+            f"pid {first.pid} " in proc.stderr and "another out_dir" in proc.stderr and "Traceback" not in proc.stderr
+        )
         assert first.poll() is None  # the first run goes on
     finally:
         first.send_signal(signal.SIGKILL)  # dies without any cleanup: its lock file stays, with its pid
@@ -137,6 +157,7 @@ def test_lock_is_released_when_the_holder_goes(tmp_path):
 
 
 # --- 3. a torn last line in metrics.jsonl ---------------------------------------------------------
+
 
 def test_torn_metrics_line_is_dropped_and_resume_goes_on(pydocs_data, tmp_path):
     train(pydocs_data, tmp_path, "--max_iters=4", *STEPS)
@@ -158,6 +179,7 @@ def test_bad_metrics_line_in_the_middle_is_an_error(tmp_path):
 
 # --- 4. token ids outside the vocabulary ----------------------------------------------------------
 
+
 @pytest.fixture
 def corrupt_data(tmp_path):
     """A dataset whose second train shard has one id past the vocabulary, deep in its body."""
@@ -176,8 +198,11 @@ def corrupt_data(tmp_path):
 def test_token_id_outside_the_vocabulary_names_the_shard(corrupt_data):
     loader = ShardLoader(str(corrupt_data), "train", 4, 64)
     assert loader.checked == {str(corrupt_data / "train_000000.bin")}  # a shard is checked when it is opened
-    with pytest.raises(ValueError, match=r"train_000001.bin: token id 300 at position 4,321 is outside the dataset's "
-                                         r"vocabulary of 300 \(meta.json\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"train_000001.bin: token id 300 at position 4,321 is outside the dataset's "
+        r"vocabulary of 300 \(meta.json\)",
+    ):
         for _ in range(100):  # 5000 tokens per shard, 257 per batch: shard 1 opens within 20 batches
             loader.next_batch()
     assert int(read_shard(str(corrupt_data / "train_000001.bin")).max()) == 300
@@ -192,6 +217,7 @@ def test_train_refuses_a_corrupt_shard_in_one_line(corrupt_data, tmp_path):
 
 # --- 5. the manifest: meta.json lists the shards and their token counts ---------------------------
 
+
 @pytest.fixture
 def listed_data(tmp_path):
     """A dataset whose meta.json lists its shards and their sizes, as prepare_data.py writes it."""
@@ -200,8 +226,13 @@ def listed_data(tmp_path):
     shards = {"train_000000.bin": 3000, "train_000001.bin": 2000, "val_000000.bin": 1000}
     for name, n in shards.items():
         write_shard(str(tmp_path / name), rng.integers(0, 300, n).astype(np.uint16))
-    write_meta(str(tmp_path), tok, shards={"train": ["train_000000.bin", "train_000001.bin"], "val": ["val_000000.bin"]},
-               shard_tokens={"train": [3000, 2000], "val": [1000]}, tokens={"train": 5000, "val": 1000})
+    write_meta(
+        str(tmp_path),
+        tok,
+        shards={"train": ["train_000000.bin", "train_000001.bin"], "val": ["val_000000.bin"]},
+        shard_tokens={"train": [3000, 2000], "val": [1000]},
+        tokens={"train": 5000, "val": 1000},
+    )
     return tmp_path
 
 
@@ -218,22 +249,31 @@ def test_the_loader_reads_exactly_the_listed_shards(listed_data):
 
 def test_a_listed_shard_that_is_missing_is_named(listed_data):
     os.remove(listed_data / "train_000001.bin")  # an interrupted copy of the directory
-    with pytest.raises(FileNotFoundError, match=r"train_000001.bin is missing \(1 of the 2 train shards .*meta.json lists\): "
-                                                r"the dataset is incomplete; copy it again, or re-run prepare_data.py"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"train_000001.bin is missing \(1 of the 2 train shards .*meta.json lists\): "
+        r"the dataset is incomplete; copy it again, or re-run prepare_data.py",
+    ):
         ShardLoader(str(listed_data), "train", 4, 64)
 
 
 def test_a_shard_that_meta_json_does_not_list_is_named(listed_data):
     write_shard(str(listed_data / "train_000002.bin"), np.zeros(3000, dtype=np.uint16))  # left by another dataset
-    with pytest.raises(ValueError, match=r"train_000002.bin is not one of the train shards .*meta.json lists: it belongs "
-                                         r"to another dataset; remove it, or re-run prepare_data.py"):
+    with pytest.raises(
+        ValueError,
+        match=r"train_000002.bin is not one of the train shards .*meta.json lists: it belongs "
+        r"to another dataset; remove it, or re-run prepare_data.py",
+    ):
         ShardLoader(str(listed_data), "train", 4, 64)
 
 
 def test_a_token_count_that_disagrees_is_named(listed_data):
     edit_meta(listed_data, shard_tokens={"train": [6000, 4000], "val": [2000]}, tokens={"train": 10000, "val": 2000})
-    with pytest.raises(ValueError, match=r"train_000000.bin holds 3,000 tokens, but .*meta.json says 6,000: the shard and "
-                                         r"meta.json come from different builds"):
+    with pytest.raises(
+        ValueError,
+        match=r"train_000000.bin holds 3,000 tokens, but .*meta.json says 6,000: the shard and "
+        r"meta.json come from different builds",
+    ):
         ShardLoader(str(listed_data), "train", 4, 64)
     # a dataset prepared before per-shard counts: its split's total is checked instead
     edit_meta(listed_data, shard_tokens=None)
@@ -245,7 +285,9 @@ def test_a_token_count_that_disagrees_is_named(listed_data):
 
 def test_an_eot_id_outside_the_vocabulary_is_named(listed_data):
     edit_meta(listed_data, eot_id=300)
-    with pytest.raises(ValueError, match=r"meta.json: eot_id 300 is outside the vocabulary of 300: meta.json is damaged"):
+    with pytest.raises(
+        ValueError, match=r"meta.json: eot_id 300 is outside the vocabulary of 300: meta.json is damaged"
+    ):
         ShardLoader(str(listed_data), "train", 4, 64)
 
 
@@ -257,12 +299,18 @@ def test_a_dataset_without_a_shard_list_is_globbed(listed_data):
 
 # --- 6. keep_last where hard links are refused -----------------------------------------------------
 
+
 def test_keep_last_copies_where_hard_links_are_refused(tmp_path, monkeypatch):
     def refuse_links(src, dst):  # gcsfuse, s3fs and FAT answer link(2) so
         raise OSError(errno.EPERM, "Operation not permitted")
+
     monkeypatch.setattr(os, "link", refuse_links)
     for step in (1, 2, 3):
-        checkpoint.save({"model": {"w": torch.full((4,), float(step))}, "model_args": {}, "iter_num": step}, str(tmp_path), keep_last=2)
+        checkpoint.save(
+            {"model": {"w": torch.full((4,), float(step))}, "model_args": {}, "iter_num": step},
+            str(tmp_path),
+            keep_last=2,
+        )
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt_0000002.pt", "ckpt_0000003.pt"]
     assert os.stat(tmp_path / "ckpt_0000003.pt").st_nlink == 1  # a copy, not a link
     assert (tmp_path / "ckpt_0000003.pt").read_bytes() == (tmp_path / "ckpt.pt").read_bytes()
@@ -271,24 +319,48 @@ def test_keep_last_copies_where_hard_links_are_refused(tmp_path, monkeypatch):
 
 # --- 7. under DDP, what stops rank 0 stops every rank -----------------------------------------------
 
+
 def two_nodes(out, data, *extra, script="train.py"):
     """torchrun on two "nodes" of one process each (two launchers, as on two machines): a failure on node 0 reaches
     node 1 only through the training processes themselves, not through a shared launcher."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-                               f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}", script,
-                               f"--data_dir={data}", f"--out_dir={out}", *TINY, *extra],
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for node in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                f"--node_rank={node}",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                script,
+                f"--data_dir={data}",
+                f"--out_dir={out}",
+                *TINY,
+                *extra,
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        for node in (0, 1)
+    ]
     return [(p.returncode, err) for p in procs for _, err in [p.communicate(timeout=300)]]  # a hang fails, not waits
 
 
 def node_lines(stderr):
     """The lines the training process wrote, without torchrun's own report of a failed worker."""
-    return [line for line in stderr.replace("\r", "\n").splitlines()
-            if line.startswith(("error:", "[rank")) or "train.py\", line" in line]
+    return [
+        line
+        for line in stderr.replace("\r", "\n").splitlines()
+        if line.startswith(("error:", "[rank")) or 'train.py", line' in line
+    ]
 
 
 def test_a_lock_that_rank_0_cannot_take_stops_every_rank(pydocs_data, tmp_path):
@@ -299,18 +371,23 @@ def test_a_lock_that_rank_0_cannot_take_stops_every_rank(pydocs_data, tmp_path):
         held.release()
     for rc, stderr in nodes:  # each node's process stopped on its own, with the same line (no gloo error, no traceback)
         assert rc == 1 and "exitcode  : 1 " in stderr, stderr[-2000:]
-        assert node_lines(stderr) == [f"error: {tmp_path} is in use by another training run (pid {os.getpid()} on "
-                                      f"{os.uname().nodename}): wait for it to finish, or give this run another out_dir"]
+        assert node_lines(stderr) == [
+            f"error: {tmp_path} is in use by another training run (pid {os.getpid()} on "
+            f"{os.uname().nodename}): wait for it to finish, or give this run another out_dir"
+        ]
 
 
 def test_a_full_disk_at_rank_0s_save_stops_every_rank(pydocs_data, tmp_path):
     wrapper = tmp_path / "train_on_full_disk.py"
-    wrapper.write_text(FULL_DISK + f"builtins.open = open_on_full_disk\nimport runpy, sys\nsys.path.insert(0, {ROOT!r})\n"
-                       f"sys.argv[0] = 'train.py'\nrunpy.run_path({os.path.join(ROOT, 'train.py')!r}, run_name='__main__')\n")
+    wrapper.write_text(
+        FULL_DISK + f"builtins.open = open_on_full_disk\nimport runpy, sys\nsys.path.insert(0, {ROOT!r})\n"
+        f"sys.argv[0] = 'train.py'\nrunpy.run_path({os.path.join(ROOT, 'train.py')!r}, run_name='__main__')\n"
+    )
     nodes = two_nodes(tmp_path / "out", pydocs_data, "--max_iters=8", *STEPS, script=str(wrapper))
     for rc, stderr in nodes:
         assert rc == 1 and "exitcode  : 1 " in stderr, stderr[-2000:]
         lines = node_lines(stderr)
-        assert len(lines) == 1 and lines[0].startswith(f"error: disk full while writing {tmp_path / 'out' / 'ckpt.pt'}: "
-                                                       "nothing was written"), stderr[-2000:]
+        assert len(lines) == 1 and lines[0].startswith(
+            f"error: disk full while writing {tmp_path / 'out' / 'ckpt.pt'}: nothing was written"
+        ), stderr[-2000:]
     assert not os.path.exists(tmp_path / "out" / "ckpt.pt")

@@ -1,4 +1,5 @@
 """model.py against references: transformers' LlamaForCausalLM, and itself without a KV cache."""
+
 import math
 
 import pytest
@@ -10,11 +11,30 @@ transformers = pytest.importorskip("transformers")
 
 
 def tiny_pair(tie, n_kv_head, seed=0):
-    cfg = ModelConfig(vocab_size=96, n_layer=3, n_head=4, n_kv_head=n_kv_head, n_embd=64, intermediate_size=160,
-                      block_size=32, rope_theta=500.0, norm_eps=1e-6, tie_embeddings=tie)
-    hf_cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-                                      num_attention_heads=4, num_key_value_heads=n_kv_head, max_position_embeddings=64,
-                                      rope_theta=500.0, rms_norm_eps=1e-6, tie_word_embeddings=tie)
+    cfg = ModelConfig(
+        vocab_size=96,
+        n_layer=3,
+        n_head=4,
+        n_kv_head=n_kv_head,
+        n_embd=64,
+        intermediate_size=160,
+        block_size=32,
+        rope_theta=500.0,
+        norm_eps=1e-6,
+        tie_embeddings=tie,
+    )
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=n_kv_head,
+        max_position_embeddings=64,
+        rope_theta=500.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tie,
+    )
     torch.manual_seed(seed)
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
     ours = LLaMA(cfg).eval()
@@ -39,7 +59,9 @@ def test_state_dict_names_are_llama_names():
 
 def test_loss_is_mean_cross_entropy():
     torch.manual_seed(0)
-    m = LLaMA(ModelConfig(vocab_size=50, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, intermediate_size=64, block_size=16))
+    m = LLaMA(
+        ModelConfig(vocab_size=50, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, intermediate_size=64, block_size=16)
+    )
     idx = torch.randint(0, 50, (3, 16))
     tgt = torch.randint(0, 50, (3, 16))
     logits, loss = m(idx, tgt)
@@ -63,6 +85,7 @@ def test_kv_cache_generation_equals_full_recompute():
 def test_chunked_prefill_matches_single_pass():
     """A prompt fed in two chunks through the cache gives the logits of one full pass."""
     from model import KVCache
+
     ours, _ = tiny_pair(True, 2)
     idx = torch.randint(0, 96, (1, 15))
     with torch.no_grad():
@@ -96,6 +119,7 @@ def test_param_counts_and_flops():
 def test_rope_halves_equal_rotate_half_bit_for_bit():
     """apply_rope written per half gives exactly transformers' x * cos + rotate_half(x) * sin."""
     from model import apply_rope, rope_cache
+
     cos, sin = rope_cache(16, 10, 10000.0)
     x = torch.randn(2, 10, 3, 16)
     full_cos, full_sin = torch.cat((cos, cos), -1)[:, None], torch.cat((sin, sin), -1)[:, None]
@@ -105,6 +129,7 @@ def test_rope_halves_equal_rotate_half_bit_for_bit():
 
 def test_measured_peak_is_a_positive_rate():
     from common import measure_peak_flops
+
     peak = measure_peak_flops(torch.float32, "cpu", seconds=0.1)
     assert math.isfinite(peak) and peak > 1e8  # any CPU does 0.1 GFLOP/s
 

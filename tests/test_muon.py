@@ -1,13 +1,14 @@
 """muon.py: Newton-Schulz against an SVD, Muon's steps against a float64 hand computation, its AdamW groups against
 torch's AdamW, and train.py / stack.py with muon=True (exact resume, a flipped flag refused, moments carried)."""
+
 import math
 
 import pytest
 import torch
+from conftest import TINY, run_script
 
 import checkpoint
 import stack
-from conftest import TINY, run_script
 from model import LLaMA, ModelConfig
 from muon import MuonAdamW, orthogonalize
 
@@ -30,8 +31,11 @@ def test_orthogonalize_approximates_the_polar_factor(shape):
     cosine = (O.double() * P).sum() / (O.double().norm() * P.norm())
     assert cosine > 0.98
     # the same singular vectors: O's projection on P's row space is O
-    assert torch.allclose(O.double() @ (P.T @ P if shape[0] <= shape[1] else torch.eye(shape[1], dtype=torch.float64)),
-                          O.double(), atol=1e-5)
+    assert torch.allclose(
+        O.double() @ (P.T @ P if shape[0] <= shape[1] else torch.eye(shape[1], dtype=torch.float64)),
+        O.double(),
+        atol=1e-5,
+    )
     # scale-invariant, and a stack of matrices is orthogonalized one by one
     assert torch.allclose(orthogonalize(1000 * G), O, atol=1e-5)
     stacked = orthogonalize(torch.stack([G, 2 * G.flip(0)]))
@@ -65,10 +69,15 @@ def test_adamw_groups_match_torch_adamw():
     torch.manual_seed(0)
     a = [torch.nn.Parameter(torch.randn(8, 5)), torch.nn.Parameter(torch.randn(5))]
     b = [torch.nn.Parameter(p.detach().clone()) for p in a]
-    ours = MuonAdamW([{"params": [a[0]], "weight_decay": 0.1}, {"params": [a[1]], "weight_decay": 0.0}], lr=3e-3,
-                     betas=(0.9, 0.95))
-    ref = torch.optim.AdamW([{"params": [b[0]], "weight_decay": 0.1}, {"params": [b[1]], "weight_decay": 0.0}], lr=3e-3,
-                            betas=(0.9, 0.95), foreach=False)
+    ours = MuonAdamW(
+        [{"params": [a[0]], "weight_decay": 0.1}, {"params": [a[1]], "weight_decay": 0.0}], lr=3e-3, betas=(0.9, 0.95)
+    )
+    ref = torch.optim.AdamW(
+        [{"params": [b[0]], "weight_decay": 0.1}, {"params": [b[1]], "weight_decay": 0.0}],
+        lr=3e-3,
+        betas=(0.9, 0.95),
+        foreach=False,
+    )
     for step in range(5):
         grads = [torch.randn_like(p) for p in a]
         for p, q, g in zip(a, b, grads):
@@ -80,8 +89,18 @@ def test_adamw_groups_match_torch_adamw():
 
 
 def test_configure_optimizer_puts_only_the_blocks_matrices_under_muon():
-    model = LLaMA(ModelConfig(vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, intermediate_size=64,
-                              block_size=16, tie_embeddings=True))
+    model = LLaMA(
+        ModelConfig(
+            vocab_size=64,
+            n_layer=2,
+            n_head=2,
+            n_kv_head=1,
+            n_embd=32,
+            intermediate_size=64,
+            block_size=16,
+            tie_embeddings=True,
+        )
+    )
     opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu", muon=True)
     names = {id(p): n for n, p in model.named_parameters()}
     muon_group, embed, gains = opt.param_groups
@@ -112,8 +131,16 @@ def test_train_with_muon_learns_and_resumes_bit_exact(pydocs_data, tmp_path):
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     # resuming Muon's state as AdamW's (or the reverse) is refused in one line, naming the flag
-    proc = run_script("train.py", f"--data_dir={pydocs_data}", f"--out_dir={tmp_path / 'split'}", *TINY,
-                      "--max_iters=14", "--init_from=resume", *common, check=False)
+    proc = run_script(
+        "train.py",
+        f"--data_dir={pydocs_data}",
+        f"--out_dir={tmp_path / 'split'}",
+        *TINY,
+        "--max_iters=14",
+        "--init_from=resume",
+        *common,
+        check=False,
+    )
     assert proc.returncode != 0 and "made with muon=True, this run has muon=False" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -135,8 +162,16 @@ def test_stack_optim_copy_carries_muon_momentum(pydocs_data, tmp_path):
         origin = src["optimizer"]["state"][src_ids[name]]
         assert grown["optimizer"]["state"][j].keys() == origin.keys()
         assert all(torch.equal(grown["optimizer"]["state"][j][k], origin[k]) for k in origin)
-    run_script("train.py", f"--data_dir={pydocs_data}", f"--out_dir={tmp_path / 'b'}", f"--init_from={tmp_path / 'g.pt'}",
-               *[a for a in TINY if not a.startswith("--n_layer")], "--muon=True", "--max_iters=2",
-               "--lr_decay_iters=2", "--eval_interval=2")
+    run_script(
+        "train.py",
+        f"--data_dir={pydocs_data}",
+        f"--out_dir={tmp_path / 'b'}",
+        f"--init_from={tmp_path / 'g.pt'}",
+        *[a for a in TINY if not a.startswith("--n_layer")],
+        "--muon=True",
+        "--max_iters=2",
+        "--lr_decay_iters=2",
+        "--eval_interval=2",
+    )
     after = checkpoint.load(str(tmp_path / "b"))
     assert {float(s["step"]) for s in after["optimizer"]["state"].values() if "step" in s} == {5.0}  # 3 + 2: carried

@@ -1,23 +1,39 @@
 """plot_run.py: a grown model's phases joined on one token axis from its checkpoint's history, into a PNG."""
+
 import os
 import shutil
 
 import pytest
+from conftest import TINY, run_script
 
 import checkpoint
 import plot_run
-from conftest import TINY, run_script
 
 
 @pytest.fixture(scope="module")
 def grown_run(pydocs_data, tmp_path_factory):
     """phase 1 (2 layers, 6 steps) -> stack.py -> phase 2 (4 layers, 4 steps), as the quick start does it."""
     tmp = tmp_path_factory.mktemp("grown")
-    run_script("train.py", f"--data_dir={pydocs_data}", f"--out_dir={tmp / 'p1'}", *TINY, "--max_iters=6",
-               "--lr_decay_iters=6", "--eval_interval=3")
+    run_script(
+        "train.py",
+        f"--data_dir={pydocs_data}",
+        f"--out_dir={tmp / 'p1'}",
+        *TINY,
+        "--max_iters=6",
+        "--lr_decay_iters=6",
+        "--eval_interval=3",
+    )
     run_script("stack.py", "--src", str(tmp / "p1"), "--out", str(tmp / "stacked.pt"))
-    run_script("train.py", f"--data_dir={pydocs_data}", f"--out_dir={tmp / 'p2'}", *[a for a in TINY if "n_layer" not in a],
-               f"--init_from={tmp / 'stacked.pt'}", "--max_iters=4", "--lr_decay_iters=4", "--eval_interval=2")
+    run_script(
+        "train.py",
+        f"--data_dir={pydocs_data}",
+        f"--out_dir={tmp / 'p2'}",
+        *[a for a in TINY if "n_layer" not in a],
+        f"--init_from={tmp / 'stacked.pt'}",
+        "--max_iters=4",
+        "--lr_decay_iters=4",
+        "--eval_interval=2",
+    )
     return tmp
 
 
@@ -25,7 +41,10 @@ def test_phases_join_on_one_token_axis(grown_run):
     history = checkpoint.load(str(grown_run / "p2"))["history"]
     trains, growths = plot_run.phases(history)
     per_step = 2 * 4 * 64  # accumulation x batch x block
-    assert [(offset, entry["out_dir"]) for offset, entry, _ in trains] == [(0, str(grown_run / "p1")), (6 * per_step, str(grown_run / "p2"))]
+    assert [(offset, entry["out_dir"]) for offset, entry, _ in trains] == [
+        (0, str(grown_run / "p1")),
+        (6 * per_step, str(grown_run / "p2")),
+    ]
     assert [(offset, entry["n_layer"]) for offset, entry in growths] == [(6 * per_step, [2, 4])]
     assert [e["iter"] for e in trains[1][2] if "val_loss" in e] == [0, 2, 4]
 

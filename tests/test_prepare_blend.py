@@ -6,6 +6,7 @@ Everything streams local parquet/jsonl/txt through load_dataset(..., streaming=T
 Run as a script, this file measures the mix of a prefix on a larger corpus (the figure in docs/data.md):
     PYTHONPATH=. python tests/test_prepare_blend.py
 """
+
 import collections
 import json
 import os
@@ -16,9 +17,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
 import prepare_data
-from conftest import ROOT
 from data import ShardLoader, compute_fingerprint, load_tokenizer, read_shard
 
 pa = pytest.importorskip("pyarrow")
@@ -33,10 +34,15 @@ def write_sorted_corpus(directory, n_docs, n_labels, n_files, row_group):
     os.makedirs(directory, exist_ok=True)
     per_file = n_docs // n_files
     for f in range(n_files):
-        rows = [f"label {i * n_labels // n_docs} doc {i} " + " ".join(WORDS[(i * j) % len(WORDS)] for j in range(i % 23))
-                for i in range(f * per_file, (f + 1) * per_file)]
-        pq.write_table(pa.table({"text": rows, "id": list(range(len(rows)))}),
-                       os.path.join(directory, f"part{f:03d}.parquet"), row_group_size=row_group)
+        rows = [
+            f"label {i * n_labels // n_docs} doc {i} " + " ".join(WORDS[(i * j) % len(WORDS)] for j in range(i % 23))
+            for i in range(f * per_file, (f + 1) * per_file)
+        ]
+        pq.write_table(
+            pa.table({"text": rows, "id": list(range(len(rows)))}),
+            os.path.join(directory, f"part{f:03d}.parquet"),
+            row_group_size=row_group,
+        )
     return str(directory)
 
 
@@ -45,7 +51,7 @@ def write_mixed_sources(root):
     corpus = write_sorted_corpus(root / "pq", 1200, 6, 3, 50)
     with open(root / "notes.jsonl", "w") as f:
         for i in range(300):
-            f.write(json.dumps({"text": f"note {i}: " + " ".join(WORDS[:i % 11]) if i % 17 else ""}) + "\n")
+            f.write(json.dumps({"text": f"note {i}: " + " ".join(WORDS[: i % 11]) if i % 17 else ""}) + "\n")
     (root / "txt").mkdir()
     for i in range(5):
         (root / "txt" / f"{i}.txt").write_text(f"plain text file {i}\n\n" + "kappa lambda " * i)
@@ -54,8 +60,24 @@ def write_mixed_sources(root):
 
 # a small blend with every moving part: weights and a budget, blocks and encode batches that do not line up,
 # shards far smaller than the data (a progress save at each train shard), and val shards that fill too
-BLEND = ["--max_tokens", "40000", "--tokenizer", "bpe", "--vocab_size", "300", "--bpe_train_chars", "5000",
-         "--shard_size", "1000", "--shuffle_block", "64", "--batch_docs", "7", "--val_fraction", "0.1"]
+BLEND = [
+    "--max_tokens",
+    "40000",
+    "--tokenizer",
+    "bpe",
+    "--vocab_size",
+    "300",
+    "--bpe_train_chars",
+    "5000",
+    "--shard_size",
+    "1000",
+    "--shuffle_block",
+    "64",
+    "--batch_docs",
+    "7",
+    "--val_fraction",
+    "0.1",
+]
 
 
 def prepare(out_dir, *args):
@@ -76,7 +98,7 @@ def labels(out_dir, split):
     tok = load_tokenizer(out_dir)
     ids = np.concatenate([read_shard(out_dir / name) for name in meta["shards"][split]])
     starts = np.concatenate([[0], np.flatnonzero(ids == tok.eot_id)[:-1] + 1])
-    return [int(tok.decode(ids[s:s + 4].tolist()).split()[1]) for s in starts]
+    return [int(tok.decode(ids[s : s + 4].tolist()).split()[1]) for s in starts]
 
 
 def total_variation(sample, whole):
@@ -86,10 +108,11 @@ def total_variation(sample, whole):
 
 
 def prefix_distances(train, percents=(1, 10, 50)):
-    return [total_variation(train[:max(1, len(train) * p // 100)], train) for p in percents]
+    return [total_variation(train[: max(1, len(train) * p // 100)], train) for p in percents]
 
 
 # --- never destroy a dataset, never lose the work
+
 
 def test_sigkilled_build_continues_to_the_same_bytes(tmp_path, capsys):
     """A real process killed with SIGKILL after its third train shard, then the same command again: the dataset is
@@ -97,8 +120,18 @@ def test_sigkilled_build_continues_to_the_same_bytes(tmp_path, capsys):
     sources = write_mixed_sources(tmp_path)
     reference = prepare(tmp_path / "reference", "--sources", *sources, *BLEND)
     out = tmp_path / "out"
-    command = [sys.executable, os.path.join(ROOT, "prepare_data.py"), "--sources", *sources, *BLEND, "--out_dir", str(out)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "prepare_data.py"),
+        "--sources",
+        *sources,
+        *BLEND,
+        "--out_dir",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     progress, done = tmp_path / "out.partial" / "progress.json", 0
     while proc.poll() is None and done < 3:
         try:
@@ -150,7 +183,9 @@ def test_existing_dataset_survives_a_failed_rebuild(tmp_path, capsys):
     (bad / "a.jsonl").write_text("".join(json.dumps({"text": f"line {i} " * 20}) + "\n" for i in range(200)))
     (bad / "z.jsonl").write_text(json.dumps({"body": "no text column"}) + "\n")  # read after a.jsonl
     with pytest.raises(SystemExit, match="z.jsonl: no column 'text'"):
-        prepare(out, "--sources", bad, "--tokenizer", "bpe", "--vocab_size", 300, "--shard_size", 500, "--shuffle_block", 0)
+        prepare(
+            out, "--sources", bad, "--tokenizer", "bpe", "--vocab_size", 300, "--shard_size", 500, "--shuffle_block", 0
+        )
     assert dataset_files(out) == before
     assert "it stays until the new one" in capsys.readouterr().err
     x, y = ShardLoader(str(out), "train", 2, 16).next_batch()  # still a dataset the loader reads
@@ -188,6 +223,7 @@ def test_same_command_has_nothing_to_do_and_another_starts_over(tmp_path, capsys
 
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(prepare_data, "write_shards", stop)  # leave an unfinished build of seed 1 behind
     with pytest.raises(KeyboardInterrupt):
         prepare(tmp_path / "other", "--sources", *sources, *BLEND, "--seed", 1)
@@ -207,6 +243,7 @@ def test_out_dir_with_other_files_is_refused(tmp_path):
 
 # --- sources mixed, not in file order
 
+
 def test_a_prefix_is_a_sample_of_the_whole(tmp_path):
     """
     4,000 documents sorted by label (10 labels) in 4 files of 20-row row groups. In file order the first 10% of
@@ -216,7 +253,18 @@ def test_a_prefix_is_a_sample_of_the_whole(tmp_path):
     split, drawn from the same shuffled stream, is about as close to the whole as 185 documents can be.
     """
     corpus = write_sorted_corpus(tmp_path / "sorted", 4000, 10, 4, 20)
-    common = ["--sources", corpus, "--tokenizer", "bpe", "--vocab_size", 280, "--bpe_train_chars", 20_000, "--val_fraction", 0.05]
+    common = [
+        "--sources",
+        corpus,
+        "--tokenizer",
+        "bpe",
+        "--vocab_size",
+        280,
+        "--bpe_train_chars",
+        20_000,
+        "--val_fraction",
+        0.05,
+    ]
     prepare(tmp_path / "in_order", *common, "--shuffle_block", 0)
     meta = prepare(tmp_path / "shuffled", *common, "--shuffle_block", 200)
     in_order, shuffled = labels(tmp_path / "in_order", "train"), labels(tmp_path / "shuffled", "train")
@@ -231,6 +279,7 @@ def test_a_prefix_is_a_sample_of_the_whole(tmp_path):
 
 
 # --- reproducible: every source pinned, the recipe and the fingerprint cover it
+
 
 def test_local_sources_are_pinned_by_content(tmp_path):
     corpus = write_sorted_corpus(tmp_path / "a", 400, 4, 2, 50)
@@ -255,6 +304,7 @@ def test_hub_revision_is_resolved_once_and_recorded(tmp_path, monkeypatch):
     records it; a 40-hex commit is used as it is, without asking the hub."""
     import datasets
     import huggingface_hub
+
     local = write_sorted_corpus(tmp_path / "hub", 300, 3, 1, 50) + "/part000.parquet"
     commit = "0123456789abcdef0123456789abcdef01234567"
     asked, loaded = [], []
@@ -266,6 +316,7 @@ def test_hub_revision_is_resolved_once_and_recorded(tmp_path, monkeypatch):
     def load_dataset(path, name=None, revision=None, **kwargs):
         loaded.append((path, name, revision))
         return load(path="parquet", data_files=local, **kwargs)
+
     load = datasets.load_dataset
     monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", dataset_info)
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
@@ -278,12 +329,15 @@ def test_hub_revision_is_resolved_once_and_recorded(tmp_path, monkeypatch):
     assert asked == [] and pinned["sources"][0]["revision"] == commit
 
 
-@pytest.mark.parametrize("spec,expected", [
-    ("hf:org/name", ("org/name", None, "main", None)),
-    ("hf:org/name:config@0.4", ("org/name", "config", "main", 0.4)),
-    ("hf:wikimedia/wikipedia:20231101.en#b04c8d1@0.1", ("wikimedia/wikipedia", "20231101.en", "b04c8d1", 0.1)),
-    ("hf:org/name#refs/convert/parquet", ("org/name", None, "refs/convert/parquet", None)),
-])
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("hf:org/name", ("org/name", None, "main", None)),
+        ("hf:org/name:config@0.4", ("org/name", "config", "main", 0.4)),
+        ("hf:wikimedia/wikipedia:20231101.en#b04c8d1@0.1", ("wikimedia/wikipedia", "20231101.en", "b04c8d1", 0.1)),
+        ("hf:org/name#refs/convert/parquet", ("org/name", None, "refs/convert/parquet", None)),
+    ],
+)
 def test_hub_spec_syntax(spec, expected):
     source = prepare_data.parse_source(spec)
     assert (source["path"], source["config"], source["ref"], source["weight"]) == expected
@@ -295,6 +349,7 @@ def test_preset_names_a_revision_for_every_source():
 
 
 # --- the tokenizer flags say what they do (issue 17, item 7)
+
 
 def test_vocab_size_alone_means_the_trained_bpe(tmp_path):
     for i in range(20):
@@ -309,7 +364,10 @@ def test_tiktoken_offline_says_what_to_do(tmp_path, monkeypatch):
     import tokenizer
 
     def unreachable(name):
-        raise ConnectionError("HTTPSConnectionPool(host='openaipublic.blob.core.windows.net', port=443): Max retries\n...")
+        raise ConnectionError(
+            "HTTPSConnectionPool(host='openaipublic.blob.core.windows.net', port=443): Max retries\n..."
+        )
+
     monkeypatch.setattr(tokenizer.tiktoken, "get_encoding", unreachable)
     (tmp_path / "notes.txt").write_text("notes")
     with pytest.raises(SystemExit) as e:
@@ -323,27 +381,46 @@ if __name__ == "__main__":  # docs/data.md's figure: how far a prefix's label mi
     import glob
     import pathlib
     import tempfile
+
     from datasets import load_dataset
+
     n_docs, n_labels, n_files, row_group, block = 200_000, 10, 20, 1000, 10_000
     with tempfile.TemporaryDirectory() as tmp:
         corpus = write_sorted_corpus(os.path.join(tmp, "sorted"), n_docs, n_labels, n_files, row_group)
-        print(f"{n_docs:,} documents sorted by label ({n_labels} labels) in {n_files} parquet files of {row_group}-row "
-              "row groups: total-variation distance of the label mix of the first 1% / 10% / 50% of train documents "
-              "from all of them")
+        print(
+            f"{n_docs:,} documents sorted by label ({n_labels} labels) in {n_files} parquet files of {row_group}-row "
+            "row groups: total-variation distance of the label mix of the first 1% / 10% / 50% of train documents "
+            "from all of them"
+        )
         for shuffle_block in (0, block):
             out = pathlib.Path(tmp) / f"shuffle{shuffle_block}"
-            prepare(out, "--sources", corpus, "--tokenizer", "bpe", "--vocab_size", 300, "--bpe_train_chars", 1_000_000,
-                    "--shuffle_block", shuffle_block)
+            prepare(
+                out,
+                "--sources",
+                corpus,
+                "--tokenizer",
+                "bpe",
+                "--vocab_size",
+                300,
+                "--bpe_train_chars",
+                1_000_000,
+                "--shuffle_block",
+                shuffle_block,
+            )
             train, val = labels(out, "train"), labels(out, "val")
-            print(f"prepare_data.py --shuffle_block {shuffle_block}: {' / '.join(f'{d:.3f}' for d in prefix_distances(train))}"
-                  f"; its val split ({len(val)} documents) from its train split: {total_variation(val, train):.3f}")
+            print(
+                f"prepare_data.py --shuffle_block {shuffle_block}: {' / '.join(f'{d:.3f}' for d in prefix_distances(train))}"
+                f"; its val split ({len(val)} documents) from its train split: {total_variation(val, train):.3f}"
+            )
         files = sorted(glob.glob(os.path.join(corpus, "*.parquet")))
         for reshard in (False, True):  # by file, or (as prepare_data) by row group
             stream = load_dataset("parquet", data_files=files, split="train", streaming=True)
             stream = (stream.reshard() if reshard else stream).shuffle(seed=1337, buffer_size=block)
             order = [int(row["text"].split()[1]) for row in stream]
-            print(f"datasets' IterableDataset{'.reshard()' if reshard else ''}.shuffle(seed, buffer_size={block}): "
-                  f"{' / '.join(f'{d:.3f}' for d in prefix_distances(order))}")
+            print(
+                f"datasets' IterableDataset{'.reshard()' if reshard else ''}.shuffle(seed, buffer_size={block}): "
+                f"{' / '.join(f'{d:.3f}' for d in prefix_distances(order))}"
+            )
         rng = np.random.default_rng(0)
         uniform = np.mean([prefix_distances(list(rng.permutation(order))) for _ in range(5)], axis=0)
         print(f"a uniformly random order (mean of 5): {' / '.join(f'{d:.3f}' for d in uniform)}")

@@ -1,4 +1,5 @@
 """prepare_data.py: documents survive the trip to shards and back, sources mix by weight, bad input fails cleanly."""
+
 import collections
 import json
 import os
@@ -59,8 +60,21 @@ def leftovers(out_dir):
 def test_round_trip(tmp_path, dtype, itemsize):
     src = write_jsonl(tmp_path / "docs.jsonl", DOCS)
     out = tmp_path / "out"
-    meta = prepare(out, "--sources", src, "--tokenizer", "bpe", "--vocab_size", 300, "--dtype", dtype, "--val_fraction", 0.3,
-                   "--shuffle_block", 0)
+    meta = prepare(
+        out,
+        "--sources",
+        src,
+        "--tokenizer",
+        "bpe",
+        "--vocab_size",
+        300,
+        "--dtype",
+        dtype,
+        "--val_fraction",
+        0.3,
+        "--shuffle_block",
+        0,
+    )
     train, val = split_docs(out, "train"), split_docs(out, "val")
     assert train and val
     assert collections.Counter(train + val) == collections.Counter(DOCS)
@@ -88,19 +102,33 @@ def test_round_trip(tmp_path, dtype, itemsize):
 def test_deterministic(tmp_path):
     """Same input and seed, same bytes: the split and the BPE depend on nothing else."""
     src = write_jsonl(tmp_path / "docs.jsonl", DOCS)
-    metas = [prepare(tmp_path / d, "--sources", src, "--tokenizer", "bpe", "--vocab_size", 300, "--val_fraction", 0.3)
-             for d in ("one", "two")]
+    metas = [
+        prepare(tmp_path / d, "--sources", src, "--tokenizer", "bpe", "--vocab_size", 300, "--val_fraction", 0.3)
+        for d in ("one", "two")
+    ]
     assert metas[0]["shards"] == metas[1]["shards"]
     for f in ["tokenizer.tiktoken", *metas[0]["shards"]["train"], *metas[0]["shards"]["val"]]:
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes()
-    other = prepare(tmp_path / "three", "--sources", src, "--tokenizer", "bpe", "--vocab_size", 300, "--val_fraction", 0.3,
-                    "--seed", 7)
+    other = prepare(
+        tmp_path / "three",
+        "--sources",
+        src,
+        "--tokenizer",
+        "bpe",
+        "--vocab_size",
+        300,
+        "--val_fraction",
+        0.3,
+        "--seed",
+        7,
+    )
     assert other["sources"][0]["docs"] != metas[0]["sources"][0]["docs"]  # the seed does pick the split
 
 
 def test_txt_and_parquet_sources(tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
+
     txt = ["first file\n\nwith a blank line and trailing spaces   \n", "second file: ünïcödé 🐍"]
     for i, t in enumerate(txt):
         (tmp_path / f"{i}.txt").write_text(t, encoding="utf-8")
@@ -108,8 +136,20 @@ def test_txt_and_parquet_sources(tmp_path):
     pq.write_table(pa.table({"content": rows, "id": list(range(30))}), tmp_path / "rows.parquet")
     out = tmp_path / "out"
     # a .txt file is one document whatever --text_column says; the parquet's text is in "content"
-    meta = prepare(out, "--sources", tmp_path / "*.txt", tmp_path / "rows.parquet", "--text_column", "content",
-                   "--tokenizer", "bpe", "--vocab_size", 270, "--val_fraction", 0.2)
+    meta = prepare(
+        out,
+        "--sources",
+        tmp_path / "*.txt",
+        tmp_path / "rows.parquet",
+        "--text_column",
+        "content",
+        "--tokenizer",
+        "bpe",
+        "--vocab_size",
+        270,
+        "--val_fraction",
+        0.2,
+    )
     got = split_docs(out, "train") + split_docs(out, "val")
     assert collections.Counter(got) == collections.Counter(txt + rows)
     assert [s["docs"]["train"] + s["docs"]["val"] for s in meta["sources"]] == [2, 30]
@@ -119,8 +159,20 @@ def test_weights_share_a_token_budget(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [f"alpha document {i} " + "aa bb " * 20 for i in range(1000)])
     b = write_jsonl(tmp_path / "b.jsonl", [f"beta document {i} " + "cc dd " * 20 for i in range(1000)])
     budget = 20_000
-    meta = prepare(tmp_path / "out", "--sources", f"{a}@0.75", f"{b}@0.25", "--max_tokens", budget,
-                   "--tokenizer", "bpe", "--vocab_size", 300, "--bpe_train_chars", 20_000)
+    meta = prepare(
+        tmp_path / "out",
+        "--sources",
+        f"{a}@0.75",
+        f"{b}@0.25",
+        "--max_tokens",
+        budget,
+        "--tokenizer",
+        "bpe",
+        "--vocab_size",
+        300,
+        "--bpe_train_chars",
+        20_000,
+    )
     per_source = [sum(s["tokens"].values()) for s in meta["sources"]]
     assert [s["weight"] for s in meta["sources"]] == [0.75, 0.25]
     assert 2.7 < per_source[0] / per_source[1] < 3.3
@@ -133,18 +185,34 @@ def test_weights_share_a_token_budget(tmp_path):
 def test_exhausted_source_just_ends_and_no_budget_reads_all(tmp_path):
     small = write_jsonl(tmp_path / "small.jsonl", [f"small {i}" for i in range(5)])
     big = write_jsonl(tmp_path / "big.jsonl", [f"big document {i} with some words" for i in range(300)])
-    meta = prepare(tmp_path / "w", "--sources", f"{small}@0.9", f"{big}@0.1", "--max_tokens", 5000,
-                   "--tokenizer", "bpe", "--vocab_size", 280, "--val_fraction", 0.2)
+    meta = prepare(
+        tmp_path / "w",
+        "--sources",
+        f"{small}@0.9",
+        f"{big}@0.1",
+        "--max_tokens",
+        5000,
+        "--tokenizer",
+        "bpe",
+        "--vocab_size",
+        280,
+        "--val_fraction",
+        0.2,
+    )
     docs = [sum(s["docs"].values()) for s in meta["sources"]]
     assert docs[0] == 5 and 0 < sum(meta["sources"][1]["tokens"].values()) <= 600
-    meta = prepare(tmp_path / "all", "--sources", small, big, "--tokenizer", "bpe", "--vocab_size", 280, "--val_fraction", 0.2)
+    meta = prepare(
+        tmp_path / "all", "--sources", small, big, "--tokenizer", "bpe", "--vocab_size", 280, "--val_fraction", 0.2
+    )
     assert [sum(s["docs"].values()) for s in meta["sources"]] == [5, 300]
 
 
 def test_many_shards(tmp_path):
     src = write_jsonl(tmp_path / "docs.jsonl", DOCS * 5)
     out = tmp_path / "out"
-    meta = prepare(out, "--sources", src, "--tokenizer", "bpe", "--vocab_size", 300, "--shard_size", 500, "--val_fraction", 0.2)
+    meta = prepare(
+        out, "--sources", src, "--tokenizer", "bpe", "--vocab_size", 300, "--shard_size", 500, "--val_fraction", 0.2
+    )
     for split in ("train", "val"):
         files = meta["shards"][split]
         assert files == [f"{split}_{i:06d}.bin" for i in range(len(files))]
@@ -152,7 +220,9 @@ def test_many_shards(tmp_path):
         assert sum(sizes) == meta["tokens"][split]
         assert all(s == 500 for s in sizes[:-1]) and 0 < sizes[-1] <= 500  # a shard each time the buffer fills
     assert len(meta["shards"]["train"]) > 3
-    assert sorted(f for f in os.listdir(out) if f.endswith(".bin")) == sorted(meta["shards"]["train"] + meta["shards"]["val"])
+    assert sorted(f for f in os.listdir(out) if f.endswith(".bin")) == sorted(
+        meta["shards"]["train"] + meta["shards"]["val"]
+    )
     assert collections.Counter(split_docs(out, "train") + split_docs(out, "val")) == collections.Counter(DOCS * 5)
     x, y = ShardLoader(str(out), "train", 2, 16).next_batch()  # the loader reads what we wrote
     assert x.shape == (2, 16) and (x[:, 1:] == y[:, :-1]).all()
@@ -165,7 +235,9 @@ def test_stale_dataset_is_replaced(tmp_path):
         (out / name).write_text("stale")
     src = write_jsonl(tmp_path / "docs.jsonl", DOCS)
     meta = prepare(out, "--sources", src, "--tokenizer", "bpe", "--vocab_size", 300, "--val_fraction", 0.3)
-    assert leftovers(out) == sorted(["meta.json", "tokenizer.tiktoken", *meta["shards"]["train"], *meta["shards"]["val"]])
+    assert leftovers(out) == sorted(
+        ["meta.json", "tokenizer.tiktoken", *meta["shards"]["train"], *meta["shards"]["val"]]
+    )
 
 
 def test_pydocs_documents():
@@ -188,7 +260,9 @@ def test_tiktoken_table_sizes_are_the_encodings_own():
     """tokenizer.TIKTOKEN knows each encoding's vocab size up front (a dtype that is too small fails before a
     download): check it against every encoding that loads here."""
     import tiktoken
+
     import tokenizer
+
     checked = []
     for name, (encoding, size) in tokenizer.TIKTOKEN.items():
         try:
@@ -221,6 +295,7 @@ def test_gpt2_is_the_default_for_files(tmp_path):
 
 # --- bad input: a clear SystemExit naming the problem, and nothing left that looks like a dataset
 
+
 def bad_cases(tmp):
     good = write_jsonl(tmp / "good.jsonl", DOCS)
     empty = write_jsonl(tmp / "empty.jsonl", ["", ""])
@@ -236,23 +311,54 @@ def bad_cases(tmp):
         "missing file": ([str(tmp / "nope.jsonl"), *bpe], "no such file"),
         "glob without match": ([str(tmp / "*.parquet.gz"), *bpe], "no .txt/.jsonl/.json/.parquet files match"),
         "unreadable file": ([str(tmp / "broken.parquet"), *bpe], "broken.parquet: cannot read"),
-        "missing column mid-run": ([str(mixed), *bpe, "--bpe_train_chars", "300", "--shard_size", "50",
-                                    "--batch_docs", "10", "--shuffle_block", "0"],
-                                   "z.jsonl: no column 'text'; its columns are ['body']"),
+        "missing column mid-run": (
+            [
+                str(mixed),
+                *bpe,
+                "--bpe_train_chars",
+                "300",
+                "--shard_size",
+                "50",
+                "--batch_docs",
+                "10",
+                "--shuffle_block",
+                "0",
+            ],
+            "z.jsonl: no column 'text'; its columns are ['body']",
+        ),
         "unknown source": (["fineweb", *bpe], "unknown source 'fineweb'"),
         "unknown extension": ([good, str(tmp / "notes.csv"), *bpe], "notes.csv': local files must be .txt"),
-        "vocab too large for dtype": ([good, "--tokenizer", "cl100k_base", "--dtype", "uint16"], "does not fit --dtype uint16"),
-        "bpe vocab too large for dtype": ([good, "--tokenizer", "bpe", "--vocab_size", "70000", "--dtype", "uint16"], "does not fit"),
+        "vocab too large for dtype": (
+            [good, "--tokenizer", "cl100k_base", "--dtype", "uint16"],
+            "does not fit --dtype uint16",
+        ),
+        "bpe vocab too large for dtype": (
+            [good, "--tokenizer", "bpe", "--vocab_size", "70000", "--dtype", "uint16"],
+            "does not fit",
+        ),
         "weights without budget": ([f"{good}@0.5", f"{good}@0.5", *bpe], "--max_tokens"),
         "zero weight": ([f"{good}@0", f"{good}@1", "--max_tokens", "100", *bpe], "weight must be a positive number"),
         "empty val split": ([write_jsonl(tmp / "one.jsonl", ["only one document"]), *bpe], "no documents for val"),
     }
 
 
-@pytest.mark.parametrize("case", ["empty corpus", "missing file", "glob without match", "unreadable file",
-                                  "missing column mid-run", "unknown source", "unknown extension", "vocab too large for dtype",
-                                  "bpe vocab too large for dtype", "weights without budget", "zero weight",
-                                  "empty val split"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "empty corpus",
+        "missing file",
+        "glob without match",
+        "unreadable file",
+        "missing column mid-run",
+        "unknown source",
+        "unknown extension",
+        "vocab too large for dtype",
+        "bpe vocab too large for dtype",
+        "weights without budget",
+        "zero weight",
+        "empty val split",
+    ],
+)
 def test_bad_input_fails_cleanly(tmp_path, case):
     args, message = bad_cases(tmp_path)[case]
     out = tmp_path / "out"
@@ -260,7 +366,10 @@ def test_bad_input_fails_cleanly(tmp_path, case):
         prepare(out, "--sources", *args)
     assert message in str(e.value.code)
     assert leftovers(out) == []
-    if case in ("missing column mid-run", "empty val split"):  # failed after the tokenizer: the work waits in out.partial
+    if case in (
+        "missing column mid-run",
+        "empty val split",
+    ):  # failed after the tokenizer: the work waits in out.partial
         partial = os.listdir(tmp_path / "out.partial")
         assert "progress.json" in partial and "meta.json" not in partial
         assert case != "missing column mid-run" or "train_000001.bin" in partial  # shards were written before the error
@@ -271,8 +380,13 @@ def test_bad_input_fails_cleanly(tmp_path, case):
 def test_cli_exit_code_and_streams(tmp_path):
     """As a command: non-zero exit and the message on stderr; on success one summary line on stdout."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = lambda *a: subprocess.run([sys.executable, os.path.join(root, "prepare_data.py"), *a], cwd=tmp_path,
-                                    capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    run = lambda *a: subprocess.run(
+        [sys.executable, os.path.join(root, "prepare_data.py"), *a],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     r = run("--sources", "hf:nobody/nothing", "--tokenizer", "bpe")  # the hub path, offline
     assert r.returncode != 0 and "hf:nobody/nothing: cannot read it" in r.stderr and r.stdout == ""
     assert not os.path.exists(tmp_path / "data/nothing/meta.json")
@@ -284,6 +398,7 @@ def test_cli_exit_code_and_streams(tmp_path):
 
 
 # --- pystdlib: the standard library's source files
+
 
 def fake_stdlib(root):
     """A small standard library: sorted walk, a coding cookie, bytes that contradict it, CRLF, an empty file,
@@ -306,6 +421,7 @@ def fake_stdlib(root):
 
 def test_pystdlib_documents_and_provenance(tmp_path, monkeypatch):
     import sysconfig
+
     files = fake_stdlib(tmp_path / "lib")
     monkeypatch.setattr(sysconfig, "get_path", lambda name: str(tmp_path / "lib"))
     source = prepare_data.parse_source("pystdlib")
@@ -326,12 +442,17 @@ def test_pystdlib_documents_and_provenance(tmp_path, monkeypatch):
 
 def test_pystdlib_dataset_is_deterministic(tmp_path, monkeypatch):
     import sysconfig
+
     fake_stdlib(tmp_path / "lib")
     for i in range(40):  # enough documents for both splits
-        (tmp_path / "lib" / f"mod{i:02d}.py").write_text(f"def f{i}(x):\n    return x * {i}  # module {i}\n" * (i % 5 + 1))
+        (tmp_path / "lib" / f"mod{i:02d}.py").write_text(
+            f"def f{i}(x):\n    return x * {i}  # module {i}\n" * (i % 5 + 1)
+        )
     monkeypatch.setattr(sysconfig, "get_path", lambda name: str(tmp_path / "lib"))
-    metas = [prepare(tmp_path / f"out{k}", "--sources", "pystdlib", "--vocab_size", 300, "--val_fraction", 0.2)
-             for k in range(2)]
+    metas = [
+        prepare(tmp_path / f"out{k}", "--sources", "pystdlib", "--vocab_size", 300, "--val_fraction", 0.2)
+        for k in range(2)
+    ]
     assert metas[0]["tokenizer"]["kind"] == "bpe"  # a built-in source gets our own BPE, as pydocs does
     provenance = metas[0]["sources"][0]["provenance"]
     assert provenance["files"] == 45 and provenance["license"].startswith("PSF-2.0")
@@ -344,6 +465,7 @@ def test_pystdlib_dataset_is_deterministic(tmp_path, monkeypatch):
 
 def test_pystdlib_refuses_an_unreadable_stdlib(tmp_path, monkeypatch):
     import sysconfig
+
     (tmp_path / "lib").mkdir()  # a stripped install: no source files
     monkeypatch.setattr(sysconfig, "get_path", lambda name: str(tmp_path / "lib"))
     with pytest.raises(SystemExit) as e:

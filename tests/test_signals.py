@@ -1,4 +1,5 @@
 """Stopping signals save: real train.py processes, real signals, one process and torchrun with 2 CPU ranks (gloo)."""
+
 import json
 import os
 import signal
@@ -9,7 +10,6 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, TINY, run_script
 
 N = 20  # steps of the reference runs; a stopped run is signalled at step 3, far before
@@ -23,8 +23,13 @@ def train_args(data, out, *extra):
 
 def start(args, log, launcher=(sys.executable,)):
     """A training run in the background, as a user starts one; its stderr goes to a file (tqdm writes a lot)."""
-    return subprocess.Popen([*launcher, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log, "w"),
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(
+        [*launcher, *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "w"),
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def wait_until(condition, proc, what):
@@ -84,8 +89,10 @@ def test_sigterm_saves_the_step_reached_and_the_resume_is_bit_identical(pydocs_d
     stopped = load(out)
     k = stopped["iter_num"]
     assert 3 <= k < N and max(e["iter"] for e in metrics(out)) == k  # saved the step it reached, nothing after it
-    assert lines[-1].startswith(f"stopped by SIGTERM at step {k} of 1000000: {out / 'ckpt.pt'} holds it; "
-                                f"resume with: python train.py --data_dir=") and lines[-1].endswith("--init_from=resume")
+    assert lines[-1].startswith(
+        f"stopped by SIGTERM at step {k} of 1000000: {out / 'ckpt.pt'} holds it; "
+        f"resume with: python train.py --data_dir="
+    ) and lines[-1].endswith("--init_from=resume")
     assert any(line.startswith("SIGTERM: saving at the end of this step") for line in lines)
     # re-running the command instead of resuming refuses, and loses nothing
     before = (out / "ckpt.pt").read_bytes(), (out / "metrics.jsonl").read_bytes()
@@ -93,7 +100,8 @@ def test_sigterm_saves_the_step_reached_and_the_resume_is_bit_identical(pydocs_d
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: {out} already holds a run stopped at step {k} of 1000000: resume it with --init_from=resume, "
-        "start over with --overwrite=True, or choose another out_dir")
+        "start over with --overwrite=True, or choose another out_dir"
+    )
     assert ((out / "ckpt.pt").read_bytes(), (out / "metrics.jsonl").read_bytes()) == before
     # the resume ends where the run never stopped ends, bit for bit, and its metrics read as one run
     run_script(*train_args(pydocs_data, out, f"--max_iters={N}", "--init_from=resume"))
@@ -117,19 +125,27 @@ def long_val_data(pydocs_data, tmp_path_factory):
     """pydocs_data with a val split long enough for an evaluation of seconds (its own holds 9k tokens): the train
     tokens again (a val set is the split's first val_tokens tokens, never read twice)."""
     from data import load_tokenizer, read_shard, write_meta, write_shard
+
     out = str(tmp_path_factory.mktemp("long_val"))
     tokens = np.asarray(read_shard(os.path.join(pydocs_data, "train_000000.bin")))
     for split in ("train", "val"):
         write_shard(os.path.join(out, f"{split}_000000.bin"), tokens)
-    write_meta(out, load_tokenizer(pydocs_data), shards={s: [f"{s}_000000.bin"] for s in ("train", "val")},
-               shard_tokens={s: [len(tokens)] for s in ("train", "val")}, tokens={s: len(tokens) for s in ("train", "val")})
+    write_meta(
+        out,
+        load_tokenizer(pydocs_data),
+        shards={s: [f"{s}_000000.bin"] for s in ("train", "val")},
+        shard_tokens={s: [len(tokens)] for s in ("train", "val")},
+        tokens={s: len(tokens) for s in ("train", "val")},
+    )
     return out
 
 
 def test_a_signal_during_evaluation_is_honoured_when_it_ends(long_val_data, tmp_path):
     # a long evaluation at step 5 (300 val batches of 4 x 64, seconds); the signal arrives while it runs
-    proc = start(train_args(long_val_data, tmp_path, "--max_iters=1000000", "--eval_interval=5", "--val_tokens=76800"),
-                 tmp_path / "log")
+    proc = start(
+        train_args(long_val_data, tmp_path, "--max_iters=1000000", "--eval_interval=5", "--val_tokens=76800"),
+        tmp_path / "log",
+    )
     wait_until(trained_to(tmp_path, 5), proc, "step 5")
     proc.send_signal(signal.SIGTERM)
     rc, text, lines = finish(proc, tmp_path / "log")
@@ -144,8 +160,10 @@ def test_a_second_signal_stops_at_once_without_saving(long_val_data, tmp_path):
     proc = start(train_args(long_val_data, tmp_path, "--max_iters=1000000", "--val_tokens=153600"), tmp_path / "log")
     wait_until(lambda: "train:" in open(tmp_path / "log").read(), proc, "the loop")  # the bar: step 0's evaluation runs
     proc.send_signal(signal.SIGTERM)  # honoured after the long evaluation...
-    wait_until(lambda: "SIGTERM: saving at the end of this step" in open(tmp_path / "log").read(), proc, "the first signal")
-    proc.send_signal(signal.SIGINT)   # ...unless a second signal says now
+    wait_until(
+        lambda: "SIGTERM: saving at the end of this step" in open(tmp_path / "log").read(), proc, "the first signal"
+    )
+    proc.send_signal(signal.SIGINT)  # ...unless a second signal says now
     rc, text, lines = finish(proc, tmp_path / "log")
     assert rc == 128 + signal.SIGINT and "Traceback" not in text and "KeyboardInterrupt" not in text
     assert lines[-1] == "stopped by a second signal (SIGINT): nothing saved"
@@ -165,6 +183,7 @@ def test_a_signal_before_the_first_step_exits_at_once(pydocs_data, tmp_path):
 
 # --- torchrun, 2 ranks on CPU (gloo) --------------------------------------------------------------
 
+
 def rank_pids(launcher_pid):
     """{rank: pid} of torchrun's workers (its children), read from their environment."""
     pids = {}
@@ -177,22 +196,32 @@ def rank_pids(launcher_pid):
 
 def test_torchrun_every_rank_stops_at_the_same_step_and_resumes_bit_identical(pydocs_data, tmp_path):
     straight, out = tmp_path / "straight", tmp_path / "stopped"
-    run = subprocess.run([*TORCHRUN, *train_args(pydocs_data, straight, "--max_iters=8", "--lr_decay_iters=8")],
-                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(
+        [*TORCHRUN, *train_args(pydocs_data, straight, "--max_iters=8", "--lr_decay_iters=8")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
-    proc = start(train_args(pydocs_data, out, "--max_iters=1000000", "--lr_decay_iters=8"), tmp_path / "log",
-                 launcher=TORCHRUN)
+    proc = start(
+        train_args(pydocs_data, out, "--max_iters=1000000", "--lr_decay_iters=8"), tmp_path / "log", launcher=TORCHRUN
+    )
     wait_until(trained_to(out, 3), proc, "step 3")
     # only rank 1 gets the signal: the ranks agree on it at the step boundary, and rank 0 saves
     os.kill(rank_pids(proc.pid)[1], signal.SIGTERM)
     rc, text, lines = finish(proc, tmp_path / "log")
-    assert rc != 0 and "train.py\", line" not in text  # torchrun reports its workers' status; no worker traceback
+    assert rc != 0 and 'train.py", line' not in text  # torchrun reports its workers' status; no worker traceback
     assert "exitcode  : 143" in text and "exitcode  : -" not in text  # the ranks ended on their own, none was killed
     k = load(out)["iter_num"]
     assert 3 <= k < 8 and f"stopped by SIGTERM at step {k} of 1000000" in text and "torchrun [the same options]" in text
     assert load(out)["loader"]["offset"] == k * 2 * 4 * 64  # both ranks' windows of every step, none beyond
-    run = subprocess.run([*TORCHRUN, *train_args(pydocs_data, out, "--max_iters=8", "--lr_decay_iters=8",
-                                                 "--init_from=resume")],
-                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(
+        [*TORCHRUN, *train_args(pydocs_data, out, "--max_iters=8", "--lr_decay_iters=8", "--init_from=resume")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert_same_state(load(out), load(straight))

@@ -1,13 +1,14 @@
 """stack.py: each operator's layer mapping weight by weight, zero's exact function, DUS depth, carried AdamW
 state (and train.py loading it), a grown checkpoint training on, and every refusal."""
+
 import os
 
 import pytest
 import torch
+from conftest import ROOT, TINY, run_script
 
 import checkpoint
 import stack
-from conftest import ROOT, TINY, run_script
 from model import LLaMA, ModelConfig
 
 # the hand-written maps for a 4-layer source: new layer i starts from source layer EXPECTED[i]
@@ -16,8 +17,8 @@ EXPECTED = {
     ("stack", 3): [0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3],
     ("interleave", 2): [0, 0, 1, 1, 2, 2, 3, 3],
     ("zero", 2): [0, 0, 1, 1, 2, 2, 3, 3],
-    ("dus", 2): [0, 1, 2, 1, 2, 3],          # m = 1: the first copy loses layer 3, the second layer 0
-    ("dus", 3): [0, 1, 2, 1, 2, 1, 2, 3],    # the middle copy loses a layer at both seams
+    ("dus", 2): [0, 1, 2, 1, 2, 3],  # m = 1: the first copy loses layer 3, the second layer 0
+    ("dus", 3): [0, 1, 2, 1, 2, 1, 2, 3],  # the middle copy loses a layer at both seams
 }
 
 
@@ -25,8 +26,16 @@ EXPECTED = {
 def source(pydocs_data, tmp_path_factory):
     """A 4-layer model trained a few steps by train.py: a real checkpoint with optimizer, loader and history."""
     out = tmp_path_factory.mktemp("source")
-    run_script("train.py", f"--data_dir={pydocs_data}", f"--out_dir={out}", *TINY, "--n_layer=4",
-               "--max_iters=3", "--lr_decay_iters=3", "--eval_interval=3")
+    run_script(
+        "train.py",
+        f"--data_dir={pydocs_data}",
+        f"--out_dir={out}",
+        *TINY,
+        "--n_layer=4",
+        "--max_iters=3",
+        "--lr_decay_iters=3",
+        "--eval_interval=3",
+    )
     return str(out)
 
 
@@ -42,7 +51,7 @@ def test_layer_mapping_weight_by_weight(source, tmp_path, method, factor):
     grown = grow(source, tmp_path / "g.pt", *flags)
     expected = EXPECTED[method, factor]
     assert grown["model_args"] == dict(src["model_args"], n_layer=len(expected))
-    per_layer = [k[len("model.layers.0."):] for k in src["model"] if k.startswith("model.layers.0.")]
+    per_layer = [k[len("model.layers.0.") :] for k in src["model"] if k.startswith("model.layers.0.")]
     assert len(per_layer) == 9
     for i, s in enumerate(expected):
         first = s not in expected[:i]
@@ -61,8 +70,17 @@ def test_layer_mapping_weight_by_weight(source, tmp_path, method, factor):
     assert grown["history"][:-1] == src["history"]
     measured = {"val_loss_source": None, "val_loss": None, "val_bpb_source": None, "val_bpb": None}
     assert grown["history"][-1] | {"source": None, "out": None} | measured == dict(
-        event="stack", method=method, factor=factor, drop=1 if method == "dus" else 0, optim="reset", noise=0.0,
-        source=None, out=None, n_layer=[4, len(expected)], **measured)
+        event="stack",
+        method=method,
+        factor=factor,
+        drop=1 if method == "dus" else 0,
+        optim="reset",
+        noise=0.0,
+        source=None,
+        out=None,
+        n_layer=[4, len(expected)],
+        **measured,
+    )
 
 
 def test_dus_depth_arithmetic():
@@ -91,7 +109,7 @@ def test_noise_touches_copies_only_and_zero_stays_exact(source, tmp_path, capsys
         assert torch.equal(model_src(idx)[0], model_zero(idx)[0])
     # stdout carries the comparison on the source's own val batches: identical for zero
     line = next(l for l in out.splitlines() if l.startswith("val loss:"))
-    loss_src, loss_grown = (float(x.split()[-1]) for x in line.split("(")[0][len("val loss: "):].split(","))
+    loss_src, loss_grown = (float(x.split()[-1]) for x in line.split("(")[0][len("val loss: ") :].split(","))
     assert loss_src == loss_grown and zero["history"][-1]["val_loss"] == zero["history"][-1]["val_loss_source"]
     assert "12 layers" in out and os.path.exists(tmp_path / "zero" / "ckpt.pt")
 
@@ -103,7 +121,10 @@ def test_val_check_measures_train_py_s_val_set_and_can_be_skipped(source, tmp_pa
     capsys.readouterr()
     grown = grow(source, tmp_path / "g.pt", "--dtype", "float32")
     lines = {line.split(":")[0]: line for line in capsys.readouterr().out.splitlines()}
-    assert f"source {last['val_loss']:.4f}" in lines["val loss"] and "on the first 1,024 val tokens of" in lines["val loss"]
+    assert (
+        f"source {last['val_loss']:.4f}" in lines["val loss"]
+        and "on the first 1,024 val tokens of" in lines["val loss"]
+    )
     assert f"source {last['val_bpb']:.4f}" in lines["val bpb"]
     entry = grown["history"][-1]
     assert entry["val_loss_source"] == pytest.approx(last["val_loss"], abs=1e-6)
@@ -122,7 +143,9 @@ def test_optim_copy_shapes_and_train_py_loads_them(source, pydocs_data, tmp_path
     params = [p for group in opt.param_groups for p in group["params"]]
     state = grown["optimizer"]["state"]
     assert sorted(state) == list(range(len(params)))
-    assert [len(g["params"]) for g in grown["optimizer"]["param_groups"]] == [len(g["params"]) for g in opt.param_groups]
+    assert [len(g["params"]) for g in grown["optimizer"]["param_groups"]] == [
+        len(g["params"]) for g in opt.param_groups
+    ]
     names = {id(p): n for n, p in model.named_parameters()}
     src_model = LLaMA(ModelConfig(**src["model_args"]))
     src_opt = src_model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
@@ -136,10 +159,20 @@ def test_optim_copy_shapes_and_train_py_loads_them(source, pydocs_data, tmp_path
             i, rest = name.split(".", 3)[2:]
             name = f"model.layers.{int(i) // 2}.{rest}"
         origin = src["optimizer"]["state"][src_ids[name]]
-        assert torch.equal(state[j]["exp_avg"], origin["exp_avg"]) and torch.equal(state[j]["exp_avg_sq"], origin["exp_avg_sq"])
+        assert torch.equal(state[j]["exp_avg"], origin["exp_avg"]) and torch.equal(
+            state[j]["exp_avg_sq"], origin["exp_avg_sq"]
+        )
     # train.py keeps the moments: AdamW's step count goes on from the source's 3 steps
-    run_script("train.py", f"--data_dir={pydocs_data}", f"--out_dir={tmp_path / 'b'}", f"--init_from={tmp_path / 'g.pt'}",
-               *[a for a in TINY if not a.startswith("--n_layer")], "--max_iters=2", "--lr_decay_iters=2", "--eval_interval=2")
+    run_script(
+        "train.py",
+        f"--data_dir={pydocs_data}",
+        f"--out_dir={tmp_path / 'b'}",
+        f"--init_from={tmp_path / 'g.pt'}",
+        *[a for a in TINY if not a.startswith("--n_layer")],
+        "--max_iters=2",
+        "--lr_decay_iters=2",
+        "--eval_interval=2",
+    )
     after = checkpoint.load(str(tmp_path / "b"))
     assert {float(s["step"]) for s in after["optimizer"]["state"].values()} == {5.0}
     assert after["optimizer"]["param_groups"][0]["weight_decay"] == 0.1  # this phase's settings, not stale ones
@@ -150,8 +183,16 @@ def test_grown_checkpoint_trains_on(source, pydocs_data, tmp_path):
     proc = run_script("stack.py", "--src", source, "--out", str(tmp_path / "grown"), "--method", "dus")
     assert "grown:  6 layers" in proc.stdout and "val loss: source" in proc.stdout and "wrote" in proc.stdout
     assert "dus: 4 -> 6 layers" in proc.stderr and "dus:" not in proc.stdout  # results on stdout, logs on stderr
-    run_script("train.py", f"--data_dir={pydocs_data}", f"--out_dir={tmp_path / 'b'}", f"--init_from={tmp_path / 'grown'}",
-               *[a for a in TINY if not a.startswith("--n_layer")], "--max_iters=2", "--lr_decay_iters=2", "--eval_interval=2")
+    run_script(
+        "train.py",
+        f"--data_dir={pydocs_data}",
+        f"--out_dir={tmp_path / 'b'}",
+        f"--init_from={tmp_path / 'grown'}",
+        *[a for a in TINY if not a.startswith("--n_layer")],
+        "--max_iters=2",
+        "--lr_decay_iters=2",
+        "--eval_interval=2",
+    )
     after = checkpoint.load(str(tmp_path / "b"))
     assert after["model_args"]["n_layer"] == 6 and after["iter_num"] == 2
     assert [h["event"] for h in after["history"]] == ["train", "stack", "train"]
@@ -192,12 +233,17 @@ def test_refusals_name_the_problem_and_write_nothing(source, tmp_path, capsys):
     # an existing output is kept unless --force: another growth is refused, the same one reused
     grow(source, tmp_path / "out.pt")
     before = os.path.getmtime(out)
-    assert "already exists (not this growth of" in refuse(capsys, "--src", source, "--out", out, "--method", "interleave")
+    assert "already exists (not this growth of" in refuse(
+        capsys, "--src", source, "--out", out, "--method", "interleave"
+    )
     assert "pass --force to overwrite it" in refuse(capsys, "--src", source, "--out", out, "--noise", "0.1")
     with pytest.raises(SystemExit) as reused:
         stack.main(["--src", source, "--out", out])
-    assert reused.value.code == 0 and capsys.readouterr().out.strip() == \
-        f"{out} already holds {source} grown by stack x2: reusing it (--force grows it again)"
+    assert (
+        reused.value.code == 0
+        and capsys.readouterr().out.strip()
+        == f"{out} already holds {source} grown by stack x2: reusing it (--force grows it again)"
+    )
     assert os.path.getmtime(out) == before
     assert checkpoint.load(out)["model_args"]["n_layer"] == 8
     grow(source, tmp_path / "out.pt", "--force", "--factor", "3")

@@ -1,12 +1,13 @@
 """study_growth.py: the quick study end to end (runs, growth, JSON shape, FLOPs accounting, resume, report), and
 the score against hand-computed values."""
+
 import json
 import os
 
 import pytest
+from conftest import run_script
 
 import study_growth
-from conftest import run_script
 
 
 def test_flops_to_reach_interpolates():
@@ -21,9 +22,14 @@ def test_flops_to_reach_interpolates():
 
 
 def results(scratch, grown, curve_grown):
-    run = lambda finals, curve, layers: {"layers": layers, "growth_point": None, "seeds": [
-        {"seed": i + 1, "final_val_loss": f, "final_eval_loss": f, "curve": curve[:-1] + [[curve[-1][0], f]]}
-        for i, f in enumerate(finals)]}
+    run = lambda finals, curve, layers: {
+        "layers": layers,
+        "growth_point": None,
+        "seeds": [
+            {"seed": i + 1, "final_val_loss": f, "final_eval_loss": f, "curve": curve[:-1] + [[curve[-1][0], f]]}
+            for i, f in enumerate(finals)
+        ],
+    }
     return {"runs": {"scratch": run(scratch, [[0.0, 8.0], [100.0, 5.0]], 8), "stack": run(grown, curve_grown, 8)}}
 
 
@@ -41,40 +47,89 @@ def test_speedup_only_beyond_the_seed_spread():
 
 
 def test_bad_flags_are_refused():
-    for flags, message in ((["--factors", "3"], "must be >= 2 and divide --layers 8"),
-                           (["--growth_points", "1.0"], "strictly between 0 and 1"),
-                           (["--budget", "0"], "must be positive"),
-                           (["--layers", "4"], "dus needs a base of at least 3 layers")):
+    for flags, message in (
+        (["--factors", "3"], "must be >= 2 and divide --layers 8"),
+        (["--growth_points", "1.0"], "strictly between 0 and 1"),
+        (["--budget", "0"], "must be positive"),
+        (["--layers", "4"], "dus needs a base of at least 3 layers"),
+    ):
         proc = run_script("study_growth.py", *flags, check=False)
         assert proc.returncode != 0 and message in proc.stderr
 
 
 def test_every_seed_for_scratch_the_control_the_first_and_the_best_operator_only():
-    args = study_growth.parse_args(["--seeds", "1", "2", "--operators", "stack", "zero", "interleave",
-                                    "--growth_points", "0.5", "0.25", "--schedules", "cosine"])
+    args = study_growth.parse_args(
+        [
+            "--seeds",
+            "1",
+            "2",
+            "--operators",
+            "stack",
+            "zero",
+            "interleave",
+            "--growth_points",
+            "0.5",
+            "0.25",
+            "--schedules",
+            "cosine",
+        ]
+    )
     seeds = lambda runs: {name: [seed for _, seed, _, _ in entries] for name, entries in runs.items()}
     before = seeds(study_growth.plan(args, 2048)[1])  # the best operator is not known yet
-    assert before == {"scratch": [1, 2], "no_growth": [1, 2], "stack": [1, 2], "zero": [1], "interleave": [1],
-                      "scratch_lr0.5": [1], "scratch_lr2": [1], "stack_at0.25": [1], "stack_copy": [1],
-                      "stack_noise0.2": [1], "stack_lr0.5": [1], "stack_lr2": [1]}
+    assert before == {
+        "scratch": [1, 2],
+        "no_growth": [1, 2],
+        "stack": [1, 2],
+        "zero": [1],
+        "interleave": [1],
+        "scratch_lr0.5": [1],
+        "scratch_lr2": [1],
+        "stack_at0.25": [1],
+        "stack_copy": [1],
+        "stack_noise0.2": [1],
+        "stack_lr0.5": [1],
+        "stack_lr2": [1],
+    }
     jobs, runs, _ = study_growth.plan(args, 2048, best={"cosine": "zero"})
     assert seeds(runs) == {**before, "zero": [1, 2]}
     # the order runs start in: scratch, the control and the first operator before any other operator's second
     # seed, the sweeps last
     order = [job.name for job in sorted(jobs.values(), key=lambda job: job.priority) if job.flops]
     first = lambda prefix: next(i for i, name in enumerate(order) if name.startswith(prefix))
-    assert first("nogrowth") < first("stack_g2_at0.5_reset_noise0_lr1_b2e+13_s2") < first("zero_g2_at0.5_reset_noise0_lr1_b2e+13_s1") \
-        < first("zero_g2_at0.5_reset_noise0_lr1_b2e+13_s2") < first("scratch_L8_b2e+13_lr0.5") < first("stack_g2_at0.25")
+    assert (
+        first("nogrowth")
+        < first("stack_g2_at0.5_reset_noise0_lr1_b2e+13_s2")
+        < first("zero_g2_at0.5_reset_noise0_lr1_b2e+13_s1")
+        < first("zero_g2_at0.5_reset_noise0_lr1_b2e+13_s2")
+        < first("scratch_L8_b2e+13_lr0.5")
+        < first("stack_g2_at0.25")
+    )
 
 
 def test_wsd_runs_hold_the_peak_to_the_growth_step_and_decay_once():
-    args = study_growth.parse_args(["--seeds", "1", "--operators", "stack", "--growth_points", "0.75", "--optims", "copy", "--noise", "0"])
+    args = study_growth.parse_args(
+        ["--seeds", "1", "--operators", "stack", "--growth_points", "0.75", "--optims", "copy", "--noise", "0"]
+    )
     jobs, runs, _ = study_growth.plan(args, 2048)
-    assert set(runs) == {"scratch", "no_growth", "stack", "scratch_lr0.5", "scratch_lr2", "stack_lr0.5", "stack_lr2",
-                         "scratch_wsd", "no_growth_wsd", "stack_wsd", "scratch_lr0.5_wsd", "scratch_lr2_wsd",
-                         "stack_lr0.5_wsd", "stack_lr2_wsd"}
+    assert set(runs) == {
+        "scratch",
+        "no_growth",
+        "stack",
+        "scratch_lr0.5",
+        "scratch_lr2",
+        "stack_lr0.5",
+        "stack_lr2",
+        "scratch_wsd",
+        "no_growth_wsd",
+        "stack_wsd",
+        "scratch_lr0.5_wsd",
+        "scratch_lr2_wsd",
+        "stack_lr0.5_wsd",
+        "stack_lr2_wsd",
+    }
     assert {name: entries[0][0].schedule for name, entries in runs.items()} == {
-        name: "wsd" if name.endswith("_wsd") else "cosine" for name in runs}
+        name: "wsd" if name.endswith("_wsd") else "cosine" for name in runs
+    }
     flags = lambda name: dict(a[2:].split("=", 1) for a in jobs[name].argv() if a.startswith("--"))
     scratch = flags("scratch_L8_b2e+13_lr1_wsd_s1")
     assert scratch["lr_schedule"] == "wsd" and scratch["decay_frac"] == "0.2" and scratch["learning_rate"] == "0.002"
@@ -90,12 +145,24 @@ def test_wsd_runs_hold_the_peak_to_the_growth_step_and_decay_once():
     # every run is AdamW at the record's peak, whatever the tiny configs (Muon, 6e-3) say
     assert scratch["muon"] == control["muon"] == cosine["muon"] == "False"
     proc = run_script("study_growth.py", "--growth_points", "0.9", check=False)
-    assert proc.returncode != 0 and "--decay_frac must be positive and no larger than any grown phase's share" in proc.stderr
+    assert (
+        proc.returncode != 0
+        and "--decay_frac must be positive and no larger than any grown phase's share" in proc.stderr
+    )
 
 
 def test_quick_study_end_to_end(pydocs_data, tmp_path, capsys):
     out = tmp_path / "study"
-    args = ["study_growth.py", "--quick", "--seeds", "1", "--jobs", "2", f"--data_dir={pydocs_data}", f"--out_dir={out}"]
+    args = [
+        "study_growth.py",
+        "--quick",
+        "--seeds",
+        "1",
+        "--jobs",
+        "2",
+        f"--data_dir={pydocs_data}",
+        f"--out_dir={out}",
+    ]
     first = run_script(*args)
     with open(out / "growth_study.json") as f:
         res = json.load(f)
@@ -104,13 +171,23 @@ def test_quick_study_end_to_end(pydocs_data, tmp_path, capsys):
     assert res["corpus"] == pydocs_data and res["budget_flops"] == 4e9
     assert res["corpus_train_tokens"] == (os.path.getsize(os.path.join(pydocs_data, "train_000000.bin")) - 256) // 2
     assert sorted(res["runs"]) == ["no_growth", "no_growth_wsd", "scratch", "scratch_wsd", "stack", "stack_wsd"]
-    assert {k: res["runs"][k]["layers"] for k in res["runs"]} == {"scratch": 8, "no_growth": 4, "stack": 8,
-                                                                 "scratch_wsd": 8, "no_growth_wsd": 4, "stack_wsd": 8}
-    assert {k: res["runs"][k]["schedule"] for k in res["runs"]} == {k: "wsd" if k.endswith("wsd") else "cosine" for k in res["runs"]}
+    assert {k: res["runs"][k]["layers"] for k in res["runs"]} == {
+        "scratch": 8,
+        "no_growth": 4,
+        "stack": 8,
+        "scratch_wsd": 8,
+        "no_growth_wsd": 4,
+        "stack_wsd": 8,
+    }
+    assert {k: res["runs"][k]["schedule"] for k in res["runs"]} == {
+        k: "wsd" if k.endswith("wsd") else "cosine" for k in res["runs"]
+    }
     step = 4 * 32  # tokens per step of --quick
     for name, run in res["runs"].items():
         (seed,) = run["seeds"]
-        assert set(seed) >= {"seed", "final_val_loss", "tokens", "flops", "curve", "final_eval_loss"} and seed["seed"] == 1
+        assert (
+            set(seed) >= {"seed", "final_val_loss", "tokens", "flops", "curve", "final_eval_loss"} and seed["seed"] == 1
+        )
         assert 0 < seed["final_eval_loss"] < 10
         assert seed["final_val_loss"] == seed["curve"][-1][1] and seed["flops"] == seed["curve"][-1][0]
         assert all(a[0] < b[0] for a, b in zip(seed["curve"], seed["curve"][1:]))
@@ -129,6 +206,7 @@ def test_quick_study_end_to_end(pydocs_data, tmp_path, capsys):
     assert json.load(open(out / "growth_study.json")) == res
     # the JSON is the record: a run it holds is not run again, even where its directory is gone
     import shutil
+
     shutil.rmtree(out / "runs" / res["runs"]["stack_wsd"]["seeds"][0]["run"])
     study_growth.main(args[1:])
     assert "11 of 11 jobs done or recorded; 0 FLOPs to run" in capsys.readouterr().err
@@ -143,7 +221,9 @@ def test_quick_study_end_to_end(pydocs_data, tmp_path, capsys):
     capsys.readouterr()
     backfilled = json.load(open(out / "growth_study.json"))
     for name, run in res["runs"].items():
-        assert backfilled["runs"][name]["seeds"][0]["final_eval_bpb"] == pytest.approx(run["seeds"][0]["final_eval_bpb"], rel=1e-6)
+        assert backfilled["runs"][name]["seeds"][0]["final_eval_bpb"] == pytest.approx(
+            run["seeds"][0]["final_eval_bpb"], rel=1e-6
+        )
     # docs/growth.md's tables come from the JSON alone
     study_growth.main(["--report", f"--out_dir={out}"])
     assert capsys.readouterr().out == first.stdout

@@ -1,5 +1,6 @@
 """The val set (data.ValSet) and bits per byte: every tokenizer kind's byte table against real text, one val set
 whatever the process count or script, and val_bpb in metrics.jsonl recomputed from the shard by hand."""
+
 import json
 import math
 import os
@@ -9,30 +10,42 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, TINY, run_script
+
 from data import ShardLoader, ValSet, load_tokenizer, read_shard, write_meta, write_shard
 from tokenizer import Tokenizer
 
 # text of every kind a byte count can trip on: multi-byte characters, emoji sequences, whitespace runs, code
-TEXTS = ["Hello, world!", "naïve café, Straße, 日本語のテキスト, 한국어, русский, العربية", "emoji 🤖🎉 👩‍👩‍👧 🇫🇷 👍🏽",
-         "tabs\tand  spaces   \n\n\r\n", "def f(x):\n    return x ** 2  # square\n", "\u00a0nbsp\u200bzero\ufeffbom ½ ∑∫√"]
+TEXTS = [
+    "Hello, world!",
+    "naïve café, Straße, 日本語のテキスト, 한국어, русский, العربية",
+    "emoji 🤖🎉 👩‍👩‍👧 🇫🇷 👍🏽",
+    "tabs\tand  spaces   \n\n\r\n",
+    "def f(x):\n    return x ** 2  # square\n",
+    "\u00a0nbsp\u200bzero\ufeffbom ½ ∑∫√",
+]
 
 
 def pydoc_texts():
     import pydoc_data.topics
+
     return list(pydoc_data.topics.topics.values())
 
 
 def sentencepiece_tokenizer():
     """A Llama-2 / TinyLlama-style tokenizer.json: "▁" for spaces, a prepended dummy space, and <0xNN> byte tokens
     for what its merges do not cover (byte fallback)."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, trainers
+
     tk = HFTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                    decoders.Strip(" ", 1, 0)])
-    tk.train_from_iterator(pydoc_texts()[:300], trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]))
+    tk.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tk.train_from_iterator(
+        pydoc_texts()[:300], trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"])
+    )
     spec = json.loads(tk.to_str())
     vocab = spec["model"]["vocab"]
     for b in range(256):  # sentencepiece's byte pieces, as Llama 2's vocabulary has them
@@ -42,8 +55,11 @@ def sentencepiece_tokenizer():
 
 def tokenizers():
     import export_hf
+
     bpe = Tokenizer.train_bpe(pydoc_texts(), 600)
-    byte_level = Tokenizer({"kind": "hf", "tokenizer_json": export_hf.hf_tokenizer(bpe).to_str(), "eos_token_id": bpe.eot_id})
+    byte_level = Tokenizer(
+        {"kind": "hf", "tokenizer_json": export_hf.hf_tokenizer(bpe).to_str(), "eos_token_id": bpe.eot_id}
+    )
     kinds = {"bpe": bpe, "hf byte-level": byte_level, "hf sentencepiece": sentencepiece_tokenizer()}
     try:
         kinds["tiktoken gpt2"] = Tokenizer.from_tiktoken("gpt2")
@@ -68,7 +84,9 @@ def test_token_bytes_add_up_to_the_text(kind, tok):
 
 
 def test_unknown_decoder_has_no_byte_table():
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
     tk = HFTokenizer(models.WordPiece(unk_token="[UNK]"))
     tk.pre_tokenizer, tk.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece()
     tk.train_from_iterator(pydoc_texts()[:100], trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[UNK]"]))
@@ -99,13 +117,22 @@ def test_val_set_windows_ranks_and_bytes(two_shards):
     seen = [tuple(row) for part in parts for x, _ in part.batches(4) for row in x.tolist()]
     assert len(seen) == 19 and sorted(seen) == sorted(tuple(row) for x, _ in whole.batches(100) for row in x.tolist())
     x, y = next(whole.batches(2))
-    assert x.shape == (2, 64) and torch.equal(x[0], torch.from_numpy(shards[0][:64])) and torch.equal(y[1], torch.from_numpy(shards[0][65:129]))
+    assert (
+        x.shape == (2, 64)
+        and torch.equal(x[0], torch.from_numpy(shards[0][:64]))
+        and torch.equal(y[1], torch.from_numpy(shards[0][65:129]))
+    )
     # bytes of the targets, counted by hand
     table = load_tokenizer(two_shards).token_bytes()
-    targets = np.concatenate([shards[0][1 + 64 * k:65 + 64 * k] for k in range(15)] + [shards[1][1 + 64 * k:65 + 64 * k] for k in range(4)])
+    targets = np.concatenate(
+        [shards[0][1 + 64 * k : 65 + 64 * k] for k in range(15)]
+        + [shards[1][1 + 64 * k : 65 + 64 * k] for k in range(4)]
+    )
     assert whole.bytes == table[targets].sum()
     assert whole.losses(2.0 * whole.tokens) == (2.0, 2.0 * whole.tokens / (math.log(2) * whole.bytes))
-    with pytest.raises(ValueError, match="val set of .* is empty: val_tokens \\(10\\) must be at least block_size \\(64\\)"):
+    with pytest.raises(
+        ValueError, match="val set of .* is empty: val_tokens \\(10\\) must be at least block_size \\(64\\)"
+    ):
         ValSet(two_shards, 10, 64)
 
 
@@ -132,9 +159,24 @@ def test_val_bpb_in_metrics_and_one_val_set_at_any_process_count(pydocs_data, tm
     assert one["val_bpb"] == pytest.approx(one["val_loss"] * 960 / (math.log(2) * target_bytes), rel=1e-12)
     assert f"val bpb {one['val_bpb']:.4f}" in proc.stderr and "val set: the first 960 tokens" in proc.stderr
     # two processes measure the same 960 tokens, each half of them (the weights at step 0 are rank 0's in both)
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-                          f"--out_dir={tmp_path / 'two'}", *common], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ddp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "train.py",
+            f"--out_dir={tmp_path / 'two'}",
+            *common,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     two = read_evals(tmp_path / "two")[0]
-    assert two["val_loss"] == pytest.approx(one["val_loss"], abs=1e-5) and two["val_bpb"] == pytest.approx(one["val_bpb"], abs=1e-5)
+    assert two["val_loss"] == pytest.approx(one["val_loss"], abs=1e-5) and two["val_bpb"] == pytest.approx(
+        one["val_bpb"], abs=1e-5
+    )
