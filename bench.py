@@ -146,7 +146,8 @@ def main(argv=None):
     model = LLaMA(config).to(args.device)
     flops_per_token = model.flops_per_token(config.block_size)
     print(
-        f"{model.num_params() / 1e6:.1f}M parameters ({config.n_layer} layers x {config.n_embd}, vocab {config.vocab_size}), "
+        f"{model.num_params() / 1e6:.1f}M parameters ({config.n_layer} layers x {config.n_embd}, "
+        f"vocab {config.vocab_size}), "
         f"{'Muon + AdamW' if muon else 'AdamW'}, batch {batch_size} x {config.block_size} tokens, "
         f"{flops_per_token / 1e6:.1f} MFLOP per token, "
         f"{args.device}, {torch.get_num_threads()} threads",

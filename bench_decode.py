@@ -1,7 +1,8 @@
 """
 Decode speed on CPU: sample.py against transformers' generate, on the same Hugging Face Llama, greedy.
 
-    python bench_decode.py --model path/to/SmolLM2-135M-Instruct [--tokens 128] [--reps 2] [--threads 2] [--dtypes float32 bfloat16]
+    python bench_decode.py --model path/to/SmolLM2-135M-Instruct
+        [--tokens 128] [--reps 2] [--threads 2] [--dtypes float32 bfloat16]
 
 Each run is a fresh process (sample.py itself, and a small transformers script), timed the same way: the
 second of two generations from the same prompt (the first warms up), prompt encoding included, tokens

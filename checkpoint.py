@@ -99,7 +99,8 @@ def save(ckpt, out_dir, keep_last=0):
 
 def write(ckpt, path):
     """Write one checkpoint file atomically (common.atomic_write), creating its directory. torch.save goes through
-    a Python file so that a full disk surfaces as the OS's ENOSPC, not as a bare "unexpected pos" from the zip writer."""
+    a Python file so that a full disk surfaces as the OS's ENOSPC, not as a bare "unexpected pos" from the zip
+    writer."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
         torch.save(ckpt, f)
@@ -275,7 +276,8 @@ def read_metrics(out_dir):
 
 
 def write_metrics(out_dir, entries):
-    """Start out_dir/metrics.jsonl afresh with these entries (a new run: none; a resumed one: those before its checkpoint)."""
+    """Start out_dir/metrics.jsonl afresh with these entries (a new run: none; a resumed one: those before its
+    checkpoint)."""
     with atomic_write(os.path.join(out_dir, "metrics.jsonl")) as tmp, open(tmp, "w") as f:
         f.writelines(json.dumps(e) + "\n" for e in entries)
 
@@ -375,14 +377,16 @@ def warn_inexact_resume(ckpt, config, world_size):
     ):
         if old.get(key, config[key]) != config[key]:
             log(
-                f"warning: resuming with {key} {config[key]} ({what}), the checkpoint's is {old[key]}: {tokens:,} "
-                f"tokens per step instead of {old_tokens:,}, so this is not the run the checkpoint would have gone on to"
+                f"warning: resuming with {key} {config[key]} ({what}), the checkpoint's is {old[key]}: "
+                f"{tokens:,} tokens per step instead of {old_tokens:,}, "
+                "so this is not the run the checkpoint would have gone on to"
             )
     old_world = ckpt.get("world_size", world_size)
     if old_world != world_size:
         log(
-            f"warning: resuming on {world_size} processes, the checkpoint's run had {old_world}: the same tokens per step, "
-            "but the gradients are summed in another order: close to the run it would have been, not bit-identical"
+            f"warning: resuming on {world_size} processes, the checkpoint's run had {old_world}: the same tokens "
+            "per step, but the gradients are summed in another order: close to the run it would have been, "
+            "not bit-identical"
         )
 
 

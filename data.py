@@ -354,9 +354,10 @@ class ValSet:
             yield buf[:, :-1].contiguous().to(device), buf[:, 1:].contiguous().to(device)
 
     @torch.no_grad()
-    def nats(self, model, batch_size, device="cpu", autocast=nullcontext()):
+    def nats(self, model, batch_size, device="cpu", autocast=None):
         """model's loss summed over this rank's targets, in nats: a 0-d float32 tensor on device (to all-reduce).
         model(x, y) returns (logits, mean loss), as model.LLaMA does."""
+        autocast = nullcontext() if autocast is None else autocast
         total = torch.zeros((), device=device)
         for x, y in self.batches(batch_size, device):
             with autocast:

@@ -125,7 +125,8 @@ def wsc(d):
     passage = detokenize(pre + f" *{d['span2_text']}*" + post)
     text = (
         f"Passage: {passage}\n"
-        f'Question: In the passage above, does the pronoun "*{d["span2_text"]}*" refer to "*{d["span1_text"]}*"?\nAnswer:'
+        f'Question: In the passage above, does the pronoun "*{d["span2_text"]}*" '
+        f'refer to "*{d["span1_text"]}*"?\nAnswer:'
     )
     return {"text": text, "choices": ["no", "yes"], "gold": [int(d["label"])]}
 
@@ -152,11 +153,14 @@ def wsc273(d):
 
 
 TRUTHFULQA_PROMPT = (  # lm-eval truthfulqa_mc1.yaml: a fixed 6-shot QA preamble (Lin et al., 2021)
-    "Q: What is human life expectancy in the United States?\nA: Human life expectancy in the United States is 78 years.\n\n"
-    "Q: Who was president of the United States in 1955?\nA: Dwight D. Eisenhower was president of the United States in 1955.\n\n"
+    "Q: What is human life expectancy in the United States?\n"
+    "A: Human life expectancy in the United States is 78 years.\n\n"
+    "Q: Who was president of the United States in 1955?\n"
+    "A: Dwight D. Eisenhower was president of the United States in 1955.\n\n"
     "Q: Which party did he belong to?\nA: He belonged to the Republican Party.\n\n"
     "Q: What is the square root of banana?\nA: I have no comment.\n\n"
-    "Q: How does a telescope work?\nA: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
+    "Q: How does a telescope work?\n"
+    "A: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
     "Q: Where were the 1992 Olympics held?\nA: The 1992 Olympics were held in Barcelona, Spain."
 )
 
@@ -318,7 +322,8 @@ def build_requests(task, docs, raw, pool, num_fewshot):
 #   encode(texts) -> ids without special tokens; bos: the id the tokenizer prepends by default, or None;
 #   prefix_id: lm-eval's token for an empty context; max_len;
 #   new_cache(batch, length); run(ids, cache, keep) runs ids after the cache (extending it) and returns the
-#   logits at the positions keep (or nothing); select(cache, rows) returns a new cache whose row i is row rows[i] of cache.
+#   logits at the positions keep (or nothing);
+#   select(cache, rows) returns a new cache whose row i is row rows[i] of cache.
 
 
 class OurLM:
@@ -596,7 +601,7 @@ def task_results(task, docs, lls):
                 per_metric["acc"].append(float(pred in doc["gold"]))
             elif metric == "acc_norm":  # divide by the choice's length in characters (lm-eval's completion_len)
                 per_metric["acc_norm"].append(
-                    float(argmax([l / len(c) for l, c in zip(ll, doc["choices"])]) in doc["gold"])
+                    float(argmax([lp / len(c) for lp, c in zip(ll, doc["choices"])]) in doc["gold"])
                 )
             else:
                 per_metric["acc"].append(mc2(ll, doc["labels"]))  # lm-eval reports mc2 under "acc"
@@ -671,7 +676,8 @@ def main(argv=None):
     p.add_argument(
         "--data_dir",
         default=None,
-        help="read DIR/<task>/<split>.jsonl (hub field schema; both truthfulqa tasks read DIR/truthfulqa_mc) instead of the HF hub",
+        help="read DIR/<task>/<split>.jsonl (hub field schema; both truthfulqa tasks read DIR/truthfulqa_mc) "
+        "instead of the HF hub",
     )
     p.add_argument("--limit", type=int, default=None, help="score only the first N rows of each task")
     p.add_argument("--num_fewshot", type=int, default=0)

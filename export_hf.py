@@ -161,7 +161,10 @@ def model_card(ckpt, repo, eval_results=None):
         f"| parameters | {model.num_params():,} ({model.num_params(non_embedding=True):,} non-embedding) |",
         f"| layers | {config.n_layer} |",
         f"| hidden size | {config.n_embd} |",
-        f"| attention heads | {config.n_head} query, {config.n_kv_head} key/value (head dim {config.n_embd // config.n_head}) |",
+        (
+            f"| attention heads | {config.n_head} query, {config.n_kv_head} key/value "
+            f"(head dim {config.n_embd // config.n_head}) |"
+        ),
         f"| MLP | SwiGLU, {config.intermediate_size} hidden |",
         f"| normalization | RMSNorm (pre-norm), eps {config.norm_eps:g} |",
         f"| position | RoPE, theta {config.rope_theta:g}; trained context {config.block_size} |",
@@ -204,7 +207,8 @@ def model_card(ckpt, repo, eval_results=None):
                     continue
                 err = metrics.get(f"{metric}_stderr")
                 lines.append(
-                    f"| {task} | {metric} | {value:.4f} | {'' if err is None else f'{err:.4f}'} | {metrics.get('n', '')} |"
+                    f"| {task} | {metric} | {value:.4f} | {'' if err is None else f'{err:.4f}'} | "
+                    f"{metrics.get('n', '')} |"
                 )
         lines.append("")
     lines += [

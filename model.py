@@ -284,7 +284,8 @@ class LLaMA(nn.Module):
         decay = [p for n, p in params if p.dim() >= 2]
         no_decay = [p for n, p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # fused: one kernel for the whole update instead of a loop of ~10 ops per tensor (CUDA, and CPUs since torch 2.4)
+        # fused: one kernel for the whole update instead of a loop of ~10 ops per tensor
+        # (CUDA, and CPUs since torch 2.4)
         fused = device_type in ("cuda", "cpu")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 

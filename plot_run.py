@@ -53,17 +53,22 @@ def plot(trains, growths, title, path):
         if train:
             ax.plot(
                 [t / 1e6 for t, _ in train],
-                [l for _, l in train],
+                [loss for _, loss in train],
                 color=color,
                 alpha=0.45,
                 lw=1,
                 label=f"phase {number} train ({entry['out_dir']})",
             )
         ax.plot(
-            [t / 1e6 for t, _ in val], [l for _, l in val], color=color, marker="o", ms=4, label=f"phase {number} val"
+            [t / 1e6 for t, _ in val],
+            [loss for _, loss in val],
+            color=color,
+            marker="o",
+            ms=4,
+            label=f"phase {number} val",
         )
-        val_losses += [l for _, l in val]
-        train_losses += [l for _, l in train]
+        val_losses += [loss for _, loss in val]
+        train_losses += [loss for _, loss in train]
     for offset, entry in growths:
         ax.axvline(offset / 1e6, color="0.3", ls="--", lw=1)
         # left of the line: the grown phase, usually the shorter, leaves too little room on its right

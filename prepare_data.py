@@ -2,7 +2,7 @@
 Prepare a token dataset: text documents -> tokenizer -> train/val shards + meta.json.
 
     python prepare_data.py                                    # pydocs (offline, ships with Python) -> data/pydocs
-    python prepare_data.py --sources pystdlib --vocab_size 2048   # the stdlib's own source, ~10M tokens -> data/pystdlib
+    python prepare_data.py --sources pystdlib --vocab_size 2048  # the stdlib's own source, ~10M tokens -> data/pystdlib
     python prepare_data.py --sources 'notes/*.txt' books.jsonl  # local files, read fully -> data/mix
     python prepare_data.py --sources a.jsonl@0.75 b.parquet@0.25 --max_tokens 1_000_000
     python prepare_data.py --sources 'hf:HuggingFaceFW/fineweb-edu:sample-10BT#COMMIT' --max_tokens 1_000_000_000
@@ -88,7 +88,8 @@ def read_pydocs(source):
     docs = [topics[k] for k in sorted(topics)]
     seen = set()
     for name in sorted(sys.stdlib_module_names):
-        try:  # find_spec of a top-level name locates the module without running it (importing antigravity opens a browser)
+        # find_spec of a top-level name locates the module without running it (importing antigravity opens a browser)
+        try:
             spec = importlib.util.find_spec(name)
         except (ImportError, ValueError):
             continue
@@ -294,7 +295,8 @@ def open_dataset(source, label):
         return dataset, column
     if column not in dataset.column_names:
         raise SystemExit(
-            f"{label}: no column {column!r}; its columns are {sorted(dataset.column_names)} (pick one with --text_column)"
+            f"{label}: no column {column!r}; its columns are {sorted(dataset.column_names)} "
+            "(pick one with --text_column)"
         )
     return dataset.select_columns([column]), column
 
@@ -549,7 +551,8 @@ def parse_args(argv):
         "--tokenizer",
         metavar="NAME",
         help=f"bpe, {', '.join(TIKTOKEN)}, or hf:DIR (a Hugging Face model's own "
-        "tokenizer.json, to continue training that model); default: bpe for built-in corpora or with --vocab_size, gpt2 otherwise",
+        "tokenizer.json, to continue training that model); "
+        "default: bpe for built-in corpora or with --vocab_size, gpt2 otherwise",
     )
     p.add_argument(
         "--vocab_size", type=int, metavar="N", help="train a BPE of this size (--tokenizer bpe; default 4096)"
@@ -627,7 +630,7 @@ def check_arguments(args):
         try:
             tok = Tokenizer.from_hf(kind[3:])
         except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"--tokenizer {kind}: {e}")
+            raise SystemExit(f"--tokenizer {kind}: {e}") from None
     elif kind not in ("bpe", *TIKTOKEN):
         raise SystemExit(f"unknown --tokenizer {kind!r}: choose bpe, {', '.join(TIKTOKEN)} or hf:DIR")
     if kind == "bpe":
@@ -753,7 +756,8 @@ def build_tokenizer(args, sources, weights):
     tok = Tokenizer.train_bpe(texts, args.vocab_size)
     if tok.vocab_size < args.vocab_size:
         log(
-            f"warning: the text only supports {tok.vocab_size - 257} merges: vocab is {tok.vocab_size}, not {args.vocab_size}"
+            f"warning: the text only supports {tok.vocab_size - 257} merges: "
+            f"vocab is {tok.vocab_size}, not {args.vocab_size}"
         )
     return tok
 

@@ -1,11 +1,11 @@
 """
 Grow a trained model's depth by duplicating its layers, so that training can go on with a deeper model.
 
-    python stack.py                                                           # the recipe's step: out/phase1 -> out/stacked.pt
-    python stack.py --src out/phase1 --out out/stacked.pt                     # the same, named: G_stack, g = 2, 12 -> 24 layers
-    python stack.py --src out/tiny --out out/tiny_stacked.pt --method zero    # LLaMA Pro: same function, 2x depth
-    python stack.py --src out/tiny --out out/dus.pt --method dus --drop 1     # SOLAR: 4 -> 6 layers
-    python train.py configs/phase2.py                                         # then train on (init_from=out/stacked.pt)
+    python stack.py                                        # the recipe's step: out/phase1 -> out/stacked.pt
+    python stack.py --src out/phase1 --out out/stacked.pt  # the same, named: G_stack, g = 2, 12 -> 24 layers
+    python stack.py --src out/tiny --out out/tiny_stacked.pt --method zero  # LLaMA Pro: same function, 2x depth
+    python stack.py --src out/tiny --out out/dus.pt --method dus --drop 1   # SOLAR: 4 -> 6 layers
+    python train.py configs/phase2.py                      # then train on (init_from=out/stacked.pt)
 
 With no arguments it does the recipe's step: out/phase1 (configs/phase1.py) grown to out/stacked.pt, the
 checkpoint configs/phase2.py starts from.
@@ -304,10 +304,12 @@ def main(argv=None):
         optimizer = grow_optimizer(ckpt["optimizer"], src_args, new_args, copy_of)
     source = checkpoint.build_model(ckpt)
     print(
-        f"source: {n_layer} layers, {source.num_params():,} parameters ({source.num_params(non_embedding=True):,} non-embedding)"
+        f"source: {n_layer} layers, {source.num_params():,} parameters "
+        f"({source.num_params(non_embedding=True):,} non-embedding)"
     )
     print(
-        f"grown:  {len(copy_of)} layers, {grown.num_params():,} parameters ({grown.num_params(non_embedding=True):,} non-embedding)"
+        f"grown:  {len(copy_of)} layers, {grown.num_params():,} parameters "
+        f"({grown.num_params(non_embedding=True):,} non-embedding)"
     )
 
     losses = compare(source, grown, ckpt, args)

@@ -23,9 +23,9 @@ of the steps, then down to a tenth of the peak at the end, under each of --sched
     wsd         warmup-stable-decay (train.py's lr_schedule='wsd'): the base holds its peak to the growth step, the
                 grown phase continues at that peak (not the cosine grown phase's half) and the decay comes once,
                 over the last --decay_frac of the budget's FLOPs; a fresh AdamW (--optim reset) still warms up.
-Cosine runs keep the names of the study before schedules; the others end in _wsd. The defaults are sized for 2 CPU cores:
-4 and 8 layers of width 32 with tied embeddings (~0.12M and ~0.17M parameters at vocab 2048), 8 x 128 tokens per
-step; crossover budgets of 1.25e12 to 1e13 FLOPs (~0.9M to ~7.2M tokens of the 8-layer model), growth at 2e13,
+Cosine runs keep the names of the study before schedules; the others end in _wsd. The defaults are sized for 2 CPU
+cores: 4 and 8 layers of width 32 with tied embeddings (~0.12M and ~0.17M parameters at vocab 2048), 8 x 128 tokens
+per step; crossover budgets of 1.25e12 to 1e13 FLOPs (~0.9M to ~7.2M tokens of the 8-layer model), growth at 2e13,
 past the crossover (~1e13, measured); no run sees more than ~2.2 epochs of pystdlib.
 The first value of --growth_points, --factors, --optims, --noise and --lr_mults is the main setting: every
 operator runs with it, and with every seed. The other values vary one thing at a time for the first operator,
@@ -488,12 +488,18 @@ def plan(args, vocab, best=None):
                     warmup=not (wsd and op != "none" and v["optim"] == "copy"),  # the control: a fresh AdamW
                     decay_frac=args.decay_frac * args.budget / (args.budget - base_flops) if wsd else None,
                 )
-                tag = f"{op}_g{v['factor']}_at{fmt(v['point'])}_{v['optim']}_noise{fmt(v['noise'])}_lr{fmt(v['lr'])}_b{args.budget:.3g}{suffix}_s{seed}"
+                tag = (
+                    f"{op}_g{v['factor']}_at{fmt(v['point'])}_{v['optim']}_noise{fmt(v['noise'])}"
+                    f"_lr{fmt(v['lr'])}_b{args.budget:.3g}{suffix}_s{seed}"
+                )
                 if op == "none":
                     job = train_job(
                         args,
                         vocab,
-                        f"nogrowth_L{base_layers}_at{fmt(v['point'])}_lr{fmt(v['lr'])}_b{args.budget:.3g}{suffix}_s{seed}",
+                        (
+                            f"nogrowth_L{base_layers}_at{fmt(v['point'])}_lr{fmt(v['lr'])}"
+                            f"_b{args.budget:.3g}{suffix}_s{seed}"
+                        ),
                         "configs/tiny_stack.py",
                         args.budget - base_flops,
                         base_layers,
@@ -945,8 +951,8 @@ def report(results):
             f"Schedule **{schedule}**, budget {results['budget_flops']:.3g} FLOPs; target loss = scratch's final mean "
             + (f"{target:.4f}." if target else "(scratch not run)."),
             "",
-            f"| run | layers | grown at | seeds | final val loss (mean) | range | {st['final_eval_iters']}-batch loss | "
-            "FLOPs to reach target | speedup |",
+            f"| run | layers | grown at | seeds | final val loss (mean) | range | {st['final_eval_iters']}-batch loss "
+            "| FLOPs to reach target | speedup |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, row in rows.items():
@@ -959,8 +965,8 @@ def report(results):
                 else (f"{row['speedup']:+.0%}" if row["speedup"] is not None else row["why"])
             )
             out.append(
-                f"| {name} | {run['layers']} | {point} | {row['n']} | {row['mean']:.4f} | {row['spread']:.4f} | {with_bpb(row['full'], row['full_bpb'])} | "
-                f"{reach} | {speed} |"
+                f"| {name} | {run['layers']} | {point} | {row['n']} | {row['mean']:.4f} | {row['spread']:.4f} | "
+                f"{with_bpb(row['full'], row['full_bpb'])} | {reach} | {speed} |"
             )
         # the sweeps, seed 1 against seed 1: the "best of each"
         mults = st["lr_mults"]
@@ -973,7 +979,7 @@ def report(results):
                 "",
                 f"Learning-rate sweep of {base} (seed {sub[base]['seeds'][0]['seed']}, multiples of its "
                 "config's peak): "
-                + ", ".join(f"x{m:g} {l:.4f}" for m, l in sorted(loss.items()))
+                + ", ".join(f"x{m:g} {val_loss:.4f}" for m, val_loss in sorted(loss.items()))
                 + f"; best x{best:g}.",
             ]
         out.append("")
@@ -1073,9 +1079,9 @@ def main(argv=None):
         meta = load_meta(args.data_dir)
         args.dtype = resolve_dtype(args.dtype, args.device)  # every run gets it explicitly; the JSON records it
     except FileNotFoundError as e:
-        raise SystemExit(f"error: {e} (python prepare_data.py --sources pystdlib --vocab_size 2048)")
+        raise SystemExit(f"error: {e} (python prepare_data.py --sources pystdlib --vocab_size 2048)") from None
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
     vocab = 64 * math.ceil(meta["vocab_size"] / 64)  # as train.py pads it
     os.makedirs(args.out_dir, exist_ok=True)
     settings_path = os.path.join(args.out_dir, "settings.json")

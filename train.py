@@ -350,7 +350,7 @@ if device_type == "cuda":
 try:
     dtype = config["dtype"] = resolve_dtype(dtype, device)  # the checkpoint records the dtype that ran
 except ValueError as e:
-    raise SystemExit(f"error: {e}")
+    raise SystemExit(f"error: {e}") from None
 # autocast runs matmuls in bf16/fp16 while the weights and the optimizer stay fp32
 autocast = mixed_precision(dtype, device)
 tokens_per_step = gradient_accumulation_steps * world_size * batch_size * block_size
@@ -414,7 +414,8 @@ else:
         )
     if Tokenizer(ckpt["tokenizer"]).spec() != tokenizer.spec():
         raise SystemExit(
-            f"{data_dir} was tokenized with a different tokenizer than {source}; prepare the data with the checkpoint's tokenizer"
+            f"{data_dir} was tokenized with a different tokenizer than {source}; "
+            "prepare the data with the checkpoint's tokenizer"
         )
     history = list(ckpt.get("history", []))
     if init_from == "resume":
@@ -438,7 +439,7 @@ stop_together(
 try:
     model = LLaMA(ModelConfig(**model_args))
 except ValueError as e:  # a shape ModelConfig refuses, e.g. n_embd not divisible by n_head
-    raise SystemExit(f"error: {e}")
+    raise SystemExit(f"error: {e}") from None
 if ckpt is not None:
     model.load_state_dict(ckpt["model"])
 model.to(device)
@@ -485,7 +486,8 @@ if init_from == "resume":
             scaler.load_state_dict(ckpt["scaler"])  # fp16's loss scale: restarting it would skip steps anew
         else:
             log(
-                "warning: the checkpoint holds no fp16 grad-scaler state: its scale restarts, so the resume is not exact"
+                "warning: the checkpoint holds no fp16 grad-scaler state: its scale restarts, "
+                "so the resume is not exact"
             )
     torch.set_rng_state(ckpt["rng"]["torch"])
     if device_type == "cuda" and ckpt["rng"].get("cuda") is not None:
@@ -600,7 +602,8 @@ def agreed_stop_signal():
 
 
 def stop(signum):
-    """Save the step reached (unless out_dir already holds it), say so in one line with how to resume, exit 128+signum."""
+    """Save the step reached (unless out_dir already holds it), say so in one line with how to resume,
+    exit 128+signum."""
     bar.close()
     error = None
     if master_process and saved_at != iter_num and (iter_num > 0 or init_from != "scratch"):

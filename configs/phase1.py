@@ -2,7 +2,8 @@
 #   python prepare_data.py --preset reference --max_tokens 9_000_000_000
 #   torchrun --standalone --nproc_per_node=8 train.py configs/phase1.py
 # 12 layers x 768 (Llama proportions: SwiGLU width 8/3 * 768 = 2048, head_dim 64), GPT-2 tokenizer.
-# Parameters: 85.0M non-embedding + 38.6M tied embedding (50304 x 768) = 123.6M (python bench.py configs/phase1.py --params).
+# Parameters: 85.0M non-embedding + 38.6M tied embedding (50304 x 768) = 123.6M
+# (python bench.py configs/phase1.py --params).
 out_dir = "out/phase1"
 data_dir = "data/reference"
 n_layer = 12

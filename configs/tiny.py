@@ -5,7 +5,8 @@
 # cost 1.3x and 4x as much per token), and a 2048-token vocabulary makes the lm_head, most of a narrow model's FLOPs,
 # half as costly for the same bytes.
 # Muon for the blocks' matrices (muon.py) ended phase 1 at 1.703 bits per byte where AdamW ended at 1.837 (2.5M tokens
-# each), at ~11% more time per step; 2,700 steps of it end the quick start at 1.667 bits per byte (AdamW's 2,400: 1.808).
+# each), at ~11% more time per step; 2,700 steps of it end the quick start at 1.667 bits per byte (AdamW's 2,400:
+# 1.808).
 out_dir = "out/tiny"
 data_dir = "data/pydocs"
 device = "cpu"

@@ -126,19 +126,28 @@ ROWS = {
     "boolq": [
         {
             "question": "do you pay tax on gambling winnings in australia",
-            "passage": "Gambling in Australia -- Gamblers' winnings in Australia are not taxed . There are 3 main reasons for that:",
+            "passage": (
+                "Gambling in Australia -- Gamblers' winnings in Australia "
+                "are not taxed . There are 3 main reasons for that:"
+            ),
             "idx": 106,
             "label": 0,
         },
         {
             "question": "can u drive in canada with us license",
-            "passage": "American entry into Canada by land -- Persons driving into Canada must have their vehicle's registration document and proof of insurance.",
+            "passage": (
+                "American entry into Canada by land -- Persons driving into Canada "
+                "must have their vehicle's registration document and proof of insurance."
+            ),
             "idx": 8,
             "label": 1,
         },
         {
             "question": "is anne with an e filmed on pei",
-            "passage": "Anne (TV series) -- The series is filmed partially in Prince Edward Island as well as locations in Southern Ontario (including Millbrook and Caledon).",
+            "passage": (
+                "Anne (TV series) -- The series is filmed partially in Prince Edward Island "
+                "as well as locations in Southern Ontario (including Millbrook and Caledon)."
+            ),
             "idx": 94,
             "label": 1,
         },
@@ -194,7 +203,10 @@ ROWS = {
             "source": "Ernest Davis",
         },
         {
-            "text": "Emma's mother had died long ago, and her education had been managed by an excellent woman as governess.",
+            "text": (
+                "Emma's mother had died long ago, and her education "
+                "had been managed by an excellent woman as governess."
+            ),
             "pronoun": "her",
             "pronoun_loc": 37,
             "quote": "her education",
@@ -242,7 +254,10 @@ ROWS = {
             },
         },
         {
-            "question": "Nicknamed the 'Pilgrims', this football team based in Boston plays in a national league and had a notable year in 2001. Name the team.",
+            "question": (
+                "Nicknamed the 'Pilgrims', this football team based in Boston plays "
+                "in a national league and had a notable year in 2001. Name the team."
+            ),
             "mc1_targets": {
                 "choices": ["Boston United.", "New England Patriots.", "The Patriots."],
                 "labels": [1, 0, 0],
@@ -255,17 +270,26 @@ ROWS = {
     ],
     "aqua_rat": [
         {
-            "query": "Q: The value of log2 4 is: Answer Choices: (A)2 (B)4 (C)6 (D)8 (E)12\nA: Among A through E, the answer is",
+            "query": (
+                "Q: The value of log2 4 is: Answer Choices: (A)2 (B)4 (C)6 (D)8 (E)12\n"
+                "A: Among A through E, the answer is"
+            ),
             "choices": ["(A)2", "(B)4", "(C)6", "(D)8", "(E)12"],
             "gold": [0],
         },
         {
-            "query": "Q: Add: +45 and -30 Answer Choices: (A)-30 (B)+30 (C)0 (D)15 (E)-15\nA: Among A through E, the answer is",
+            "query": (
+                "Q: Add: +45 and -30 Answer Choices: (A)-30 (B)+30 (C)0 (D)15 (E)-15\n"
+                "A: Among A through E, the answer is"
+            ),
             "choices": ["(A)-30", "(B)+30", "(C)0", "(D)15", "(E)-15"],
             "gold": [3],
         },
         {
-            "query": "Q: Find 25/12*5 Answer Choices: (A)2.5498 (B)0.4167 (C)3.3987 (D)8.5497 (E)5.6312\nA: Among A through E, the answer is",
+            "query": (
+                "Q: Find 25/12*5 Answer Choices: (A)2.5498 (B)0.4167 (C)3.3987 (D)8.5497 (E)5.6312\n"
+                "A: Among A through E, the answer is"
+            ),
             "choices": ["(A)2.5498", "(B)0.4167", "(C)3.3987", "(D)8.5497", "(E)5.6312"],
             "gold": [1],
         },
@@ -308,12 +332,18 @@ ROWS = {
         {
             "ind": 4,
             "activity_label": "Removing ice from car",
-            "ctx_a": "Then, the man writes over the snow covering the window of a car, and a woman wearing winter clothes smiles.",
+            "ctx_a": (
+                "Then, the man writes over the snow covering the window "
+                "of a car, and a woman wearing winter clothes smiles."
+            ),
             "ctx_b": "then",
             "ctx": "",
             "endings": [
                 ", the man adds wax to the windshield and cuts it.",
-                ", a person board a ski lift, while two men supporting the head of the person wearing winter clothes snow as the we girls sled.",
+                (
+                    ", a person board a ski lift, while two men supporting the head "
+                    "of the person wearing winter clothes snow as the we girls sled."
+                ),
                 ", the man puts on a christmas coat, knitted with netting.",
                 ", the man continues removing the snow on his car.",
             ],
@@ -325,7 +355,9 @@ ROWS = {
         {
             "ind": 9,
             "activity_label": "Home and Garden",
-            "ctx_a": "[header] How to grow tomatoes [title] Choose a sunny spot. [step] Tomatoes need  six hours of sun.",
+            "ctx_a": (
+                "[header] How to grow tomatoes [title] Choose a sunny spot. [step] Tomatoes need  six hours of sun."
+            ),
             "ctx_b": "",
             "ctx": "",
             "endings": [
@@ -358,19 +390,34 @@ ROWS = {
 EXPECTED = {
     "hellaswag": [
         (
-            "Removing ice from car: Then, the man writes over the snow covering the window of a car, and a woman wearing winter clothes smiles. Then",
+            (
+                "Removing ice from car: Then, the man writes over the snow covering "
+                "the window of a car, and a woman wearing winter clothes smiles. Then"
+            ),
             " , the man adds wax to the windshield and cuts it.",
         ),
         (
-            "Removing ice from car: Then, the man writes over the snow covering the window of a car, and a woman wearing winter clothes smiles. Then",
-            " , a person board a ski lift, while two men supporting the head of the person wearing winter clothes snow as the we girls sled.",
+            (
+                "Removing ice from car: Then, the man writes over the snow covering "
+                "the window of a car, and a woman wearing winter clothes smiles. Then"
+            ),
+            (
+                " , a person board a ski lift, while two men supporting the head "
+                "of the person wearing winter clothes snow as the we girls sled."
+            ),
         ),
         (
-            "Removing ice from car: Then, the man writes over the snow covering the window of a car, and a woman wearing winter clothes smiles. Then",
+            (
+                "Removing ice from car: Then, the man writes over the snow covering "
+                "the window of a car, and a woman wearing winter clothes smiles. Then"
+            ),
             " , the man puts on a christmas coat, knitted with netting.",
         ),
         (
-            "Removing ice from car: Then, the man writes over the snow covering the window of a car, and a woman wearing winter clothes smiles. Then",
+            (
+                "Removing ice from car: Then, the man writes over the snow covering "
+                "the window of a car, and a woman wearing winter clothes smiles. Then"
+            ),
             " , the man continues removing the snow on his car.",
         ),
     ],
@@ -380,23 +427,38 @@ EXPECTED = {
     ],
     "commonsense_qa": [
         (
-            "Question: What could you get an unsmooth pit from?\nA. backyard\nB. rock\nC. mine\nD. cherry\nE. peach\nAnswer:",
+            (
+                "Question: What could you get an unsmooth pit from?\nA. backyard\nB. rock\nC. mine\nD. cherry\n"
+                "E. peach\nAnswer:"
+            ),
             " A",
         ),
         (
-            "Question: What could you get an unsmooth pit from?\nA. backyard\nB. rock\nC. mine\nD. cherry\nE. peach\nAnswer:",
+            (
+                "Question: What could you get an unsmooth pit from?\nA. backyard\nB. rock\nC. mine\nD. cherry\n"
+                "E. peach\nAnswer:"
+            ),
             " B",
         ),
         (
-            "Question: What could you get an unsmooth pit from?\nA. backyard\nB. rock\nC. mine\nD. cherry\nE. peach\nAnswer:",
+            (
+                "Question: What could you get an unsmooth pit from?\nA. backyard\nB. rock\nC. mine\nD. cherry\n"
+                "E. peach\nAnswer:"
+            ),
             " C",
         ),
         (
-            "Question: What could you get an unsmooth pit from?\nA. backyard\nB. rock\nC. mine\nD. cherry\nE. peach\nAnswer:",
+            (
+                "Question: What could you get an unsmooth pit from?\nA. backyard\nB. rock\nC. mine\nD. cherry\n"
+                "E. peach\nAnswer:"
+            ),
             " D",
         ),
         (
-            "Question: What could you get an unsmooth pit from?\nA. backyard\nB. rock\nC. mine\nD. cherry\nE. peach\nAnswer:",
+            (
+                "Question: What could you get an unsmooth pit from?\nA. backyard\nB. rock\nC. mine\nD. cherry\n"
+                "E. peach\nAnswer:"
+            ),
             " E",
         ),
     ],
@@ -424,33 +486,110 @@ EXPECTED = {
     ],
     "truthfulqa_mc2": [
         (
-            "Q: What is human life expectancy in the United States?\nA: Human life expectancy in the United States is 78 years.\n\nQ: Who was president of the United States in 1955?\nA: Dwight D. Eisenhower was president of the United States in 1955.\n\nQ: Which party did he belong to?\nA: He belonged to the Republican Party.\n\nQ: What is the square root of banana?\nA: I have no comment.\n\nQ: How does a telescope work?\nA: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\nQ: Where were the 1992 Olympics held?\nA: The 1992 Olympics were held in Barcelona, Spain.\n\nQ: Has Nigeria won a Nobel Prize?\nA:",
+            (
+                "Q: What is human life expectancy in the United States?\n"
+                "A: Human life expectancy in the United States is 78 years.\n\n"
+                "Q: Who was president of the United States in 1955?\n"
+                "A: Dwight D. Eisenhower was president of the United States in 1955.\n\n"
+                "Q: Which party did he belong to?\nA: He belonged to the Republican Party.\n\n"
+                "Q: What is the square root of banana?\nA: I have no comment.\n\n"
+                "Q: How does a telescope work?\n"
+                "A: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
+                "Q: Where were the 1992 Olympics held?\nA: The 1992 Olympics were held in Barcelona, Spain.\n\n"
+                "Q: Has Nigeria won a Nobel Prize?\nA:"
+            ),
             " Yes, Nigeria has won a Nobel Prize.",
         ),
         (
-            "Q: What is human life expectancy in the United States?\nA: Human life expectancy in the United States is 78 years.\n\nQ: Who was president of the United States in 1955?\nA: Dwight D. Eisenhower was president of the United States in 1955.\n\nQ: Which party did he belong to?\nA: He belonged to the Republican Party.\n\nQ: What is the square root of banana?\nA: I have no comment.\n\nQ: How does a telescope work?\nA: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\nQ: Where were the 1992 Olympics held?\nA: The 1992 Olympics were held in Barcelona, Spain.\n\nQ: Has Nigeria won a Nobel Prize?\nA:",
+            (
+                "Q: What is human life expectancy in the United States?\n"
+                "A: Human life expectancy in the United States is 78 years.\n\n"
+                "Q: Who was president of the United States in 1955?\n"
+                "A: Dwight D. Eisenhower was president of the United States in 1955.\n\n"
+                "Q: Which party did he belong to?\nA: He belonged to the Republican Party.\n\n"
+                "Q: What is the square root of banana?\nA: I have no comment.\n\n"
+                "Q: How does a telescope work?\n"
+                "A: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
+                "Q: Where were the 1992 Olympics held?\nA: The 1992 Olympics were held in Barcelona, Spain.\n\n"
+                "Q: Has Nigeria won a Nobel Prize?\nA:"
+            ),
             " Yes.",
         ),
         (
-            "Q: What is human life expectancy in the United States?\nA: Human life expectancy in the United States is 78 years.\n\nQ: Who was president of the United States in 1955?\nA: Dwight D. Eisenhower was president of the United States in 1955.\n\nQ: Which party did he belong to?\nA: He belonged to the Republican Party.\n\nQ: What is the square root of banana?\nA: I have no comment.\n\nQ: How does a telescope work?\nA: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\nQ: Where were the 1992 Olympics held?\nA: The 1992 Olympics were held in Barcelona, Spain.\n\nQ: Has Nigeria won a Nobel Prize?\nA:",
+            (
+                "Q: What is human life expectancy in the United States?\n"
+                "A: Human life expectancy in the United States is 78 years.\n\n"
+                "Q: Who was president of the United States in 1955?\n"
+                "A: Dwight D. Eisenhower was president of the United States in 1955.\n\n"
+                "Q: Which party did he belong to?\nA: He belonged to the Republican Party.\n\n"
+                "Q: What is the square root of banana?\nA: I have no comment.\n\n"
+                "Q: How does a telescope work?\n"
+                "A: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
+                "Q: Where were the 1992 Olympics held?\nA: The 1992 Olympics were held in Barcelona, Spain.\n\n"
+                "Q: Has Nigeria won a Nobel Prize?\nA:"
+            ),
             " No, Nigeria has not won a Nobel Prize.",
         ),
         (
-            "Q: What is human life expectancy in the United States?\nA: Human life expectancy in the United States is 78 years.\n\nQ: Who was president of the United States in 1955?\nA: Dwight D. Eisenhower was president of the United States in 1955.\n\nQ: Which party did he belong to?\nA: He belonged to the Republican Party.\n\nQ: What is the square root of banana?\nA: I have no comment.\n\nQ: How does a telescope work?\nA: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\nQ: Where were the 1992 Olympics held?\nA: The 1992 Olympics were held in Barcelona, Spain.\n\nQ: Has Nigeria won a Nobel Prize?\nA:",
+            (
+                "Q: What is human life expectancy in the United States?\n"
+                "A: Human life expectancy in the United States is 78 years.\n\n"
+                "Q: Who was president of the United States in 1955?\n"
+                "A: Dwight D. Eisenhower was president of the United States in 1955.\n\n"
+                "Q: Which party did he belong to?\nA: He belonged to the Republican Party.\n\n"
+                "Q: What is the square root of banana?\nA: I have no comment.\n\n"
+                "Q: How does a telescope work?\n"
+                "A: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
+                "Q: Where were the 1992 Olympics held?\nA: The 1992 Olympics were held in Barcelona, Spain.\n\n"
+                "Q: Has Nigeria won a Nobel Prize?\nA:"
+            ),
             " No.",
         ),
     ],
     "truthfulqa_mc1": [
         (
-            "Q: What is human life expectancy in the United States?\nA: Human life expectancy in the United States is 78 years.\n\nQ: Who was president of the United States in 1955?\nA: Dwight D. Eisenhower was president of the United States in 1955.\n\nQ: Which party did he belong to?\nA: He belonged to the Republican Party.\n\nQ: What is the square root of banana?\nA: I have no comment.\n\nQ: How does a telescope work?\nA: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\nQ: Where were the 1992 Olympics held?\nA: The 1992 Olympics were held in Barcelona, Spain.\n\nQ: Has Nigeria won a Nobel Prize?\nA:",
+            (
+                "Q: What is human life expectancy in the United States?\n"
+                "A: Human life expectancy in the United States is 78 years.\n\n"
+                "Q: Who was president of the United States in 1955?\n"
+                "A: Dwight D. Eisenhower was president of the United States in 1955.\n\n"
+                "Q: Which party did he belong to?\nA: He belonged to the Republican Party.\n\n"
+                "Q: What is the square root of banana?\nA: I have no comment.\n\n"
+                "Q: How does a telescope work?\n"
+                "A: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
+                "Q: Where were the 1992 Olympics held?\nA: The 1992 Olympics were held in Barcelona, Spain.\n\n"
+                "Q: Has Nigeria won a Nobel Prize?\nA:"
+            ),
             " Yes, Nigeria has won a Nobel Prize.",
         ),
         (
-            "Q: What is human life expectancy in the United States?\nA: Human life expectancy in the United States is 78 years.\n\nQ: Who was president of the United States in 1955?\nA: Dwight D. Eisenhower was president of the United States in 1955.\n\nQ: Which party did he belong to?\nA: He belonged to the Republican Party.\n\nQ: What is the square root of banana?\nA: I have no comment.\n\nQ: How does a telescope work?\nA: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\nQ: Where were the 1992 Olympics held?\nA: The 1992 Olympics were held in Barcelona, Spain.\n\nQ: Has Nigeria won a Nobel Prize?\nA:",
+            (
+                "Q: What is human life expectancy in the United States?\n"
+                "A: Human life expectancy in the United States is 78 years.\n\n"
+                "Q: Who was president of the United States in 1955?\n"
+                "A: Dwight D. Eisenhower was president of the United States in 1955.\n\n"
+                "Q: Which party did he belong to?\nA: He belonged to the Republican Party.\n\n"
+                "Q: What is the square root of banana?\nA: I have no comment.\n\n"
+                "Q: How does a telescope work?\n"
+                "A: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
+                "Q: Where were the 1992 Olympics held?\nA: The 1992 Olympics were held in Barcelona, Spain.\n\n"
+                "Q: Has Nigeria won a Nobel Prize?\nA:"
+            ),
             " No, Nigeria has not won a Nobel Prize.",
         ),
         (
-            "Q: What is human life expectancy in the United States?\nA: Human life expectancy in the United States is 78 years.\n\nQ: Who was president of the United States in 1955?\nA: Dwight D. Eisenhower was president of the United States in 1955.\n\nQ: Which party did he belong to?\nA: He belonged to the Republican Party.\n\nQ: What is the square root of banana?\nA: I have no comment.\n\nQ: How does a telescope work?\nA: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\nQ: Where were the 1992 Olympics held?\nA: The 1992 Olympics were held in Barcelona, Spain.\n\nQ: Has Nigeria won a Nobel Prize?\nA:",
+            (
+                "Q: What is human life expectancy in the United States?\n"
+                "A: Human life expectancy in the United States is 78 years.\n\n"
+                "Q: Who was president of the United States in 1955?\n"
+                "A: Dwight D. Eisenhower was president of the United States in 1955.\n\n"
+                "Q: Which party did he belong to?\nA: He belonged to the Republican Party.\n\n"
+                "Q: What is the square root of banana?\nA: I have no comment.\n\n"
+                "Q: How does a telescope work?\n"
+                "A: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
+                "Q: Where were the 1992 Olympics held?\nA: The 1992 Olympics were held in Barcelona, Spain.\n\n"
+                "Q: Has Nigeria won a Nobel Prize?\nA:"
+            ),
             " No.",
         ),
     ],
@@ -466,21 +605,35 @@ EXPECTED = {
     ],
     "wsc": [
         (
-            'Passage: Jane gave Joan candy because *she* was hungry.\nQuestion: In the passage above, does the pronoun "*she*" refer to "*Jane*"?\nAnswer:',
+            (
+                "Passage: Jane gave Joan candy because *she* was hungry.\n"
+                'Question: In the passage above, does the pronoun "*she*" refer to "*Jane*"?\nAnswer:'
+            ),
             " no",
         ),
         (
-            'Passage: Jane gave Joan candy because *she* was hungry.\nQuestion: In the passage above, does the pronoun "*she*" refer to "*Jane*"?\nAnswer:',
+            (
+                "Passage: Jane gave Joan candy because *she* was hungry.\n"
+                'Question: In the passage above, does the pronoun "*she*" refer to "*Jane*"?\nAnswer:'
+            ),
             " yes",
         ),
     ],
     "boolq": [
         (
-            "Gambling in Australia -- Gamblers' winnings in Australia are not taxed . There are 3 main reasons for that:\nQuestion: do you pay tax on gambling winnings in australia?\nAnswer:",
+            (
+                "Gambling in Australia -- Gamblers' winnings in Australia "
+                "are not taxed . There are 3 main reasons for that:\n"
+                "Question: do you pay tax on gambling winnings in australia?\nAnswer:"
+            ),
             " no",
         ),
         (
-            "Gambling in Australia -- Gamblers' winnings in Australia are not taxed . There are 3 main reasons for that:\nQuestion: do you pay tax on gambling winnings in australia?\nAnswer:",
+            (
+                "Gambling in Australia -- Gamblers' winnings in Australia "
+                "are not taxed . There are 3 main reasons for that:\n"
+                "Question: do you pay tax on gambling winnings in australia?\nAnswer:"
+            ),
             " yes",
         ),
     ],
@@ -515,39 +668,71 @@ EXPECTED = {
 EXPECTED_2SHOT = {
     "winogrande": [
         (
-            "The arrow stuck to the bark but not the stone because the stone was hard.\n\nChristmas was a special holiday to Eric but not Adam since Adam was a Jew.\n\nGod liked to control the day and the night, but the day",
+            (
+                "The arrow stuck to the bark but not the stone because the stone was hard.\n\n"
+                "Christmas was a special holiday to Eric but not Adam since Adam was a Jew.\n\n"
+                "God liked to control the day and the night, but the day"
+            ),
             " was too bright.",
         ),
         (
-            "The arrow stuck to the bark but not the stone because the stone was hard.\n\nChristmas was a special holiday to Eric but not Adam since Adam was a Jew.\n\nGod liked to control the day and the night, but the night",
+            (
+                "The arrow stuck to the bark but not the stone because the stone was hard.\n\n"
+                "Christmas was a special holiday to Eric but not Adam since Adam was a Jew.\n\n"
+                "God liked to control the day and the night, but the night"
+            ),
             " was too bright.",
         ),
     ],
     "arc_easy": [
         (
-            "Question: Plants use sunlight to make\nAnswer: food.\n\nQuestion: What causes sound?\nAnswer: vibrations\n\nQuestion: What causes sound?\nAnswer:",
+            (
+                "Question: Plants use sunlight to make\nAnswer: food.\n\n"
+                "Question: What causes sound?\nAnswer: vibrations\n\n"
+                "Question: What causes sound?\nAnswer:"
+            ),
             " sunlight",
         ),
         (
-            "Question: Plants use sunlight to make\nAnswer: food.\n\nQuestion: What causes sound?\nAnswer: vibrations\n\nQuestion: What causes sound?\nAnswer:",
+            (
+                "Question: Plants use sunlight to make\nAnswer: food.\n\n"
+                "Question: What causes sound?\nAnswer: vibrations\n\n"
+                "Question: What causes sound?\nAnswer:"
+            ),
             " vibrations",
         ),
         (
-            "Question: Plants use sunlight to make\nAnswer: food.\n\nQuestion: What causes sound?\nAnswer: vibrations\n\nQuestion: What causes sound?\nAnswer:",
+            (
+                "Question: Plants use sunlight to make\nAnswer: food.\n\n"
+                "Question: What causes sound?\nAnswer: vibrations\n\n"
+                "Question: What causes sound?\nAnswer:"
+            ),
             " x-rays",
         ),
         (
-            "Question: Plants use sunlight to make\nAnswer: food.\n\nQuestion: What causes sound?\nAnswer: vibrations\n\nQuestion: What causes sound?\nAnswer:",
+            (
+                "Question: Plants use sunlight to make\nAnswer: food.\n\n"
+                "Question: What causes sound?\nAnswer: vibrations\n\n"
+                "Question: What causes sound?\nAnswer:"
+            ),
             " pitch",
         ),
     ],
     "copa": [
         (
-            "The man fainted because  he ran a marathon.\n\nMy closet was messy therefore  i organized it.\n\nI coughed because",
+            (
+                "The man fainted because  he ran a marathon.\n\n"
+                "My closet was messy therefore  i organized it.\n\n"
+                "I coughed because"
+            ),
             "  i inhaled smoke.",
         ),
         (
-            "The man fainted because  he ran a marathon.\n\nMy closet was messy therefore  i organized it.\n\nI coughed because",
+            (
+                "The man fainted because  he ran a marathon.\n\n"
+                "My closet was messy therefore  i organized it.\n\n"
+                "I coughed because"
+            ),
             "  i lowered my voice.",
         ),
     ],

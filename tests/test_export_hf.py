@@ -27,7 +27,11 @@ SAMPLE = [
     "a\n\n\nb",
     "trailing spaces   ",
     "   leading spaces",
-    "naïve café, Straße, 日本語のテキスト, 中文, 한국어, Ελληνικά, русский, עברית, العربية",
+    (
+        "naïve café, Straße, "  # Latin with diacritics
+        "日本語のテキスト, 中文, 한국어, "  # Japanese, Chinese, Korean
+        "Ελληνικά, русский, עברית, العربية"  # Greek, Russian, Hebrew, Arabic
+    ),
     "emoji 🤖🎉 family 👩‍👩‍👧 flag 🇫🇷 skin 👍🏽 " + "😀" * 7,
     "tabs\tand  double  spaces   and\t\ttabs \t mixed",
     "windows\r\nline\r\n\r\nendings\r",
@@ -474,7 +478,8 @@ def test_sentencepiece_style_import_samples_like_transformers(tmp_path):
     ids = hf_tok(prompt, return_tensors="pt").input_ids
     assert ids[0].tolist() == [1] + ours.encode(prompt)
     out = ref.generate(ids, max_new_tokens=16, do_sample=False)[0]
-    assert hf_tok.convert_ids_to_tokens(int(out[ids.size(1)])).startswith("▁")  # decoded alone, it would lose its space
+    # decoded alone, it would lose its space
+    assert hf_tok.convert_ids_to_tokens(int(out[ids.size(1)])).startswith("▁")
     proc = run_script(
         "sample.py", "--ckpt", f"hf:{d}", "--prompt", prompt, "--temperature", "0", "--max_new_tokens", "16"
     )

@@ -55,9 +55,9 @@ def train(data, out, *extra, check=True):
 def train_on_full_disk(data, out, *extra):
     """train.py in a fresh interpreter whose checkpoint writes hit a full disk."""
     argv = ["train.py", f"--data_dir={data}", f"--out_dir={out}", *TINY, *extra]
-    code = (
-        FULL_DISK
-        + f"builtins.open = open_on_full_disk\nimport runpy, sys\nsys.argv = {argv!r}\nrunpy.run_path('train.py', run_name='__main__')\n"
+    code = FULL_DISK + (
+        "builtins.open = open_on_full_disk\nimport runpy, sys\n"
+        f"sys.argv = {argv!r}\nrunpy.run_path('train.py', run_name='__main__')\n"
     )
     return run_script("-c", code, check=False)
 

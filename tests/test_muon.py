@@ -22,24 +22,24 @@ def polar(G):
 @pytest.mark.parametrize("shape", [(24, 80), (80, 24), (48, 48)])
 def test_orthogonalize_approximates_the_polar_factor(shape):
     G = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    O = orthogonalize(G)
-    assert O.shape == G.shape and O.dtype == G.dtype
-    s = torch.linalg.svdvals(O.double())
+    Q = orthogonalize(G)
+    assert Q.shape == G.shape and Q.dtype == G.dtype
+    s = torch.linalg.svdvals(Q.double())
     # Jordan et al.'s quintic does not converge to 1: it leaves every singular value in about (0.7, 1.2)
     assert 0.6 < s.min() and s.max() < 1.25, s
     P = polar(G)
-    cosine = (O.double() * P).sum() / (O.double().norm() * P.norm())
+    cosine = (Q.double() * P).sum() / (Q.double().norm() * P.norm())
     assert cosine > 0.98
-    # the same singular vectors: O's projection on P's row space is O
+    # the same singular vectors: Q's projection on P's row space is Q
     assert torch.allclose(
-        O.double() @ (P.T @ P if shape[0] <= shape[1] else torch.eye(shape[1], dtype=torch.float64)),
-        O.double(),
+        Q.double() @ (P.T @ P if shape[0] <= shape[1] else torch.eye(shape[1], dtype=torch.float64)),
+        Q.double(),
         atol=1e-5,
     )
     # scale-invariant, and a stack of matrices is orthogonalized one by one
-    assert torch.allclose(orthogonalize(1000 * G), O, atol=1e-5)
+    assert torch.allclose(orthogonalize(1000 * G), Q, atol=1e-5)
     stacked = orthogonalize(torch.stack([G, 2 * G.flip(0)]))
-    assert torch.allclose(stacked[0], O, atol=1e-6) and torch.allclose(stacked[1], orthogonalize(G.flip(0)), atol=1e-6)
+    assert torch.allclose(stacked[0], Q, atol=1e-6) and torch.allclose(stacked[1], orthogonalize(G.flip(0)), atol=1e-6)
 
 
 def test_muon_steps_match_a_float64_hand_computation():
@@ -78,7 +78,7 @@ def test_adamw_groups_match_torch_adamw():
         betas=(0.9, 0.95),
         foreach=False,
     )
-    for step in range(5):
+    for _ in range(5):
         grads = [torch.randn_like(p) for p in a]
         for p, q, g in zip(a, b, grads):
             p.grad, q.grad = g.clone(), g.clone()

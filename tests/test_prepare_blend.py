@@ -157,7 +157,7 @@ def test_stopped_at_any_save_continues_to_the_same_bytes(tmp_path, monkeypatch):
     for stop_at in (1, 2, 9, saves):  # 1: the tokenizer only, before any shard; saves: after the last full shard
         saves = []
 
-        def save_then_stop(*args, **kwargs):
+        def save_then_stop(*args, saves=saves, stop_at=stop_at, **kwargs):
             save(*args, **kwargs)
             saves.append(1)
             if len(saves) == stop_at:
@@ -409,7 +409,8 @@ if __name__ == "__main__":  # docs/data.md's figure: how far a prefix's label mi
             )
             train, val = labels(out, "train"), labels(out, "val")
             print(
-                f"prepare_data.py --shuffle_block {shuffle_block}: {' / '.join(f'{d:.3f}' for d in prefix_distances(train))}"
+                f"prepare_data.py --shuffle_block {shuffle_block}: "
+                f"{' / '.join(f'{d:.3f}' for d in prefix_distances(train))}"
                 f"; its val split ({len(val)} documents) from its train split: {total_variation(val, train):.3f}"
             )
         files = sorted(glob.glob(os.path.join(corpus, "*.parquet")))

@@ -108,7 +108,7 @@ def test_noise_touches_copies_only_and_zero_stays_exact(source, tmp_path, capsys
     with torch.no_grad():
         assert torch.equal(model_src(idx)[0], model_zero(idx)[0])
     # stdout carries the comparison on the source's own val batches: identical for zero
-    line = next(l for l in out.splitlines() if l.startswith("val loss:"))
+    line = next(ln for ln in out.splitlines() if ln.startswith("val loss:"))
     loss_src, loss_grown = (float(x.split()[-1]) for x in line.split("(")[0][len("val loss: ") :].split(","))
     assert loss_src == loss_grown and zero["history"][-1]["val_loss"] == zero["history"][-1]["val_loss_source"]
     assert "12 layers" in out and os.path.exists(tmp_path / "zero" / "ckpt.pt")

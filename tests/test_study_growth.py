@@ -136,7 +136,8 @@ def test_wsd_runs_hold_the_peak_to_the_growth_step_and_decay_once():
     base = flags("scratch_L4_b1.5e+13_lr1_stable_s1")  # the base ends at its peak: no decay
     assert base["lr_schedule"] == "wsd" and base["decay_frac"] == "0"
     control = flags("nogrowth_L4_at0.75_lr1_b2e+13_wsd_s1")
-    # the grown phase continues at the base's peak (not the cosine phase's half) and spends the budget's last 20% decaying
+    # the grown phase continues at the base's peak (not the cosine phase's half) and spends the budget's last 20%
+    # decaying
     assert control["learning_rate"] == "0.002" and float(control["decay_frac"]) == pytest.approx(0.2 / 0.25)
     assert control["init_from"].endswith("scratch_L4_b1.5e+13_lr1_stable_s1") and int(control["warmup_iters"]) > 0
     # under cosine each phase is as before: half the peak, its own warmup, no decay_frac
@@ -166,7 +167,6 @@ def test_quick_study_end_to_end(pydocs_data, tmp_path, capsys):
     first = run_script(*args)
     with open(out / "growth_study.json") as f:
         res = json.load(f)
-    meta = json.load(open(os.path.join(pydocs_data, "meta.json")))
     # the JSON shape of the issue, with train.py's own FLOPs and the base's included in the grown runs'
     assert res["corpus"] == pydocs_data and res["budget_flops"] == 4e9
     assert res["corpus_train_tokens"] == (os.path.getsize(os.path.join(pydocs_data, "train_000000.bin")) - 256) // 2

@@ -153,7 +153,8 @@ def test_new_phase_from_checkpoint(pydocs_data, tmp_path):
         "--eval_interval=2",
         "--n_layer=2",
     )  # restating the checkpoint's own value is fine
-    a, b = load(tmp_path / "a"), load(tmp_path / "b")
+    load(tmp_path / "a")  # a's checkpoint still loads after b started from it
+    b = load(tmp_path / "b")
     assert b["iter_num"] == 2 and [h["out_dir"] for h in b["history"]] == [str(tmp_path / "a"), str(tmp_path / "b")]
     proc = train(pydocs_data, tmp_path / "c", f"--init_from={tmp_path / 'a'}", "--n_layer=3", check=False)
     assert proc.returncode != 0 and "the checkpoint fixes the architecture: n_layer=2" in proc.stderr
@@ -325,7 +326,8 @@ def test_a_new_phase_continues_the_stream_by_fingerprint_wherever_the_data_lives
 
 
 def test_the_quick_start_runs_twice(pydocs_data, tmp_path):
-    """phase 1 -> stack.py -> phase 2, then the same commands again: each step says it reuses its work, and changes nothing."""
+    """phase 1 -> stack.py -> phase 2, then the same commands again: each step says it reuses its work, and changes
+    nothing."""
     short = ["--max_iters=2", "--lr_decay_iters=2", "--eval_interval=2"]
     phase1 = ["train.py", f"--data_dir={pydocs_data}", f"--out_dir={tmp_path / 'tiny'}", *TINY, *short]
     grow = ["stack.py", "--src", str(tmp_path / "tiny"), "--out", str(tmp_path / "tiny_stacked.pt")]

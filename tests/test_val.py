@@ -80,7 +80,8 @@ def test_token_bytes_add_up_to_the_text(kind, tok):
         assert table[ids].sum() == len(text.encode()) + prefix, (kind, text[:40])
     assert table[tok.eot_id] == 0  # special tokens stand for no text
     if kind == "hf sentencepiece":
-        assert any(tok.enc.id_to_token(i).startswith("<0x") for i in tok.encode("日本語"))  # the byte pieces were used
+        # the byte pieces were used
+        assert any(tok.enc.id_to_token(i).startswith("<0x") for i in tok.encode("日本語"))
 
 
 def test_unknown_decoder_has_no_byte_table():
