@@ -141,10 +141,30 @@ WATCH_KEYS = [
 ]
 
 
+# nanoGPT's keys that this repository replaced or dropped (a nanoGPT tutorial's config or command uses them), each
+# answered in one line with what to do here; {value} is the value given, {val_tokens} eval_iters' in tokens
+NANOGPT_KEYS = {
+    "eval_iters": "use --val_tokens={val_tokens} ({value} batches x batch_size {batch_size} x block_size "
+    "{block_size}): every evaluation measures the val split's first val_tokens tokens, the same ones every time",
+    "eval_only": "to measure a checkpoint's val loss, start a run from it that takes no step: "
+    "--init_from=CKPT --max_iters=0 --out_dir=ANOTHER",
+    "always_save_checkpoint": "every evaluation saves a checkpoint, and so does a stop; remove the key "
+    "(keep_last=K also keeps the last K)",
+    "dataset": "name the directory prepare_data.py wrote: --data_dir=data/{value}",
+    "dropout": "model.py has no dropout (pretraining uses none: nanoGPT's default is 0.0 too); remove the key",
+    "bias": "Llama's linear layers and RMSNorm have no biases (nanoGPT's bias=False); remove the key",
+    "backend": "DDP uses nccl on CUDA and gloo on CPU; remove the key",
+}
+
+
 def apply_config(args, config):
     """Config files (Python) and --key=value overrides, in order. Returns the keys they set."""
+    replaced = {}  # nanoGPT's keys given: answered once the batch_size and block_size given are known too
 
     def check(key, value, where):
+        if key in NANOGPT_KEYS:
+            replaced[key] = value, where
+            return
         if key not in config:
             raise SystemExit(f"unknown config key {key!r} in {where}. Valid keys: {', '.join(sorted(config))}")
         default = config[key]
@@ -196,6 +216,20 @@ def apply_config(args, config):
                 if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":
                     check(key, value, arg)
                     explicit.add(key)
+    if replaced:
+        batch_size, block_size = config["batch_size"], config["block_size"]
+        raise SystemExit(
+            "; ".join(
+                f"{key} (in {where}) is nanoGPT's key, which this repository replaced: "
+                + NANOGPT_KEYS[key].format(
+                    value=value,
+                    batch_size=batch_size,
+                    block_size=block_size,
+                    val_tokens=value * batch_size * block_size if type(value) is int else "N",
+                )
+                for key, (value, where) in replaced.items()
+            )
+        )
     return explicit
 
 
