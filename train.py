@@ -710,6 +710,7 @@ while True:
     if iter_num % eval_interval == 0 or iter_num >= max_iters:
         val_loss, val_bpb = evaluate()
         if not math.isfinite(val_loss):
+            bar.close()  # the line below goes on a line of its own, not after the bar
             raise SystemExit(
                 f"val loss is {val_loss} at step {iter_num}: stopping; the last checkpoint in {out_dir} is intact"
             )
@@ -760,6 +761,7 @@ while True:
         dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
     train_loss = loss_sum.item()  # one sync per step; also our NaN guard
     if not math.isfinite(train_loss):
+        bar.close()  # the line below goes on a line of its own, not after the bar
         raise SystemExit(
             f"loss is {train_loss} at step {iter_num}: stopping; the last checkpoint in {out_dir} is intact "
             f"(try a lower learning_rate, or grad_clip)"
