@@ -126,6 +126,6 @@ def say(line):
         return
     bar = getattr(sys.modules.get("tqdm"), "tqdm", None)
     if bar is not None:
-        bar.write(line, file=sys.stderr)
+        bar.write(line + "\n", file=sys.stderr, end="")
     else:
         print(line, file=sys.stderr, flush=True)
