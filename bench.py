@@ -14,6 +14,14 @@ shape, batch and optimizer (AdamW, or Muon with muon = True) are read from the c
 data loading and logging on top of this step.
 """
 
+import stopping
+
+# first of all, before torch takes a second or two to import: a signal meanwhile ends in one line too
+if __name__ == "__main__":
+    stopping.stop_on_signals(
+        "stopped by {signal}: the table above holds the modes measured so far (bench.py writes no file)"
+    )
+
 import argparse
 import os
 import sys

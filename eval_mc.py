@@ -22,6 +22,14 @@ scoring every pair whole, and the lm_head runs only where a choice's token is pr
 On a busy machine, OMP_NUM_THREADS=1 can be several times faster than oversubscribed threads.
 """
 
+import stopping
+
+# first of all, before torch takes a second or two to import: a signal meanwhile ends in one line too
+if __name__ == "__main__":
+    stopping.stop_on_signals(
+        "stopped by {signal}: no results were written (--out is written at the end); run the same command again"
+    )
+
 import argparse
 import copy
 import json

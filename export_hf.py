@@ -13,6 +13,12 @@ The way back, `hf:DIR` wherever a checkpoint is named, is a checkpoint *reader* 
 (import_hf), with every other way a checkpoint is read.
 """
 
+import stopping
+
+# first of all, before torch takes a second or two to import: a signal meanwhile ends in one line too
+if __name__ == "__main__":
+    stopping.stop_on_signals("stopped by {signal}: nothing was written (an export is written whole or not at all)")
+
 import argparse
 import json
 import os
@@ -348,6 +354,10 @@ def main(argv=None):
         out = export(ckpt, args.out, args.dtype, eval_results, args.force, args.push_to_hub)
         log(f"wrote {out}")
         if args.push_to_hub:
+            stopping.on_stop(
+                f"stopped by {{signal}} during the upload: the export in {out} is complete; "
+                f"upload it later with `hf upload {args.push_to_hub} {out}`"
+            )
             print(push_to_hub(out, args.push_to_hub))
     except (OSError, ValueError, RuntimeError) as e:  # missing files, an existing --out, bad models, no network
         sys.exit(f"error: {e}")

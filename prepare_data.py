@@ -24,8 +24,16 @@ that decides the bytes, each source pinned to what it was read from (a hub commi
 The story, main() at the bottom: check the arguments -> pin the sources -> done already? -> an unfinished build to
 continue? -> tokenizer (tiktoken by name, a Hugging Face model's own, or a BPE trained with rustbpe on the train
 side of the same mix) -> stream, shuffle, mix, encode in batches on all cores, send each document (plus
-end-of-text) to train or val -> shards -> meta.json (data.py) -> swap into out_dir.
+end-of-text) to train or val -> shards -> meta.json (data.py) -> swap into out_dir. One build per out_dir at a time:
+a second run on it is refused at start (the lock OUT_DIR.lock, checkpoint.RunLock). Ctrl-C or SIGTERM stops a run in
+one line (stopping.py), keeping the work done so far for the same command to continue.
 """
+
+import stopping
+
+# first of all, before torch takes a second or two to import: a signal meanwhile ends in one line too
+if __name__ == "__main__":
+    stopping.stop_on_signals("stopped by {signal} before any shard was written: run the same command to start again")
 
 import argparse
 import ast
@@ -43,6 +51,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from checkpoint import RunLock
 from common import atomic_write, log, remove
 from data import load_meta, read_shard, write_meta, write_shard
 from tokenizer import TIKTOKEN, Tokenizer
@@ -290,7 +299,7 @@ def open_dataset(source, label):
     try:
         dataset = load_dataset(*args, split="train", streaming=True, **kwargs).reshard()
     except Exception as e:  # unreadable, corrupt, unreachable: say which source and why, then stop
-        raise SystemExit(f"{label}: cannot read it ({type(e).__name__}: {e})") from e
+        raise SystemExit(read_error(label, e)) from e
     if dataset.column_names is None:  # not known before reading (text files): the rows will tell
         return dataset, column
     if column not in dataset.column_names:
@@ -299,6 +308,23 @@ def open_dataset(source, label):
             "(pick one with --text_column)"
         )
     return dataset.select_columns([column]), column
+
+
+def read_error(label, e):
+    """The line that stops a run on a source it cannot read. Invalid UTF-8 in a local text file is named by its line
+    (a .jsonl's record): the decoder's "position" counts from where datasets cut the chunk it was decoding."""
+    if isinstance(e, UnicodeDecodeError) and label.endswith((".txt", ".jsonl", ".json")) and os.path.isfile(label):
+        with open(label, "rb") as f:
+            for number, line in enumerate(f, 1):  # a newline byte is never inside a UTF-8 sequence: lines decode alone
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as bad:
+                    return (
+                        f"{label}, line {number}: not UTF-8 (byte {bad.start + 1} of the line, "
+                        f"0x{line[bad.start]:02x}: {bad.reason}); re-encode the file as UTF-8 "
+                        "(iconv -f ITS_ENCODING -t utf-8)"
+                    )
+    return f"{label}: cannot read it ({type(e).__name__}: {e})"
 
 
 class SourceStream:
@@ -373,7 +399,7 @@ class SourceStream:
         except SystemExit:
             raise
         except Exception as e:  # corrupt, unreachable, a dropped connection: say which piece and why, then stop
-            raise SystemExit(f"{label}: cannot read it ({type(e).__name__}: {e})") from e
+            raise SystemExit(read_error(label, e)) from e
 
     def where(self):
         """Where the reading is: whose turn it is, each lane's piece and datasets' state_dict() of it if open."""
@@ -854,11 +880,15 @@ def build_dataset(args, sources, tok, recipe, command, build):
             tok = tok or build_tokenizer(args, sources, weights)
             progress = {"recipe": recipe, "command": command, "tokenizer": tok.spec()}
             save_progress(build, progress)
+        stopping.on_stop(
+            f"stopped by {{signal}}: {build} keeps the work done so far; run the same command to continue it"
+        )
         done = sum(w["tokens"] for w in progress.get("writers", {}).values())
         writers, streams, counts = write_shards(args, sources, weights, tok, build, progress)
     except BaseException:
         if os.path.exists(os.path.join(build, "progress.json")):
-            log(f"stopped: {build} keeps the work done so far; the same command continues it, another starts over")
+            if not stopping.stopped:  # a signal's own line said so
+                log(f"stopped: {build} keeps the work done so far; the same command continues it, another starts over")
         else:
             remove(build)
         raise
@@ -896,9 +926,14 @@ def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
     sources, tok = check_arguments(args)
+    try:  # one build per out_dir: a second one stops here, before it reads or writes anything
+        lock = RunLock(args.out_dir, path=args.out_dir + ".lock", user="another prepare_data.py")
+    except RuntimeError as e:
+        raise SystemExit(f"error: {e}") from None
     pin_sources(sources, args.seed)
     recipe = recipe_of(args, sources, tok)
     if meta := finished_dataset(args.out_dir, recipe):
+        lock.release()
         print(summary(args.out_dir, meta))
         return meta
     build = args.out_dir + ".partial"
@@ -911,7 +946,9 @@ def main(argv=None):
         done = sum(meta["tokens"].values())
     else:
         meta, done = build_dataset(args, sources, tok, recipe, shlex.join(["python", "prepare_data.py", *argv]), build)
-    swap_in(build, args.out_dir)
+    with stopping.deferred():  # out_dir is without a dataset between swap_in's two renames: a signal waits for them
+        swap_in(build, args.out_dir)
+    lock.release()
     dt = time.time() - t0
     print(summary(args.out_dir, meta, dt, sum(meta["tokens"].values()) - done))
     return meta

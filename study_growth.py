@@ -51,13 +51,22 @@ same in bits per byte. settings.dtype is the dtype the runs computed in. Plots: 
 stdout carries the tables; progress goes to stderr.
 """
 
+import stopping
+
+# first of all, before torch takes a second or two to import: a signal meanwhile ends in one line too
+if __name__ == "__main__":
+    stopping.stop_on_signals("stopped by {signal}: the finished runs are kept; run the same command to continue")
+
 import argparse
 import functools
 import json
 import math
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
@@ -600,6 +609,26 @@ def run_jobs(args, replan, rate, total):
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     os.makedirs(os.path.join(args.out_dir, "logs"), exist_ok=True)
     t_start, spent, count = time.time(), 0.0, 0
+    # A stop signal stops the runs in progress too (a Ctrl-C reaches them from the terminal, a scheduler's SIGTERM to
+    # this process alone would not): train.py saves the step it reached, stack.py writes nothing, and no other run
+    # starts. The study stops once they have; the same command continues it (each run resumes from its checkpoint).
+    procs, lock, stopped_by = {}, threading.Lock(), []  # the runs in progress; the signal, once one came
+
+    def stop_runs(signum):
+        stopping.ignore()  # the runs are saving: a second signal to the study changes nothing
+        with lock:
+            stopped_by.append(signum)
+            stopped = dict(procs)
+            for proc in stopped.values():
+                proc.send_signal(signum)  # a run that got it from the terminal too takes both as one (train.py)
+        for proc in stopped.values():
+            proc.wait()
+        stopping.stop(
+            signum,
+            f"stopped by {signal.Signals(signum).name}: the finished runs are kept in {args.out_dir}"
+            + (f"; {', '.join(stopped)} stopped where they were ({args.out_dir}/logs)" if stopped else "")
+            + f"; continue with the same command: {shlex.join(['python', *sys.argv])}",
+        )
 
     def run(job):
         argv = job.argv()
@@ -607,19 +636,26 @@ def run_jobs(args, replan, rate, total):
         with open(os.path.join(args.out_dir, "logs", f"{job.name}.log"), "a") as logfile:
             logfile.write(f"$ python {' '.join(argv)}\n")
             logfile.flush()
-            proc = subprocess.run(
-                [sys.executable, *argv],
-                stdout=logfile,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "OMP_NUM_THREADS": str(threads)},
-            )
-        if proc.returncode != 0:
-            raise SystemExit(
-                f"error: {job.name} failed (exit {proc.returncode}); see {args.out_dir}/logs/{job.name}.log"
-            )
+            with lock:
+                if stopped_by:
+                    return None
+                procs[job.name] = subprocess.Popen(
+                    [sys.executable, *argv],
+                    stdout=logfile,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                )
+            returncode = procs[job.name].wait()
+        with lock:
+            del procs[job.name]
+        if stopped_by:
+            return None
+        if returncode != 0:
+            raise SystemExit(f"error: {job.name} failed (exit {returncode}); see {args.out_dir}/logs/{job.name}.log")
         return time.perf_counter() - t0
 
     pending, running = list(todo), {}
+    stopping.on_stop(own_handler=stop_runs)
     with ThreadPoolExecutor(args.jobs) as pool:
         while pending or running:
             for job in [j for j in pending if all(d.done() for d in j.deps)][: args.jobs - len(running)]:
@@ -647,6 +683,7 @@ def run_jobs(args, replan, rate, total):
                     f"[{time.strftime('%H:%M:%S')}] {count}/{len(todo)} {job.name}: {seconds:.0f} s; "
                     + (f"~{left / 60:.0f} min left" if left is not None else "time left: known after a training run")
                 )
+    stopping.on_stop(own_handler=None)
     return wall
 
 

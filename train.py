@@ -17,6 +17,12 @@ and exits with status 128 + the signal's number; a run that is not a resume refu
 checkpoint (re-running a finished run's command reuses it); under DDP whatever stops one rank stops them all.
 """
 
+import stopping
+
+# first of all, before torch takes a second or two to import: a signal meanwhile ends in one line too
+if __name__ == "__main__":
+    stopping.stop_on_signals("stopped by {signal} during start-up, before the first step: nothing to save")
+
 import ast
 import math
 import os
@@ -135,10 +141,30 @@ WATCH_KEYS = [
 ]
 
 
+# nanoGPT's keys that this repository replaced or dropped (a nanoGPT tutorial's config or command uses them), each
+# answered in one line with what to do here; {value} is the value given, {val_tokens} eval_iters' in tokens
+NANOGPT_KEYS = {
+    "eval_iters": "use --val_tokens={val_tokens} ({value} batches x batch_size {batch_size} x block_size "
+    "{block_size}): every evaluation measures the val split's first val_tokens tokens, the same ones every time",
+    "eval_only": "to measure a checkpoint's val loss, start a run from it that takes no step: "
+    "--init_from=CKPT --max_iters=0 --out_dir=ANOTHER",
+    "always_save_checkpoint": "every evaluation saves a checkpoint, and so does a stop; remove the key "
+    "(keep_last=K also keeps the last K)",
+    "dataset": "name the directory prepare_data.py wrote: --data_dir=data/{value}",
+    "dropout": "model.py has no dropout (pretraining uses none: nanoGPT's default is 0.0 too); remove the key",
+    "bias": "Llama's linear layers and RMSNorm have no biases (nanoGPT's bias=False); remove the key",
+    "backend": "DDP uses nccl on CUDA and gloo on CPU; remove the key",
+}
+
+
 def apply_config(args, config):
     """Config files (Python) and --key=value overrides, in order. Returns the keys they set."""
+    replaced = {}  # nanoGPT's keys given: answered once the batch_size and block_size given are known too
 
     def check(key, value, where):
+        if key in NANOGPT_KEYS:
+            replaced[key] = value, where
+            return
         if key not in config:
             raise SystemExit(f"unknown config key {key!r} in {where}. Valid keys: {', '.join(sorted(config))}")
         default = config[key]
@@ -190,6 +216,20 @@ def apply_config(args, config):
                 if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":
                     check(key, value, arg)
                     explicit.add(key)
+    if replaced:
+        batch_size, block_size = config["batch_size"], config["block_size"]
+        raise SystemExit(
+            "; ".join(
+                f"{key} (in {where}) is nanoGPT's key, which this repository replaced: "
+                + NANOGPT_KEYS[key].format(
+                    value=value,
+                    batch_size=batch_size,
+                    block_size=block_size,
+                    val_tokens=value * batch_size * block_size if type(value) is int else "N",
+                )
+                for key, (value, where) in replaced.items()
+            )
+        )
     return explicit
 
 
@@ -240,50 +280,49 @@ if not 0 <= decay_frac <= 1:
 # -----------------------------------------------------------------------------------------------
 # Stopping signals. A scheduler stops a run with SIGTERM far more often than it crashes (SLURM's time limit and
 # scancel, Kubernetes, spot instances; `#SBATCH --signal=TERM@120` sends it 2 minutes early), a person with Ctrl-C
-# (SIGINT), and Lightning's SLURM convention is SIGUSR1. During training a signal only sets a flag: at the next step
-# boundary the run saves that step and exits with status 128 + signum (what a shell reports for a process the
-# signal killed), so a signal during an evaluation or torch.compile is honoured when it ends. Before the loop there
-# is nothing to save, and a second signal means "now": both exit at once.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# (SIGINT), and Lightning's SLURM convention is SIGUSR1 (stopping.STOP_SIGNALS: those the platform has). Before the
+# loop there is nothing to save: a signal exits at once (the handler installed at the top). During training a signal
+# only sets a flag: at the next step boundary the run saves that step and exits with status 128 + signum (what a
+# shell reports for a process the signal killed), so a signal during an evaluation or torch.compile is honoured when
+# it ends. A second signal means "now", but a checkpoint write under way is completed first (stopping.deferred: cut,
+# torch.save's zip writer would end in a traceback), so a stop never leaves less than a whole checkpoint.
 stop_signal, stop_signal_time = 0, 0.0  # the first signal received, and when
-phase = "start-up"  # -> "training" (a signal is honoured at the next step boundary)
 
 
-def on_stop_signal(signum, frame):
+def on_stop_signal(signum):
     global stop_signal, stop_signal_time
     name = signal.Signals(signum).name
-    if phase == "start-up":
-        log(f"stopped by {name} during start-up, before the first step: nothing to save")
-        raise SystemExit(128 + signum)
     if not stop_signal:
         stop_signal, stop_signal_time = signum, time.monotonic()
-        log(f"{name}: saving at the end of this step, then stopping (a second signal stops at once, without saving)")
+        log(
+            f"{name}: saving at the end of this step, then stopping "
+            "(a second signal stops at once, saving nothing more)"
+        )
     elif signum != stop_signal or time.monotonic() - stop_signal_time > 1.0:
         # (the same signal again within a second is one event delivered twice: SLURM signals every process of a job
         # step and torchrun forwards what it receives, so each worker under `srun torchrun` gets SIGTERM twice)
         kept = os.path.join(out_dir, "ckpt.pt")
-        log(
-            f"stopped by a second signal ({name}): nothing saved"
-            + (f"; {kept} is intact" if os.path.exists(kept) else "")
-        )
-        raise SystemExit(128 + signum)
+        if saved_at == iter_num:  # out_dir holds the step reached (the signal came during its save, or after it)
+            line = f"stopped by a second signal ({name}) at step {iter_num}: {kept} holds it; resume with: {resume()}"
+        else:
+            line = f"stopped by a second signal ({name}): nothing saved" + (
+                f"; {kept} is intact" if os.path.exists(kept) else ""
+            )
+        stopping.stop(signum, line)
 
 
-for sig in STOP_SIGNALS:
-    signal.signal(sig, on_stop_signal)
-
-
-def ignore_stop_signals():
-    """On the way out. As soon as one rank exits, torchrun sends SIGTERM to the others, which may still be leaving;
-    a Python handler cannot catch it then (CPython restores the default action while it shuts down, and the rank
-    would die by the signal), so stop signals are ignored (SIG_IGN, which CPython keeps to the end)."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+def resume():
+    """The command that continues this run."""
+    args = [a for a in sys.argv[1:] if not a.startswith(("--init_from=", "--overwrite="))]
+    return ("torchrun [the same options] " if ddp else "python ") + shlex.join(
+        [sys.argv[0], *args, "--init_from=resume"]
+    )
 
 
 def leave(status):
-    """Exit with this status, whatever signal arrives meanwhile."""
-    ignore_stop_signals()
+    """Exit with this status, whatever signal arrives meanwhile. As soon as one rank exits, torchrun sends SIGTERM to
+    the others, which may still be leaving: they ignore it (stopping.ignore)."""
+    stopping.ignore()
     if ddp:
         dist.destroy_process_group()
     raise SystemExit(status)
@@ -580,14 +619,13 @@ def save_checkpoint(val_loss, val_bpb=None):
         rng={"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None},
         history=history + [phase_entry],
     )
-    try:
-        path = checkpoint.save(ckpt, out_dir, keep_last)
-    except (
-        OSError
-    ) as e:  # a full disk says so in one line (on its own, not after the progress bar); the last checkpoint is intact
-        return f"error: {e}"
-    saved_at = iter_num
-    log(f"saved {path}")
+    with stopping.deferred():  # a signal meanwhile is honoured once the checkpoint is written and saved_at says so
+        try:
+            path = checkpoint.save(ckpt, out_dir, keep_last)
+        except OSError as e:  # a full disk says so in one line (on its own, not after the bar); the last one is intact
+            return f"error: {e}"
+        saved_at = iter_num
+        log(f"saved {path}")
 
 
 def agreed_stop_signal():
@@ -609,18 +647,14 @@ def stop(signum):
     if master_process and saved_at != iter_num and (iter_num > 0 or init_from != "scratch"):
         error = save_checkpoint(None)
     stop_together(error)  # every rank waits for rank 0's save: one that left early would have torchrun end rank 0
-    ignore_stop_signals()  # saved: from here a signal (torchrun's, once another rank has left) changes nothing
+    stopping.ignore()  # saved: from here a signal (torchrun's, once another rank has left) changes nothing
     name = signal.Signals(signum).name
     if saved_at is None:
         log(f"stopped by {name} before the first step: nothing to save")
     else:
-        args = [a for a in sys.argv[1:] if not a.startswith(("--init_from=", "--overwrite="))]
-        command = ("torchrun [the same options] " if ddp else "python ") + shlex.join(
-            [sys.argv[0], *args, "--init_from=resume"]
-        )
         log(
             f"stopped by {name} at step {iter_num} of {max_iters}: {os.path.join(out_dir, 'ckpt.pt')} holds it; "
-            f"resume with: {command}"
+            f"resume with: {resume()}"
         )
     leave(128 + signum)
 
@@ -661,7 +695,7 @@ stop_together(error)
 
 # -----------------------------------------------------------------------------------------------
 # The training loop
-phase = "training"  # from here a signal is honoured at the next step boundary
+stopping.on_stop(own_handler=on_stop_signal)  # from here a signal is honoured at the next step boundary
 bar = tqdm(
     total=max_iters,
     initial=iter_num,
@@ -676,6 +710,7 @@ while True:
     if iter_num % eval_interval == 0 or iter_num >= max_iters:
         val_loss, val_bpb = evaluate()
         if not math.isfinite(val_loss):
+            bar.close()  # the line below goes on a line of its own, not after the bar
             raise SystemExit(
                 f"val loss is {val_loss} at step {iter_num}: stopping; the last checkpoint in {out_dir} is intact"
             )
@@ -726,6 +761,7 @@ while True:
         dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
     train_loss = loss_sum.item()  # one sync per step; also our NaN guard
     if not math.isfinite(train_loss):
+        bar.close()  # the line below goes on a line of its own, not after the bar
         raise SystemExit(
             f"loss is {train_loss} at step {iter_num}: stopping; the last checkpoint in {out_dir} is intact "
             f"(try a lower learning_rate, or grad_clip)"
