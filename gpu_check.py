@@ -3,7 +3,7 @@ Check a GPU in one command: the CUDA tests, the training step's speed at both ph
 and a growth study at a width the CPU could not afford. Under 9.5 minutes on one GPU, offline.
 
     python prepare_data.py --sources pystdlib --vocab_size 2048   # once, beforehand (offline, ~1 min on a CPU)
-    python gpu_check.py --out gpu_check                           # on the GPU machine: OUT/table.md, OUT/logs/
+    python gpu_check.py                                           # on the GPU machine: out/gpu_check/table.md
     python gpu_check.py --dry_run                                 # every step at toy size on the CPU (CI), <= 3 min
 
 Each step runs in its own process group with its own time limit (a step's limit is also cut to what is left of
@@ -40,18 +40,19 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--out", default="gpu_check", help="the table and every log (default: %(default)s)")
-p.add_argument("--work", default="out/gpu_check", help="runs and checkpoints (default: %(default)s)")
+p.add_argument("--out", default="out/gpu_check", help="the table and every log (default: %(default)s)")
+p.add_argument("--work", default="out/gpu_check_runs", help="runs and checkpoints (default: %(default)s)")
 p.add_argument("--data_dir", default="data/pystdlib", help="prepared data for torchrun and growth")
 p.add_argument("--dry_run", action="store_true", help="every step at toy size on the CPU (CUDA tests skip)")
-p.add_argument("--time_limit", type=float, default=None, help="seconds for all steps (default: 570, dry run 300)")
+p.add_argument("--time_limit", type=float, default=None, help="seconds for all steps (default: 570, dry run 600)")
 args = p.parse_args()
 out, work = os.path.abspath(args.out), os.path.abspath(args.work)
 os.makedirs(os.path.join(out, "logs"), exist_ok=True)
 os.makedirs(work, exist_ok=True)
 # The device command that runs this is killed at 10 minutes: 570 s of steps leave 30 s for start-up and the table.
-# The dry run's 300 s is a guard; it takes ~2 minutes on 2 CPU cores.
-time_limit = args.time_limit or (300 if args.dry_run else 570)
+# The dry run's 600 s and its steps' limits are guards against a hang on a busy CI host: on 2 quiet cores it takes
+# ~2 minutes.
+time_limit = args.time_limit or (600 if args.dry_run else 570)
 t_start = time.monotonic()
 deadline = t_start + time_limit
 device = "cpu" if args.dry_run else "cuda"
@@ -59,11 +60,11 @@ device = "cpu" if args.dry_run else "cuda"
 # Each step's own limit on the GPU (H200 host, 16 cores). Measured here (AVX-512 BF16 AMD EPYC, 2 cores): a
 # process that imports torch starts in ~2 s, train.py reaches its first step in ~4 s, a torchrun launch adds
 # ~3 s; assumed there: twice that for CUDA's start-up, and torch.compile at ~40-60 s for 12 layers of 768 and
-# ~60-90 s for 24 (inductor compiles each layer's graph once per process; 16 cores work in parallel on it).
+# ~60-90 s for 24 (Dynamo unrolls the layers into one graph, so compiling grows with depth; 16 cores share it).
 # The growth study takes what the others leave, at most 300 s: they usually finish well under their limits.
-LIMITS = dict(cuda_tests=150, bench_phase1=100, bench_phase2=120, torchrun=90, growth=300)
+LIMITS = dict(cuda_tests=150, bench_phase1=100, bench_phase2=120, torchrun=100, growth=300)
 if args.dry_run:
-    LIMITS = dict(data=60, cuda_tests=60, bench_phase1=45, bench_phase2=45, torchrun=75, growth=100)
+    LIMITS = dict(data=120, cuda_tests=90, bench_phase1=90, bench_phase2=90, torchrun=120, growth=200)
 rows = []  # (step, result, figures, seconds, limit)
 
 
@@ -83,11 +84,11 @@ def log_tail(path, n=6):
 
 def start(name, argv):
     """argv in its own process group (so a time-out stops its children too), output to OUT/logs/NAME.log."""
-    log = open(os.path.join(out, "logs", f"{name}.log"), "w")
-    log.write(f"$ {' '.join(argv)}\n")
-    log.flush()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    with open(os.path.join(out, "logs", f"{name}.log"), "w") as log:
+        log.write(f"$ {' '.join(argv)}\n")
+        log.flush()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        return subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def finish(proc, timeout):
@@ -298,11 +299,14 @@ step("torchrun", torchrun)
 
 # -----------------------------------------------------------------------------------------------
 # 4. Growth at width 64 (issue 27): the widest width for which twice the crossover fits in <= 4 epochs of
-# pystdlib's 10M train tokens, estimated from the width-32 study's crossover at ~43 tokens per parameter
-# (docs/growth.md: 8 x 32, 166k parameters, tied at 7.2M tokens). A batch of 64 x 128 tokens (the CPU study's 8 x
-# 128 would leave a GPU idle: a tiny model's step costs kernel launches, not FLOPs) and 4 runs at a time on the GPU.
-# The crossover first: two cheap budgets (C/8, C/4) also measure the speed, then the larger ones that fit; then the
-# growth study at twice the smallest budget from which 8 layers win, cut to what the time left affords.
+# pystdlib's 10M train tokens, by the width-32 study's crossover at ~43 tokens per parameter (docs/growth.md: 8 x 32,
+# 166k parameters, tied at 7.2M tokens): 43 x 534k parameters = 23M tokens, 9.2e13 FLOPs. A batch of 64 x 128 tokens
+# (the CPU study's 8 x 128 would leave the GPU idle: a tiny model's step costs kernel launches, not FLOPs), eager (a
+# compile per run would cost more than the runs), 4 runs at a time.
+# In three calls of study_growth.py, one output directory: the crossover at C/8 and C/4, whose runs also measure
+# the speed; then the larger budgets, up to C, that leave time for the growth runs; then scratch, the no-growth
+# control and stack at 2 seeds at twice the smallest budget from which 8 layers win, at most 4 epochs of the
+# 8-layer model (more epochs would confound the answer) and at most what the time left affords.
 if args.dry_run:
     SIZES = dict(n_embd=16, n_head=2, intermediate_size=48, block_size=32, batch_size=4, jobs=2)
     SIZES.update(eval_iters=2, evals=4, final_eval_iters=4)
@@ -310,69 +314,66 @@ else:
     SIZES = dict(n_embd=64, n_head=4, intermediate_size=176, block_size=128, batch_size=64, jobs=4)
     SIZES.update(eval_iters=5, evals=12, final_eval_iters=40)
 TOKENS_PER_PARAM_AT_CROSSOVER = 43
+MAX_EPOCHS = 4
 
 
 def model_shape(n_layer, vocab):
-    """(parameters, training FLOPs per token) of one of the study's models, from model.py's own count."""
+    """(parameters, training FLOPs per token) of one of the study's models, by model.py's own count."""
     import torch
 
     from model import LLaMA, ModelConfig
 
     s = SIZES
-    config = ModelConfig(
-        vocab_size=vocab,
-        n_layer=n_layer,
-        n_head=s["n_head"],
-        n_kv_head=s["n_head"],
-        n_embd=s["n_embd"],
-        intermediate_size=s["intermediate_size"],
-        block_size=s["block_size"],
-        tie_embeddings=True,
-    )
+    shape = dict(n_head=s["n_head"], n_kv_head=s["n_head"], n_embd=s["n_embd"], block_size=s["block_size"])
+    shape.update(tie_embeddings=True)
+    config = ModelConfig(vocab_size=vocab, n_layer=n_layer, intermediate_size=s["intermediate_size"], **shape)
     with torch.device("meta"):
         m = LLaMA(config)
     return m.num_params(), m.flops_per_token(s["block_size"])
 
 
-def calibrate(study, fpt):
-    """{layers: (tokens/s of one run with the others beside it, seconds of start-up and evaluation per run)} from
-    the finished runs: train.py's logged tok/s, and the wall time study_growth recorded for each."""
+def calibrate(study):
+    """{layers: (tokens/s of one run beside the others, seconds of start-up and evaluation per run)} of the finished
+    runs: train.py's logged tok/s, and the wall time study_growth recorded for each (without a logged rate, the
+    rate over the whole wall time, which counts the start-up in: slower, so safe)."""
     wall = json.load(open(os.path.join(study, "wall_times.json")))
     seen = {}
     for name, seconds in wall.items():
-        layers = re.match(r"scratch_L(\d+)_", name)
         entries = metrics(os.path.join(study, "runs", name))
-        rates = [e["tok_per_s"] for e in entries if e.get("tok_per_s")]
-        if layers and rates:
-            tokens = max(e["tokens"] for e in entries)
-            rate = statistics.median(rates)
+        layers = re.match(r"scratch_L(\d+)_", name)
+        if layers and entries:
+            tokens = max(e.get("tokens", 0) for e in entries)
+            rates = [e["tok_per_s"] for e in entries if e.get("tok_per_s")]
+            rate = statistics.median(rates) if rates else tokens / seconds
             seen.setdefault(int(layers.group(1)), []).append((rate, max(0.0, seconds - tokens / rate)))
-    return {n: (min(r for r, _ in v), max(o for _, o in v)) for n, v in seen.items()}
+    return {n: (min(r for r, _ in v), max(s for _, s in v)) for n, v in seen.items()}
 
 
 def growth(limit):
     if not has_data:
         raise StepFailed(no_data)
     t_end = time.monotonic() + limit
-    study = os.path.join(work, "growth")
+    study, copied = os.path.join(work, "growth"), os.path.join(out, "growth")
     shutil.rmtree(study, ignore_errors=True)
-    vocab = 64 * math.ceil(json.load(open(os.path.join(data, "meta.json")))["vocab_size"] / 64)
-    (params8, fpt8), (_, fpt4) = model_shape(8, vocab), model_shape(4, vocab)
+    meta = json.load(open(os.path.join(data, "meta.json")))
+    vocab = 64 * math.ceil(meta["vocab_size"] / 64)  # as train.py pads it
+    (params, fpt8), (_, fpt4) = model_shape(8, vocab), model_shape(4, vocab)
     fpt = {8: fpt8, 4: fpt4}
-    estimate = 2e9 if args.dry_run else TOKENS_PER_PARAM_AT_CROSSOVER * params8 * fpt8  # toy: seconds a run
-    # 3 significant digits, as study_growth names the runs: every invocation then means the same runs
-    ladder = [float(f"{estimate * f:.3g}") for f in (1 / 8, 1 / 4, 1 / 2, 1, 2)]
+    estimate = 2e9 if args.dry_run else TOKENS_PER_PARAM_AT_CROSSOVER * params * fpt8  # toy: seconds a run
+    # 3 significant digits, as study_growth names its runs: every call then means the same runs
+    ladder = [float(f"{estimate * f:.3g}") for f in (1 / 8, 1 / 4, 1 / 2, 1)]
+    epochs_cap = float(f"{MAX_EPOCHS * meta['tokens']['train'] * fpt8:.3g}")
     argv = [PY, "study_growth.py", "--out_dir", study, "--data_dir", data, "--device", device, "--no-compile"]
     argv += [f"--{k}={v}" for k, v in SIZES.items()]
     argv += ["--layers=8", "--factors=2", "--seeds", "1", "2", "--crossover_seeds=1", "--operators=stack"]
     argv += ["--schedules=cosine", "--growth_points=0.5", "--optims=reset", "--noise=0", "--lr_mults=1"]
-    copied = os.path.join(out, "growth")
+    spent = {}
 
     def study_growth(name, *extra):
         t0 = time.monotonic()
         try:
             return checked(name, argv + list(extra), t_end - time.monotonic())
-        finally:  # what it wrote comes back with OUT, finished or not
+        finally:  # what it wrote comes back with OUT, finished or not; the runs' checkpoints stay in --work
             os.makedirs(copied, exist_ok=True)
             for f in ("growth_study.json", "wall_times.json", "crossover.png", "growth_study.png"):
                 if os.path.exists(os.path.join(study, f)):
@@ -381,78 +382,84 @@ def growth(limit):
                 shutil.copytree(os.path.join(study, "logs"), os.path.join(copied, "logs"), dirs_exist_ok=True)
             spent[name] = time.monotonic() - t0
 
-    spent = {}
     calibration = ladder[: SIZES["jobs"] // 2]  # as many runs as run at a time: their speed is the study's
     study_growth("growth_calibrate", "--crossover_only", "--crossover_budgets", *map(str, calibration))
-    speed = calibrate(study, fpt)
+    speed = calibrate(study)
 
     def run_time(layers, flops):
         rate, start_up = speed[layers]
         return start_up + flops / fpt[layers] / rate
 
-    def crossover_runs_time(budgets):
-        """Both depths at each budget, --jobs at a time: the longest run, or all the work spread over the jobs."""
-        work_s = sum(run_time(n, b) for b in budgets for n in (4, 8))
-        return max(max(run_time(8, b) for b in budgets), work_s / SIZES["jobs"])
+    def runs_time(runs):
+        """[(layers, flops)] --jobs at a time: the longest run, or all the work spread over the jobs."""
+        return max(max(run_time(*r) for r in runs), sum(run_time(*r) for r in runs) / SIZES["jobs"])
 
-    # an invocation's cost beyond its runs: study_growth's start-up, its speed probe, final evaluations, plots
-    overhead = max(5.0, spent["growth_calibrate"] - crossover_runs_time(calibration))
-
-    def crossover_time(budgets):
-        return overhead + crossover_runs_time(budgets)
+    # a call's cost beyond its runs: study_growth's start-up, its speed probe, the final evaluations, the plots
+    overhead = max(5.0, spent["growth_calibrate"] - runs_time([(n, b) for b in calibration for n in (4, 8)]))
 
     def growth_time(budget):
-        """scratch (8 layers, the budget), the base (4 layers, half) then stack's grown phase and the control
-        (half each), 2 seeds; 4 at a time, the chains in parallel."""
-        chain = run_time(4, budget / 2) + overhead + max(run_time(8, budget / 2), run_time(4, budget / 2))
-        runs = run_time(8, budget) + run_time(4, budget / 2) + run_time(8, budget / 2) + run_time(4, budget / 2)
-        work_s = 2 * (runs + speed[8][1])  # and stack.py, a start-up
-        return overhead + max(run_time(8, budget), chain, work_s / SIZES["jobs"])
+        """Scratch (8 layers, the budget) beside the chain base (4 layers, half) -> stack.py -> stack's grown phase
+        and the control (half each); 2 seeds of each."""
+        half = budget / 2
+        chain = run_time(4, half) + speed[8][1] + max(run_time(8, half), run_time(4, half))
+        per_seed = [(8, budget), (4, half), (8, half), (4, half)]
+        return overhead + max(chain, runs_time(2 * per_seed) + 2 * speed[8][1] / SIZES["jobs"])
 
     def fits(seconds):
         return seconds < 0.85 * (t_end - time.monotonic())  # a margin: the speed varies with what runs beside
 
-    # the larger crossover budgets that fit, leaving time for a growth study at twice the largest of them
+    def growth_budget(crossover):
+        return min(2 * crossover, epochs_cap)
+
+    # the larger crossover budgets, as many as leave time for a growth study at twice the largest of them
     n = len(calibration)
     more = next(
         (
             ladder[n:k]
             for k in range(len(ladder), n, -1)
-            if fits(crossover_time(ladder[n:k]) + growth_time(2 * ladder[k - 1]))
+            if fits(
+                overhead
+                + runs_time([(m, b) for b in ladder[n:k] for m in (4, 8)])
+                + growth_time(growth_budget(ladder[k - 1]))
+            )
         ),
         [],
     )
     if more:
         study_growth("growth_crossover", "--crossover_only", "--crossover_budgets", *map(str, calibration + more))
-    results = json.load(open(os.path.join(study, "growth_study.json")))
-    winners = {
-        float(b): min(row, key=lambda n: statistics.mean(r["final_eval_loss"] for r in row[n]))
-        for b, row in results["crossover"].items()
+    crossover = json.load(open(os.path.join(study, "growth_study.json")))["crossover"]
+    winner = {
+        float(b): min(row, key=lambda layers: statistics.mean(r["final_eval_loss"] for r in row[layers]))
+        for b, row in crossover.items()
     }
-    budgets = sorted(winners)
+    budgets = sorted(winner)
+    seen = ", ".join(f"{b:.3g}: {winner[b]} layers win" for b in budgets)
     # the crossover: the smallest budget from which 8 layers win at every larger budget measured
-    won = [b for i, b in enumerate(budgets) if all(winners[c] == "8" for c in budgets[i:])]
-    target = 2 * won[0] if won else 2 * budgets[-1]
-    budget = target
+    won = [b for i, b in enumerate(budgets) if all(winner[c] == "8" for c in budgets[i:])]
+    budget = target = growth_budget(won[0] if won else budgets[-1])
     while not fits(growth_time(budget)) and budget > ladder[0]:
         budget = float(f"{budget / 1.25:.3g}")
     if not fits(growth_time(budget)):
-        raise StepFailed(f"crossover {crossover_line(winners)}; no time left for the growth runs")
+        raise StepFailed(f"crossover {seen}; no time left for the growth runs")
     study_growth("growth_study", "--budget", str(budget), "--crossover_budgets", *map(str, budgets))
     runs = json.load(open(os.path.join(study, "growth_study.json")))["runs"]
     final = {name: [s["final_eval_loss"] for s in run["seeds"]] for name, run in runs.items()}
     scratch = statistics.mean(final["scratch"])
-    rest = ", ".join(f"{n} {statistics.mean(final[n]) - scratch:+.3f}" for n in ("stack", "no_growth") if n in final)
-    where = "2x the crossover" if budget == target and won else "cut to the time left" if won else "no crossover seen"
-    return (
-        f"width {SIZES['n_embd']}: crossover {crossover_line(winners)}; budget {budget:.3g} FLOPs ({where}): scratch "
-        f"{scratch:.3f} ({len(final['scratch'])} seeds, range {max(final['scratch']) - min(final['scratch']):.3f}), "
-        f"{rest} (final loss on {SIZES['final_eval_iters']} val batches); growth/growth_study.json"
+    gaps = ", ".join(f"{n} {statistics.mean(final[n]) - scratch:+.4f}" for n in ("stack", "no_growth") if n in final)
+    why = (
+        "cut to the time left"
+        if budget < target
+        else f"{MAX_EPOCHS} epochs"
+        if target == epochs_cap
+        else "2x the crossover"
+        if won
+        else "no crossover seen: 2x the largest budget"
     )
-
-
-def crossover_line(winners):
-    return ", ".join(f"{b:.3g}: {n} layers win" for b, n in sorted(winners.items()))
+    return (
+        f"width {SIZES['n_embd']}, crossover {seen}; at {budget:.3g} FLOPs ({why}): scratch {scratch:.4f} (seeds "
+        f"{', '.join(f'{x:.4f}' for x in final['scratch'])}), {gaps} (final loss on {SIZES['final_eval_iters']} val "
+        f"batches); growth/growth_study.json"
+    )
 
 
 step("growth", growth)
