@@ -244,7 +244,8 @@ def test_eval_mc_on_cuda_predicts_what_fp32_on_the_cpu_predicts(tmp_path, capsys
         eval_mc.main(["--ckpt", ours, "--data_dir", data_dir, "--tasks", tasks, "--no_progress", "--out", out, *args])
         capsys.readouterr()
         with open(out) as f:
-            return [s for task in eval_mc.TASKS for s in json.load(f)["samples"][task]]
+            scored = json.load(f)["samples"]
+        return [s for task in eval_mc.TASKS for s in scored[task]]
 
     cpu = samples("--device", "cpu", "--dtype", "float32")
     gpu32 = samples("--device", "cuda", "--dtype", "float32")
@@ -274,7 +275,7 @@ def test_a_muon_step_on_cuda_agrees_with_the_cpu():
     grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
 
     def run(device, ns_dtype):
-        ps = [torch.nn.Parameter(w.to(device)) for w in start_weights]
+        ps = [torch.nn.Parameter(w.to(device, copy=True)) for w in start_weights]
         groups = [
             {"params": ps[:4], "weight_decay": 0.1, "muon": True},
             {"params": ps[4:5], "weight_decay": 0.1},
