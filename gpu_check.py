@@ -172,8 +172,11 @@ def write_table():
 
 # -----------------------------------------------------------------------------------------------
 # What runs here: the commit, the GPU, torch (in a process of its own, like everything that touches CUDA)
-git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
-commit = git.stdout.strip() if git.returncode == 0 else "unknown (not a git checkout)"
+try:
+    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
+    commit = git.stdout.strip() if git.returncode == 0 else "unknown (not a git checkout)"
+except OSError:
+    commit = "unknown (no git here)"
 probe = (
     "import json, torch; c = torch.cuda.is_available(); print(json.dumps({'torch': torch.__version__, "
     "'cuda': torch.version.cuda, 'gpu': torch.cuda.get_device_name(0) + ' (compute capability %d.%d)' "
@@ -212,7 +215,9 @@ no_data = f"no prepared data in {data}: python prepare_data.py --sources pystdli
 # -----------------------------------------------------------------------------------------------
 # 1. The CUDA tests (on a CPU every one of them skips, and says so)
 def cuda_tests(limit):
-    text = checked("cuda_tests", [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"], limit)
+    # pytest.ini's addopts are left out: a plugin they may name (xdist) need not be installed here
+    pytest = [PY, "-m", "pytest", "-q", "-ra", "-o", "addopts=", "-p", "no:cacheprovider", "tests/test_cuda.py"]
+    text = checked("cuda_tests", pytest, limit)
     summary = [line for line in text.splitlines() if re.search(r"\d+ (passed|skipped|failed)", line)]
     return summary[-1].strip("= ") if summary else "no summary line"
 
