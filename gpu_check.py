@@ -151,13 +151,13 @@ def checked(name, argv, timeout):
 
 def write_table():
     lines = [
-        f"GPU check, {'dry run on the CPU' if args.dry_run else 'on ' + info.get('gpu', '?')}: `{' '.join(sys.argv)}`",
+        f"GPU check, {'a dry run on the CPU' if args.dry_run else 'on the GPU'}: `python {' '.join(sys.argv)}`",
         "",
         "| | |",
         "|---|---|",
         f"| commit | {commit} |",
-        f"| GPU | {info.get('gpu', 'none')} |",
-        f"| torch | {info.get('torch', '?')} (CUDA {info.get('cuda')}) |",
+        f"| GPU | {info.get('gpu') or 'none'} |",
+        f"| torch | {info.get('torch', '?')} (CUDA {info.get('cuda') or 'none'}) |",
         f"| wall time | {time.monotonic() - t_start:.0f} s of {time_limit:.0f} |",
         "",
         "| step | result | figures | wall time (limit) |",
