@@ -444,7 +444,7 @@ def growth(limit):
     budget = target = growth_budget(won[0] if won else budgets[-1])
     while not fits(growth_time(budget)) and budget > ladder[0]:
         budget = float(f"{budget / 1.25:.3g}")
-    if not fits(growth_time(budget)):
+    if not fits(growth_time(budget)) and not args.dry_run:  # (toy runs take seconds: a dry run checks the path)
         raise StepFailed(f"crossover {seen}; no time left for the growth runs")
     study_growth("growth_study", "--budget", str(budget), "--crossover_budgets", *map(str, budgets))
     runs = json.load(open(os.path.join(study, "growth_study.json")))["runs"]
