@@ -44,7 +44,12 @@ p.add_argument("--out", default="out/gpu_check", help="the table and every log (
 p.add_argument("--work", default="out/gpu_check_runs", help="runs and checkpoints (default: %(default)s)")
 p.add_argument("--data_dir", default="data/pystdlib", help="prepared data for torchrun and growth")
 p.add_argument("--dry_run", action="store_true", help="every step at toy size on the CPU (CUDA tests skip)")
-p.add_argument("--time_limit", type=float, default=None, help="seconds for all steps (default: 570, dry run 600)")
+p.add_argument(
+    "--time_limit",
+    type=float,
+    default=None,
+    help="seconds for all steps, each step's in proportion (default: 570, dry run 600)",
+)
 args = p.parse_args()
 out, work = os.path.abspath(args.out), os.path.abspath(args.work)
 os.makedirs(os.path.join(out, "logs"), exist_ok=True)
@@ -52,7 +57,8 @@ os.makedirs(work, exist_ok=True)
 # The device command that runs this is killed at 10 minutes: 570 s of steps leave 30 s for start-up and the table.
 # The dry run's 600 s and its steps' limits are guards against a hang on a busy CI host: on 2 quiet cores it takes
 # ~2 minutes.
-time_limit = args.time_limit or (600 if args.dry_run else 570)
+default_limit = 600 if args.dry_run else 570
+time_limit = args.time_limit or default_limit
 t_start = time.monotonic()
 deadline = t_start + time_limit
 device = "cpu" if args.dry_run else "cuda"
@@ -65,6 +71,7 @@ device = "cpu" if args.dry_run else "cuda"
 LIMITS = dict(cuda_tests=150, bench_phase1=100, bench_phase2=120, torchrun=100, growth=300)
 if args.dry_run:
     LIMITS = dict(data=120, cuda_tests=90, bench_phase1=90, bench_phase2=90, torchrun=120, growth=200)
+LIMITS = {name: limit * time_limit / default_limit for name, limit in LIMITS.items()}  # --time_limit scales them
 rows = []  # (step, result, figures, seconds, limit)
 
 
