@@ -70,7 +70,7 @@ device = "cpu" if args.dry_run else "cuda"
 # turn). The growth study takes what the others leave, at most 300 s: they should finish well under their limits.
 LIMITS = dict(cuda_tests=150, bench_phase1=100, bench_phase2=120, torchrun=100, growth=300)
 if args.dry_run:
-    LIMITS = dict(data=120, cuda_tests=90, bench_phase1=90, bench_phase2=90, torchrun=120, growth=200)
+    LIMITS = dict(data=120, cuda_tests=90, bench_phase1=60, bench_phase2=60, torchrun=120, growth=240)
 LIMITS = {name: limit * time_limit / default_limit for name, limit in LIMITS.items()}  # --time_limit scales them
 rows = []  # (step, result, figures, seconds, limit)
 
