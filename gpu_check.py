@@ -4,7 +4,7 @@ and a growth study at a width the CPU could not afford. Under 9.5 minutes on one
 
     python prepare_data.py --sources pystdlib --vocab_size 2048   # once, beforehand (offline, ~1 min on a CPU)
     python gpu_check.py                                           # on the GPU machine: out/gpu_check/table.md
-    python gpu_check.py --dry_run                                 # every step at toy size on the CPU (CI), <= 3 min
+    python gpu_check.py --dry_run                                 # every step at toy size on the CPU (CI does)
 
 Each step runs in its own process group with its own time limit (a step's limit is also cut to what is left of
 --time_limit); a step that fails or runs out of time is recorded with its log, and the next one still runs:
@@ -55,8 +55,8 @@ out, work = os.path.abspath(args.out), os.path.abspath(args.work)
 os.makedirs(os.path.join(out, "logs"), exist_ok=True)
 os.makedirs(work, exist_ok=True)
 # The device command that runs this is killed at 10 minutes: 570 s of steps leave 30 s for start-up and the table.
-# The dry run's 600 s and its steps' limits are guards against a hang on a busy CI host: on 2 quiet cores it takes
-# ~2 minutes.
+# The dry run's 600 s and its steps' limits are guards against a hang: on 2 cores shared with other jobs (load 10-12,
+# AVX-512 BF16 AMD EPYC) it took 400-530 s, most of it process start-ups; on quiet cores, a fraction of that.
 default_limit = 600 if args.dry_run else 570
 time_limit = args.time_limit or default_limit
 t_start = time.monotonic()
