@@ -5,6 +5,7 @@ Should I grow, when, and how? Growth against training the target size from scrat
     python study_growth.py --jobs 2                                   # -> study/growth_study.json, study/*.png
     python study_growth.py --report > table.md                        # docs/growth.md's tables from the JSON
     python study_growth.py --quick --data_dir data/pydocs             # the whole pipeline in a few minutes
+    python study_growth.py --crossover_only ...; python study_growth.py --budget B ...  # the crossover first
 
 Growth is a claim about training a model of the target size more cheaply, so the study first checks its regime.
 The crossover: the target (--layers) and the small model (--layers / factor) trained from scratch at each of
@@ -38,7 +39,8 @@ Seeds change the initialization; every run reads the same data in the same order
 
 Runs go to OUT/runs/NAME, logs to OUT/logs/NAME.log. A finished run is never run again and an interrupted one
 resumes from its last checkpoint, so the study continues where it stopped. Results: OUT/growth_study.json
-    {"corpus", "corpus_train_tokens", "budget_flops", "settings", "crossover": {budget: {layers: [seed records]}},
+    {"corpus", "corpus_train_tokens", "budget_flops" (None: crossover only), "settings",
+     "crossover": {budget: {layers: [seed records]}},
      "runs": {name: {"layers", "growth_point", "schedule", "seeds": [{"seed", "final_val_loss", "tokens", "flops",
                                                                       "curve", "final_eval_loss", "final_eval_bpb"}]}},
      "job_wall_s"}
@@ -204,6 +206,12 @@ def parse_args(argv=None):
         "compile once, then seconds from the inductor's cache)",
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes and budgets: the whole pipeline in minutes (tests)")
+    p.add_argument(
+        "--crossover_only",
+        action="store_true",
+        help="run the crossover's runs and no growth study: a first pass that says where to put --budget (its "
+        "JSON takes the growth runs of any --budget later; gpu_check.py sizes its study so)",
+    )
     p.add_argument("--no_run", action="store_true", help="run nothing: JSON, plots and tables from the finished runs")
     p.add_argument("--report", action="store_true", help="print the markdown tables of OUT/growth_study.json and exit")
     args = p.parse_args(argv)
@@ -460,7 +468,7 @@ def plan(args, vocab, best=None):
         ("lr", args.lr_mults, "lr"),
     ):
         variants += [(f"{first}_{label}{fmt(v) if label else v}", first, dict(main, **{key: v})) for v in values[1:]]
-    for sched_index, schedule in enumerate(args.schedules):
+    for sched_index, schedule in enumerate([] if args.crossover_only else args.schedules):
         wsd, suffix = schedule == "wsd", "" if schedule == "cosine" else f"_{schedule}"
         for index, (name, op, v) in enumerate(variants):
             # every seed for scratch, the control, the first operator (the recipe's) and the best one (Du et al.'s
@@ -743,7 +751,7 @@ def load_records(args, meta):
     or on another machine): {"runs": {(name, seed): record}, "crossover": {(budget, layers, seed): record},
     "extra": runs of other invocations, "wall": {job: seconds}}. A record is kept even where its run directory is
     gone. A JSON of other settings is refused rather than mixed. Runs recorded before schedules existed are cosine."""
-    records = {"runs": {}, "crossover": {}, "extra": {}, "wall": {}}
+    records = {"runs": {}, "crossover": {}, "extra": {}, "wall": {}, "budget": None}
     path = os.path.join(args.out_dir, "growth_study.json")
     if not os.path.exists(path):
         return records
@@ -764,7 +772,9 @@ def load_records(args, meta):
     mine = {**{k: getattr(args, k) for k in keys[:-1]}, "vocab_size": meta["vocab_size"]}
     theirs = {k: old["settings"].get(k) for k in keys}
     train_tokens = sum(len(read_shard(path)) for path in shard_paths(args.data_dir, "train"))
-    if theirs != mine or old["budget_flops"] != args.budget or old["corpus_train_tokens"] != train_tokens:
+    # the budget is the growth runs': a JSON without any (--crossover_only) takes those of any budget
+    other_budget = old["runs"] and not args.crossover_only and old["budget_flops"] != args.budget
+    if theirs != mine or other_budget or old["corpus_train_tokens"] != train_tokens:
         raise SystemExit(
             f"error: {path} holds a study with other settings ({theirs}, budget {old['budget_flops']:g}, "
             f"{old['corpus_train_tokens']:,} train tokens); use another --out_dir"
@@ -778,6 +788,7 @@ def load_records(args, meta):
         for layers, seeds in row.items():
             for record in seeds:
                 records["crossover"][budget, layers, record["seed"]] = record
+    records["budget"] = old["budget_flops"] if old["runs"] else None
     records["wall"] = old.get("job_wall_s") or {"earlier runs (per job not recorded)": old.get("wall_s", 0.0)}
     # a record from before bits per byte gets them from its loss: the same val tokens, so the same bytes
     missing = [
@@ -796,7 +807,7 @@ def collect(args, meta, runs, crossover, records):
     results = {
         "corpus": args.data_dir,
         "corpus_train_tokens": train_tokens,
-        "budget_flops": args.budget,
+        "budget_flops": records["budget"] if args.crossover_only else args.budget,
         "settings": {
             k: getattr(args, k)
             for k in (
