@@ -24,6 +24,11 @@ The exit status is 1 if any step did not pass. Checkpoints and runs stay under -
 lent GPU machine: only OUT does).
 """
 
+import stopping
+
+if __name__ == "__main__":
+    stopping.stop_on_signals("stopped by {signal}: the table so far is in the output directory")
+
 import argparse
 import json
 import math
@@ -73,6 +78,7 @@ if args.dry_run:
     LIMITS = dict(data=120, cuda_tests=90, bench_phase1=60, bench_phase2=60, torchrun=120, growth=240)
 LIMITS = {name: limit * time_limit / default_limit for name, limit in LIMITS.items()}  # --time_limit scales them
 rows = []  # (step, result, figures, seconds, limit)
+running = None  # the step's process, whose group a stop of this script stops too
 
 
 def left():
@@ -95,16 +101,24 @@ def start(name, argv):
         log.write(f"$ {' '.join(argv)}\n")
         log.flush()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        return subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        global running
+        running = subprocess.Popen(
+            argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        return running
 
 
 def finish(proc, timeout):
-    """The exit status, or None after stopping the process group at the time-out: SIGTERM first (train.py saves and
-    exits), SIGKILL 10 s later."""
+    """The exit status, or None after stopping the process group at the time-out."""
     try:
         return proc.wait(timeout=max(timeout, 0))
     except subprocess.TimeoutExpired:
-        pass
+        stop_group(proc)
+        return None
+
+
+def stop_group(proc):
+    """SIGTERM to proc's process group first (train.py saves and exits), SIGKILL 10 s later."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
@@ -115,7 +129,18 @@ def finish(proc, timeout):
         except ProcessLookupError:  # the group is gone already
             break
     proc.wait()
-    return None
+
+
+def stop_step(signum):
+    """A stop of gpu_check.py stops the running step too (in a session of its own, a Ctrl-C at the terminal does not
+    reach it), then writes the table so far and says where it is."""
+    stopping.ignore()
+    if running is not None and running.poll() is None:
+        stop_group(running)
+    write_table()
+    stopping.stop(
+        signum, f"stopped by {signal.Signals(signum).name}: the table so far is {os.path.join(out, 'table.md')}"
+    )
 
 
 def run(name, argv, timeout):
@@ -194,6 +219,7 @@ try:
 except (subprocess.TimeoutExpired, ValueError):
     info = {}
 write_table()
+stopping.on_stop(own_handler=stop_step)
 if not args.dry_run and not info.get("gpu"):
     raise SystemExit(
         f"error: torch sees no CUDA GPU here ({info or 'torch did not start'}); "

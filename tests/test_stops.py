@@ -293,3 +293,35 @@ def test_a_windows_python_starts_locks_and_trains(pydocs_data, tmp_path):
     proc = run_script("-c", WINDOWS, *args)
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == 1
     assert (tmp_path / "train.lock").read_text().startswith("pid ")
+
+
+# --- 2. gpu_check.py: a stop ends the running step's process group too, and keeps the table so far ----------------
+
+
+def children(pid):
+    """The pids of pid's child processes (from /proc)."""
+    kids = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.split("/")[2]))
+    return kids
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc to find the step's process")
+def test_a_signal_to_gpu_check_stops_its_step_and_keeps_the_table(pydocs_data, tmp_path):
+    out, work = tmp_path / "gc", tmp_path / "gcw"
+    args = ["--dry_run", "--data_dir", pydocs_data, "--out", str(out), "--work", str(work)]
+    proc = start(tmp_path / "log", "gpu_check.py", *args)
+    wait_until(lambda: os.path.exists(out / "logs" / "cuda_tests.log") and children(proc.pid), proc, "the first step")
+    (step,) = children(proc.pid)  # pytest, in a process group of its own: a terminal's Ctrl-C would not reach it
+    proc.send_signal(signal.SIGTERM)
+    rc, err, lines = finish(proc, tmp_path / "log")
+    assert rc == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
+    assert lines[-1] == f"stopped by SIGTERM: the table so far is {out / 'table.md'}"
+    assert "| step | result |" in (out / "table.md").read_text()
+    with pytest.raises(ProcessLookupError):  # the step's whole group is gone
+        os.killpg(step, 0)
