@@ -494,6 +494,14 @@ if init_from == "resume":
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
 elif carried:
     log(f"optimizer moments carried over from {init_from} (stack.py --optim copy)")
+elif ckpt is not None and (ckpt.get("config") or {}).get("muon", muon) != muon:
+    # a new phase may change optimizer (its own is fresh: stack.py --optim reset, or a checkpoint as init_from), but
+    # not silently: a Muon phase 1 continued by an AdamW config reads like a mistake unless it is said
+    name = {True: "Muon + AdamW", False: "AdamW"}
+    log(
+        f"switching optimizer: {source} was trained with muon={not muon} ({name[not muon]}), this phase has "
+        f"muon={muon} ({name[muon]}), starting fresh"
+    )
 if ckpt is not None and ckpt.get("loader"):
     # a resume, or a new phase on the same data, continues the stream where the checkpoint stopped: no token is seen
     # twice. On another dataset the position means nothing: that data starts at its beginning.
