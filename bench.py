@@ -9,9 +9,10 @@ Benchmark the training step of model.py: forward + backward + the optimizer step
 A mode is a dtype (fp32; bf16 or fp16 under autocast; auto: common.auto_dtype's choice for the device), with
 +compile for torch.compile. Prints tokens/s, the achieved FLOP/s (model.flops_per_token, the PaLM count train.py
 uses) and MFU as train.py reports it (common.mfu_peak: a GPU's datasheet peak, else the matmul peak this machine
-reaches now in the mode's dtype), with the measured matmul peak beside it; one line per mode. Only the model's
-shape, batch and optimizer (AdamW, or Muon with muon = True) are read from the config file; train.py's loop adds
-data loading and logging on top of this step.
+reaches now in the mode's dtype), with the measured matmul peak beside it; one line per mode. It runs one process
+on one device (no DDP: under torchrun each process would time itself alone), so its figures are per device, as
+train.py's MFU is. Only the model's shape, batch and optimizer (AdamW, or Muon with muon = True) are read from the
+config file; train.py's loop adds data loading and logging on top of this step.
 """
 
 import stopping

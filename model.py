@@ -12,18 +12,21 @@ unchanged: export_hf.py and hf: imports are a copy, not a translation.
 """
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import log
 from muon import MuonAdamW
 
-try:  # FlashAttention 2 (Dao, 2023), used when installed and on CUDA; never required
+try:  # FlashAttention 2 (Dao, 2023), used where it works (flash_attn_problem); never required
+    from flash_attn import __version__ as flash_attn_version
     from flash_attn import flash_attn_func
 except ImportError:
-    flash_attn_func = None
+    flash_attn_func, flash_attn_version = None, None
 
 
 @dataclass
@@ -116,6 +119,38 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight)
 
 
+def flash_attn_problem(capability, dtype, head_dim, version):
+    """None if flash-attn runs this attention, else why not. Its kernels need compute capability 8.0 (Ampere) or
+    later, bf16 or fp16, and a head_dim that is a multiple of 8 up to 256 (csrc/flash_attn/flash_api.cpp). 2.7.0 made
+    them custom ops that torch.compile traces (before, every call broke the graph), and 2.7.3 is the first to run on
+    every GPU from Ampere on (2.7.0-2.7.2 refuse all but compute capability 8.x and 9.0: Blackwell among them)."""
+    if tuple(int(n) for n in re.findall(r"\d+", version)[:3]) < (2, 7, 3):
+        return f"flash-attn {version} is older than 2.7.3"
+    if capability < (8, 0):
+        return f"this GPU's compute capability is {capability[0]}.{capability[1]}, below Ampere's 8.0"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"it computes in bf16 or fp16, not {str(dtype).removeprefix('torch.')}"
+    if head_dim % 8 or head_dim > 256:
+        return f"head_dim {head_dim} is not a multiple of 8 up to 256"
+    return None
+
+
+flash_attn_verdicts = {}  # (device, dtype, head_dim) -> whether flash-attn runs it
+
+
+@torch.compiler.assume_constant_result  # torch.compile calls it while tracing, and the graph keeps its answer
+def use_flash_attn(device, dtype, head_dim):
+    """Whether flash-attn runs attention on this CUDA device, in this dtype, at this head_dim; each "no" is said once,
+    with its reason (PyTorch's SDPA runs it instead, with its own FlashAttention kernel where it can)."""
+    key = (device, dtype, head_dim)
+    if key not in flash_attn_verdicts:
+        problem = flash_attn_problem(torch.cuda.get_device_capability(device), dtype, head_dim, flash_attn_version)
+        if problem:
+            log(f"flash-attn not used: {problem}; attention runs on PyTorch's SDPA")
+        flash_attn_verdicts[key] = problem is None
+    return flash_attn_verdicts[key]
+
+
 class Attention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -137,7 +172,7 @@ class Attention(nn.Module):
             flash_attn_func is not None
             and q.is_cuda
             and kv_cache is None
-            and q.dtype in (torch.bfloat16, torch.float16)
+            and use_flash_attn(q.device, q.dtype, self.head_dim)
         ):
             # flash-attn takes (B, T, H, D), the layout RoPE was applied in, and handles GQA itself
             return self.o_proj(flash_attn_func(q, k, v, causal=True).reshape(B, T, -1))

@@ -467,13 +467,15 @@ if model_args["vocab_size"] < meta["vocab_size"]:
 
 
 start_history = history if ckpt is not None else None  # the weights' lineage, when they come from a checkpoint
-stop_together(
-    *(
-        checkpoint.out_dir_verdict(out_dir, init_from, config, train_loader.fingerprint, start_history, WATCH_KEYS)
-        if master_process
-        else (None, 0)
-    )
-)
+verdict = (None, 0)
+if master_process:
+    try:
+        verdict = checkpoint.out_dir_verdict(
+            out_dir, init_from, config, train_loader.fingerprint, start_history, WATCH_KEYS
+        )
+    except OSError as e:  # overwrite=True could not remove the old run's files
+        verdict = (f"error: {e}", 1)
+stop_together(*verdict)
 
 try:
     model = LLaMA(ModelConfig(**model_args))
@@ -533,6 +535,14 @@ if init_from == "resume":
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
 elif carried:
     log(f"optimizer moments carried over from {init_from} (stack.py --optim copy)")
+elif ckpt is not None and (ckpt.get("config") or {}).get("muon", muon) != muon:
+    # a new phase may change optimizer (its own is fresh: stack.py --optim reset, or a checkpoint as init_from), but
+    # not silently: a Muon phase 1 continued by an AdamW config reads like a mistake unless it is said
+    name = {True: "Muon + AdamW", False: "AdamW"}
+    log(
+        f"switching optimizer: {source} was trained with muon={not muon} ({name[not muon]}), this phase has "
+        f"muon={muon} ({name[muon]}), starting fresh"
+    )
 if ckpt is not None and ckpt.get("loader"):
     # a resume, or a new phase on the same data, continues the stream where the checkpoint stopped: no token is seen
     # twice. On another dataset the position means nothing: that data starts at its beginning.
@@ -550,7 +560,16 @@ if compile:
     log("compiling the model (torch.compile)...")
     model = torch.compile(model)
 if ddp:
-    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    # DDP wraps the compiled model, as PyTorch's "where to apply torch.compile" advises, and its gradient all-reduce
+    # still overlaps the backward: while DDP's forward runs, Dynamo's DDPOptimizer splits the compiled graph at DDP's
+    # bucket boundaries (compile(DDP(model)) is split alike), so each bucket is all-reduced as soon as its part of the
+    # backward ends. Measured with a hook timing each bucket's launch: on 2 gloo ranks (torch 2.13) 11 buckets start
+    # from 10% to 83% of the way through the backward, as eager DDP's do, and all at 89-90% with the splitting off
+    # (optimize_ddp=False: the backward is one autograd node, its gradients all ready at its end); on an H200 (torch
+    # 2.11, NCCL) from 10% to 92%, against 59% to 92%.
+    # broadcast_buffers=False: the only buffers are RoPE's tables, constants every rank derives alike, which DDP
+    # would otherwise send from rank 0 before every forward.
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
 
 flops_per_token = raw_model.flops_per_token(block_size)
 if peak_flops is None and master_process:
@@ -629,9 +648,10 @@ def save_checkpoint(val_loss, val_bpb=None):
 
 
 def agreed_stop_signal():
-    """The signal that stops the run at this step boundary, 0 for none. Under DDP every rank must stop at the same
-    step (a rank that went on would wait for the others in its next collective): the ranks agree with one all-reduce
-    of one number, the largest signal number any of them received."""
+    """The signal that stops the run at this step boundary, 0 for none, agreed at once: after an evaluation (long,
+    and synchronous anyway). Under DDP every rank must stop at the same step (a rank that went on would wait for the
+    others in its next collective): the ranks agree with one all-reduce of one number, the largest signal number any
+    of them received."""
     if not ddp:
         return stop_signal
     agreed = torch.tensor(stop_signal, device=device)
@@ -639,10 +659,77 @@ def agreed_stop_signal():
     return int(agreed.item())
 
 
+# Between evaluations the ranks agree without a collective of their own, nor a wait: the all-reduce of each step's
+# loss carries, summed over the ranks, how many received each stop signal and whether rank 0 failed to write its
+# metrics (a full disk). Its result goes to the host without waiting and is read one boundary later: read at once,
+# it would wait on a GPU for the whole step to finish (the GPU idle while the host launches the next one). So under
+# DDP a stop lands one step after the step it arrived in, the same step on every rank; one process reads its own.
+# (CUDA's sync debug mode on an H200 counted 3 host syncs per step before: the signal's tensor made on the GPU, its
+# .item() and the loss's; none now between log steps.)
+failure = None  # rank 0's one-line error when a write only it makes failed (metrics.jsonl, wandb)
+
+
+def reduce_step(loss_sum):
+    """(the step's loss averaged over the ranks, a device tensor; its reduction on the way to the host, or None)."""
+    if not ddp:
+        return loss_sum, None
+    pin = device_type == "cuda"  # a copy from pinned memory does not wait for the GPU
+    flags = torch.tensor(
+        [float(stop_signal == s) for s in stopping.STOP_SIGNALS] + [float(failure is not None)], pin_memory=pin
+    )
+    packed = torch.cat([loss_sum.float().view(1), flags.to(device, non_blocking=True)])
+    dist.all_reduce(packed)  # the sum over the ranks
+    host = torch.empty(packed.shape, pin_memory=pin).copy_(packed, non_blocking=True)
+    arrived = torch.cuda.Event() if pin else None
+    if arrived:
+        arrived.record()
+    return packed[0] / world_size, (host, arrived)
+
+
+def agreed_stop(reduced):
+    """(signal, failed): what stops the run at this step boundary, the same on every rank. signal: the largest signal
+    number any rank received (0: none); failed: a write of rank 0's failed (its line in `failure`)."""
+    if not ddp:
+        return stop_signal, failure is not None
+    if reduced is None:
+        return 0, False
+    host, arrived = reduced
+    if arrived:
+        arrived.synchronize()  # long done: the GPU has been running the next step since
+    counts = host.tolist()[1:]
+    return max((int(s) for s, n in zip(stopping.STOP_SIGNALS, counts) if n), default=0), counts[-1] > 0
+
+
+# The NaN guard. Reading the loss to the host waits for the step (a sync), so it is read only where it is logged,
+# every log_interval steps, and before any save: a non-finite loss is seen up to log_interval - 1 steps after it
+# happened (steps lost, never saved). The losses in between are summed on the device: a NaN or inf in any shows.
+train_loss, unchecked, unchecked_steps = None, torch.zeros((), device=device), 0
+
+
+def check_loss():
+    """The last step's loss (None before any step of this run), after stopping if any step since the last check had
+    a non-finite one. Every rank calls it at the same steps and reads the same (all-reduced) losses."""
+    global unchecked_steps
+    if not unchecked_steps:
+        return None
+    last, total = torch.stack([train_loss.float(), unchecked]).tolist()
+    first, unchecked_steps = iter_num - unchecked_steps + 1, 0
+    unchecked.zero_()
+    if not math.isfinite(total):
+        where = f"at step {iter_num}" if not math.isfinite(last) else f"at a step from {first} to {iter_num}"
+        bar.close()  # the line below goes on a line of its own, not after the bar
+        raise SystemExit(
+            f"loss is {last if not math.isfinite(last) else total} {where}: stopping; the last checkpoint in "
+            f"{out_dir} is intact (try a lower learning_rate, or grad_clip)"
+        )
+    return last
+
+
 def stop(signum):
     """Save the step reached (unless out_dir already holds it), say so in one line with how to resume,
     exit 128+signum."""
     bar.close()
+    check_loss()  # a step with a non-finite loss since the last check is not saved
     error = None
     if master_process and saved_at != iter_num and (iter_num > 0 or init_from != "scratch"):
         error = save_checkpoint(None)
@@ -660,24 +747,37 @@ def stop(signum):
 
 
 def record(entry):
-    """Append one JSON line to out_dir/metrics.jsonl (and to wandb)."""
-    checkpoint.append_metrics(out_dir, entry)
+    """Append one JSON line to out_dir/metrics.jsonl (and to wandb). Rank 0 writes alone: a failure is returned as
+    the one-line error that stops every rank (raised, it would end rank 0 alone, the others waiting in their next
+    collective until a timeout kills them)."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    try:
+        checkpoint.append_metrics(out_dir, entry)
+    except OSError as e:
+        return f"error: cannot write {path} ({e.strerror or e}): stopping; the last checkpoint in {out_dir} is intact"
     if wandb_log:
-        wandb.log(entry, step=entry["iter"])
+        try:
+            wandb.log(entry, step=entry["iter"])
+        except Exception as e:  # wandb's errors share no class of their own
+            return f"error: wandb.log failed ({type(e).__name__}: {e}): stopping; {path} holds the metrics"
+    return None
 
 
 error = None
 if master_process:
-    if init_from == "resume":  # a resumed run drops what was logged after its checkpoint
-        entries = checkpoint.read_metrics(out_dir)
-        checkpoint.write_metrics(
-            out_dir, [e for e in entries if e["iter"] < iter_num or (e["iter"] == iter_num and "loss" in e)]
-        )
-    else:  # a new run: out_dir holds no checkpoint (out_dir_verdict), so a metrics.jsonl here has nothing to go with
-        if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
-            log(f"warning: replacing {out_dir}/metrics.jsonl, left by a run that saved no checkpoint")
-        checkpoint.write_metrics(out_dir, [])
-    if wandb_log:
+    try:
+        if init_from == "resume":  # a resumed run drops what was logged after its checkpoint
+            entries = checkpoint.read_metrics(out_dir)
+            checkpoint.write_metrics(
+                out_dir, [e for e in entries if e["iter"] < iter_num or (e["iter"] == iter_num and "loss" in e)]
+            )
+        else:  # a new run: out_dir holds no checkpoint (out_dir_verdict), so a metrics.jsonl there goes with nothing
+            if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+                log(f"warning: replacing {out_dir}/metrics.jsonl, left by a run that saved no checkpoint")
+            checkpoint.write_metrics(out_dir, [])
+    except (OSError, ValueError) as e:  # a full disk, a damaged metrics.jsonl (the error names its line)
+        error = f"error: {e}"
+    if wandb_log and error is None:
         try:
             import wandb
 
@@ -691,6 +791,8 @@ if master_process:
             )
         except ImportError:
             error = "error: wandb_log=True needs the wandb package: pip install wandb (or set wandb_log=False)"
+        except Exception as e:  # wandb's errors share no class of their own
+            error = f"error: wandb.init failed ({type(e).__name__}: {e})"
 stop_together(error)
 
 # -----------------------------------------------------------------------------------------------
@@ -706,8 +808,11 @@ bar = tqdm(
     dynamic_ncols=True,
 )
 t0, timed_steps = time.perf_counter(), 0
+reduced, pending = None, None  # the last step's reduction (DDP), and the one before it: read at this boundary
 while True:
+    signum, failed = agreed_stop(pending)
     if iter_num % eval_interval == 0 or iter_num >= max_iters:
+        check_loss()  # before the checkpoint below
         val_loss, val_bpb = evaluate()
         if not math.isfinite(val_loss):
             bar.close()  # the line below goes on a line of its own, not after the bar
@@ -718,7 +823,7 @@ while True:
         log(f"step {iter_num}: val loss {val_loss:.4f}" + (f", val bpb {val_bpb:.4f}" if val_bpb is not None else ""))
         error = None
         if master_process:
-            record(
+            error = failure or record(
                 {
                     "iter": iter_num,
                     "val_loss": val_loss,
@@ -728,12 +833,14 @@ while True:
                 }
             )
             if iter_num > 0 or init_from != "scratch":
-                error = save_checkpoint(val_loss, val_bpb)
+                error = save_checkpoint(val_loss, val_bpb) or error
         stop_together(error)
+        signum = max(signum, agreed_stop_signal())  # a signal that came during the evaluation stops the run now
         t0, timed_steps = time.perf_counter(), 0  # evaluation time is not training throughput
     if iter_num >= max_iters:
         break
-    signum = agreed_stop_signal()
+    if failed:
+        stop_together(failure)  # rank 0's line; every rank stops
     if signum:
         stop(signum)
 
@@ -757,37 +864,37 @@ while True:
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    if ddp:
-        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-    train_loss = loss_sum.item()  # one sync per step; also our NaN guard
-    if not math.isfinite(train_loss):
-        bar.close()  # the line below goes on a line of its own, not after the bar
-        raise SystemExit(
-            f"loss is {train_loss} at step {iter_num}: stopping; the last checkpoint in {out_dir} is intact "
-            f"(try a lower learning_rate, or grad_clip)"
-        )
+    pending, (train_loss, reduced) = reduced, reduce_step(loss_sum)
+    unchecked += train_loss
+    unchecked_steps += 1
     iter_num += 1
     timed_steps += 1
     tokens_seen += tokens_per_step
     bar.update(1)
-    if iter_num % log_interval == 0 and master_process:
-        tok_s = tokens_per_step * timed_steps / (time.perf_counter() - t0)
-        mfu = flops_per_token * tok_s / peak_flops if peak_flops else None
-        log(
-            f"step {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s"
-            + (f", MFU {100 * mfu:.1f}%" if mfu is not None else "")
-        )
-        record(
-            {
-                "iter": iter_num,
-                "loss": train_loss,
-                "lr": lr,
-                "tokens": tokens_seen,
-                "flops": tokens_seen * flops_per_token,
-                "tok_per_s": tok_s,
-                "mfu": mfu,
-            }
-        )
+    if iter_num % log_interval == 0:
+        loss_value = check_loss()  # every rank: the same verdict
+        if master_process:
+            # tok/s counts every rank's tokens; MFU is per device: the peak is one device's
+            tok_s = tokens_per_step * timed_steps / (time.perf_counter() - t0)
+            tok_s_device = tok_s / world_size
+            mfu = flops_per_token * tok_s_device / peak_flops if peak_flops else None
+            log(
+                f"step {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s"
+                + (f" ({tok_s_device:,.0f} per device)" if world_size > 1 else "")
+                + (f", MFU {100 * mfu:.1f}%" if mfu is not None else "")
+            )
+            failure = failure or record(
+                {
+                    "iter": iter_num,
+                    "loss": loss_value,
+                    "lr": lr,
+                    "tokens": tokens_seen,
+                    "flops": tokens_seen * flops_per_token,
+                    "tok_per_s": tok_s,
+                    "tok_per_s_per_device": tok_s_device,
+                    "mfu": mfu,
+                }
+            )
         t0, timed_steps = time.perf_counter(), 0
 bar.close()
 
