@@ -20,8 +20,9 @@ Each step runs in its own process group with its own time limit (a step's limit 
 The table (OUT/table.md, rewritten after every step, so a kill leaves the finished steps; printed at the end):
 the commit, the GPU and torch, then per step pass / fail / timeout / skipped, its figures and its wall time against
 its limit. A failed step's reason is the end of its log, OUT/logs/STEP.log. docs/performance.md says how to read it.
-The exit status is 1 if any step did not pass. Checkpoints and runs stay under --work (they do not come back from a
-lent GPU machine: only OUT does).
+The exit status is 1 if any step did not pass. `--steps cuda_tests,bench_phase1` runs only those (the others are
+listed as skipped), e.g. to re-check one step or to fit a shorter lease. Checkpoints and runs stay under --work
+(they do not come back from a lent GPU machine: only OUT does).
 """
 
 import stopping
@@ -55,6 +56,11 @@ p.add_argument(
     default=None,
     help="seconds for all steps, each step's in proportion (default: 570, dry run 600)",
 )
+p.add_argument(
+    "--steps",
+    default=None,
+    help="a comma-separated subset of the steps to run (default: all), e.g. cuda_tests,bench_phase1",
+)
 args = p.parse_args()
 out, work = os.path.abspath(args.out), os.path.abspath(args.work)
 os.makedirs(os.path.join(out, "logs"), exist_ok=True)
@@ -78,6 +84,9 @@ if args.dry_run:
     LIMITS = dict(data=120, cuda_tests=90, bench_phase1=60, bench_phase2=60, torchrun=120, growth=240)
 LIMITS = {name: limit * time_limit / default_limit for name, limit in LIMITS.items()}  # --time_limit scales them
 rows = []  # (step, result, figures, seconds, limit)
+selected = set(LIMITS) if args.steps is None else set(args.steps.split(","))
+if selected - set(LIMITS):
+    raise SystemExit(f"--steps: no step {', '.join(sorted(selected - set(LIMITS)))}; the steps: {', '.join(LIMITS)}")
 running = None  # the step's process, whose group a stop of this script stops too
 
 
@@ -156,6 +165,10 @@ class StepFailed(Exception):
 def step(name, body):
     """Run one step (body(limit) returns its figures, or raises StepFailed) and record it in the table."""
     limit = min(LIMITS[name], left() - 15)  # a step stopped at its limit takes a few seconds more to end
+    if name not in selected:
+        rows.append((name, "skipped", "not in --steps", 0.0, LIMITS[name]))
+        write_table()
+        return
     if limit < 10:
         rows.append((name, "skipped", "no time left", 0.0, LIMITS[name]))
         write_table()
@@ -507,4 +520,4 @@ step("growth", growth)
 
 table = write_table()
 print(table)
-sys.exit(0 if all(r[1] == "pass" for r in rows) else 1)
+sys.exit(0 if all(r[1] == "pass" or r[0] not in selected for r in rows) else 1)
