@@ -26,7 +26,7 @@ same dict by import_hf below. It lives here, not beside the export in export_hf.
 A training run's out_dir holds, besides ckpt.pt (and ckpt_<iter>.pt copies with keep_last: hard links, or copies
 where the file system refuses links):
     metrics.jsonl  one JSON object per line, appended by train.py: {"iter", "loss", "lr", "tokens", "flops",
-                   "tok_per_s", "mfu"} after a logged step, {"iter", "val_loss", "val_bpb", "tokens", "flops"} after
+                   "tok_per_s", "mfu", "epoch"} after a logged step, {"iter", "val_loss", "val_bpb", "tokens", "flops"} after
                    an eval (val_bpb: bits per byte, null when the tokenizer's bytes are unknown)
     train.lock     holds the pid of the train.py writing to the out_dir, locked while it runs (RunLock)
 
