@@ -26,8 +26,9 @@ same dict by import_hf below. It lives here, not beside the export in export_hf.
 A training run's out_dir holds, besides ckpt.pt (and ckpt_<iter>.pt copies with keep_last: hard links, or copies
 where the file system refuses links):
     metrics.jsonl  one JSON object per line, appended by train.py: {"iter", "loss", "lr", "tokens", "flops",
-                   "tok_per_s", "mfu", "epoch"} after a logged step, {"iter", "val_loss", "val_bpb", "tokens", "flops"} after
-                   an eval (val_bpb: bits per byte, null when the tokenizer's bytes are unknown)
+                   "tok_per_s", "mfu", "epoch"} after a logged step (epoch: the loader's passes over the data),
+                   {"iter", "val_loss", "val_bpb", "tokens", "flops"} after an eval (val_bpb: bits per byte, null
+                   when the tokenizer's bytes are unknown)
     train.lock     holds the pid of the train.py writing to the out_dir, locked while it runs (RunLock)
 
 Every file is written through common.atomic_write, so a crash or a full disk never leaves a half-written one.
