@@ -26,7 +26,8 @@ same dict by import_hf below. It lives here, not beside the export in export_hf.
 A training run's out_dir holds, besides ckpt.pt (and ckpt_<iter>.pt copies with keep_last: hard links, or copies
 where the file system refuses links):
     metrics.jsonl  one JSON object per line, appended by train.py: {"iter", "loss", "lr", "tokens", "flops",
-                   "tok_per_s" (every process's), "tok_per_s_per_device", "mfu" (per device)} after a logged step,
+                   "tok_per_s" (every process's), "tok_per_s_per_device", "mfu" (per device), "epoch" (the
+                   loader's passes over the data)} after a logged step,
                    {"iter", "val_loss", "val_bpb", "tokens", "flops"} after an eval (val_bpb: bits per byte, null
                    when the tokenizer's bytes are unknown)
     train.lock     holds the pid of the train.py writing to the out_dir, locked while it runs (RunLock)

@@ -698,7 +698,11 @@ def main(argv=None):
         "AMX; on SmolLM2-135M it moved acc by <= 1 point (well inside one stderr), with 95-99%% of "
         "predictions unchanged",
     )
-    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cuda when there is a GPU (as every script), else cpu",
+    )
     p.add_argument(
         "--bos",
         default="auto",

@@ -1,8 +1,8 @@
 """
 Export a checkpoint as a standard Hugging Face `llama` model directory.
 
-    python export_hf.py --ckpt out/phase2 --out hf/mtlm1-200m [--dtype bfloat16] [--eval results.json]
-    python export_hf.py --ckpt out/phase2 --out hf/mtlm1-200m --push_to_hub user/mtlm1-200m
+    python export_hf.py --ckpt out/phase2 --out hf/mtlm-200m [--dtype bfloat16] [--eval results.json]
+    python export_hf.py --ckpt out/phase2 --out hf/mtlm-200m --push_to_hub user/mtlm-200m
 
 The export is plain LlamaForCausalLM: transformers loads it without trust_remote_code, and so does every
 tool that reads Llama checkpoints (vLLM, llama.cpp's convert_hf_to_gguf.py). model.py already uses

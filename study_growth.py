@@ -3,7 +3,7 @@ Should I grow, when, and how? Growth against training the target size from scrat
 
     python prepare_data.py --sources pystdlib --vocab_size 2048       # ~10M train tokens, offline -> data/pystdlib
     python study_growth.py --jobs 2                                   # -> study/growth_study.json, study/*.png
-    python study_growth.py --report > table.md                        # docs/growth.md's tables from the JSON
+    python study_growth.py --report > table.md                        # docs/growth.md's tables and plots, from the JSON
     python study_growth.py --quick --data_dir data/pydocs             # the whole pipeline in a few minutes
     python study_growth.py --crossover_only ...; python study_growth.py --budget B ...  # the crossover first
 
@@ -213,7 +213,11 @@ def parse_args(argv=None):
         "JSON takes the growth runs of any --budget later; gpu_check.py sizes its study so)",
     )
     p.add_argument("--no_run", action="store_true", help="run nothing: JSON, plots and tables from the finished runs")
-    p.add_argument("--report", action="store_true", help="print the markdown tables of OUT/growth_study.json and exit")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="print the markdown tables of OUT/growth_study.json, draw its plots into OUT, and exit",
+    )
     args = p.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():
@@ -1058,20 +1062,41 @@ def plot(args, results):
     import matplotlib.pyplot as plt
 
     if results["crossover"]:
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
         budgets = [float(b) for b in results["crossover"]]
+        seeds = set()
         for n in next(iter(results["crossover"].values())):
             losses = [[r["final_eval_loss"] for r in results["crossover"][b][n]] for b in results["crossover"]]
-            ax.plot(budgets, [sum(v) / len(v) for v in losses], marker="o", label=f"{n} layers, from scratch")
-            ax.scatter(
-                [b for b, v in zip(budgets, losses) for _ in v], [x for v in losses for x in v], s=8, color="0.4"
-            )
+            seeds |= {len(v) for v in losses}
+            line = ax.plot(budgets, [sum(v) / len(v) for v in losses], marker="o", label=f"{n} layers, from scratch")
+            if max(map(len, losses)) > 1:  # each seed as a dot beside its mean
+                ax.scatter([b for b, v in zip(budgets, losses) for _ in v], [x for v in losses for x in v], s=10)
+            # the growth study's budget: its 8-layer scratch runs and the small model trained on (the control, whose
+            # second phase is a new cosine: not one run from scratch, so drawn apart from the line)
+            at_budget = results["runs"].get("scratch" if int(n) == results["settings"]["layers"] else "no_growth")
+            if at_budget:
+                v = [s["final_eval_loss"] for s in at_budget["seeds"]]
+                label = "scratch" if int(n) == results["settings"]["layers"] else "the control (trained on)"
+                ax.scatter(
+                    [results["budget_flops"]] * len(v),
+                    v,
+                    marker="s",
+                    color=line[0].get_color(),
+                    s=25,
+                    label=f"{n} layers at the growth study's budget: {label}, {len(v)} seed{'s' * (len(v) > 1)}",
+                )
+        ax.axvline(results["budget_flops"], color="0.7", ls=":", lw=1)
         ax.set_xscale("log")
+        ticks = sorted({*budgets, results["budget_flops"]})
+        ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])
+        ax.set_xticks([], minor=True)
+        ax.set_xlim(ticks[0] / 1.3, ticks[-1] * 1.3)
         ax.set_xlabel("training FLOPs")
         st = results["settings"]
         ax.set_ylabel(f"final val loss ({st['final_eval_iters'] * st['batch_size'] * st['block_size']:,} val tokens)")
-        ax.set_title("Crossover: small vs large from scratch (mean, seeds as dots)")
-        ax.legend()
+        per = " and ".join(f"{k} seed{'s' * (k > 1)}" for k in sorted(seeds))
+        ax.set_title(f"Crossover: small vs large from scratch ({per} per budget{', mean and dots' * (max(seeds) > 1)})")
+        ax.legend(fontsize=8, loc="upper right")
         fig.tight_layout()
         fig.savefig(os.path.join(args.out_dir, "crossover.png"))
     if results["runs"]:
@@ -1089,7 +1114,7 @@ def plot(args, results):
                 lows.append(min(loss for _, loss in curve))
                 ax.plot(
                     *zip(*curve),
-                    label=f"{name} ({run['layers']} layers, {len(run['seeds'])} seeds)",
+                    label=f"{name} ({run['layers']} layers, {len(run['seeds'])} seed{'s' * (len(run['seeds']) > 1)})",
                     color="black" if name == "scratch" else None,
                     ls=":" if name == "no_growth" else "-",
                 )
@@ -1116,12 +1141,14 @@ def plot(args, results):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.report:
+    if args.report:  # the tables, and the plots beside the JSON, from the JSON alone
         path = os.path.join(args.out_dir, "growth_study.json")
         if not os.path.exists(path):
             raise SystemExit(f"error: no {path}: run the study first")
         with open(path) as f:
-            print(report(json.load(f)), end="")
+            results = json.load(f)
+        plot(args, results)
+        print(report(results), end="")
         return
     try:
         meta = load_meta(args.data_dir)

@@ -398,6 +398,37 @@ log(
     f"micro-steps x {batch_size} x {block_size})"
 )
 
+
+def out_of_memory_answer(exc_type, exc, tb):
+    """An uncaught error that is, or was raised from, torch.cuda.OutOfMemoryError (in any step, the first compiled one
+    included: inductor wraps errors in its own) ends in one line with settings that fit at the same tokens per step,
+    a smaller micro-batch and more accumulation, instead of a traceback. Any other error keeps its traceback."""
+    cause = exc
+    while cause is not None and not isinstance(cause, torch.cuda.OutOfMemoryError):
+        cause = getattr(cause, "inner_exception", None) or cause.__cause__ or cause.__context__
+    if cause is None:
+        return sys.__excepthook__(exc_type, exc, tb)
+    where = device
+    if device_type == "cuda":
+        gpu = torch.cuda.get_device_properties(device)
+        where = f"{device} ({gpu.name}, {gpu.total_memory / 2**30:.0f} GiB)"
+    line = f"error: out of memory on {where} with batch_size={batch_size} x block_size={block_size}: "
+    if batch_size > 1:  # the largest micro-batch below this one that divides it, so the tokens per step stay the same
+        smaller = max(b for b in range(1, batch_size) if batch_size % b == 0)
+        accumulation = config["gradient_accumulation_steps"] * batch_size // smaller  # across processes, as set
+        line += (
+            f"keep the {tokens_per_step:,} tokens per step with --batch_size={smaller} "
+            f"--gradient_accumulation_steps={accumulation}"
+        )
+    else:
+        line += "one sequence does not fit; a smaller block_size or a GPU with more memory"
+    if "bar" in globals():  # the training loop's progress bar: closed, so the line is the last one
+        bar.close()
+    tqdm.write(line + " (what fits on which GPU: docs/training.md#memory-what-fits-on-one-gpu)", file=sys.stderr)
+
+
+sys.excepthook = out_of_memory_answer  # exits with status 1 after it, as after a traceback
+
 # -----------------------------------------------------------------------------------------------
 # Data and tokenizer
 error = None
@@ -596,6 +627,25 @@ def get_lr(it):
         return min_lr
     ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+# A scaled-down run (--max_iters=N alone) keeps the config's schedule, sized for lr_decay_iters steps: it would end
+# without decaying, or still warming up. We say so rather than tie lr_decay_iters to max_iters: both keys are
+# nanoGPT's with their own uses (a run resumed later with a larger max_iters continues the one schedule; decaying
+# early and then holding min_lr is a choice), and a config that sets both should mean what it says.
+if decay_lr and max_iters != lr_decay_iters and master_process:
+    ends = (
+        f"ends at lr {get_lr(max_iters - 1):.2e} (peak {learning_rate:.2e}, min_lr {min_lr:.2e})"
+        + (", still warming up" if max_iters <= warmup_iters else "")
+        if max_iters < lr_decay_iters
+        else f"holds min_lr for its last {max_iters - lr_decay_iters} steps"
+    )
+    warmup = max(1, round(warmup_iters * max_iters / lr_decay_iters)) if warmup_iters else 0
+    log(
+        f"warning: max_iters={max_iters} but lr_decay_iters={lr_decay_iters}: the schedule is sized for "
+        f"{lr_decay_iters} steps, so this run {ends}; to scale it to the run, add --lr_decay_iters={max_iters} "
+        f"--warmup_iters={warmup}"
+    )
 
 
 @torch.no_grad()
@@ -893,6 +943,7 @@ while True:
                     "tok_per_s": tok_s,
                     "tok_per_s_per_device": tok_s_device,
                     "mfu": mfu,
+                    "epoch": train_loader.epoch,  # passes the loader has completed over the train split
                 }
             )
         t0, timed_steps = time.perf_counter(), 0
