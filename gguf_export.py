@@ -84,12 +84,14 @@ def gguf_vocab(tokenizer, hf_tok, n_vocab):
 
     config = json.loads(hf_tok.to_str())
     model = config["model"]
-    byte_level = '"ByteLevel"' in json.dumps(config.get("decoder"))
-    if model["type"] != "BPE" or config.get("normalizer") or not byte_level or model.get("byte_fallback"):
+    decoder, normalizer = config.get("decoder"), config.get("normalizer")
+    if model["type"] != "BPE" or normalizer or '"ByteLevel"' not in json.dumps(decoder) or model.get("byte_fallback"):
+        found = (
+            f"{model['type']} model, normalizer {(normalizer or {}).get('type')}, decoder {(decoder or {}).get('type')}"
+        )
         raise ValueError(
-            "this tokenizer is not a byte-level BPE (a sentencepiece-style one, with a normalizer, Metaspace or "
-            "byte fallback?): the GGUF export writes byte-level BPE only; llama.cpp's convert_hf_to_gguf.py "
-            "converts sentencepiece tokenizers from their tokenizer.model"
+            f"the tokenizer is not a byte-level BPE ({found}; sentencepiece-style?): the GGUF export writes byte-level "
+            "BPE only; llama.cpp's convert_hf_to_gguf.py converts sentencepiece tokenizers from their tokenizer.model"
         )
     rule = split_rule(config.get("pre_tokenizer"))
     if rule not in PRE_TOKENIZERS:
@@ -181,9 +183,11 @@ def write_gguf(path, ckpt, tokenizer, hf_tok, gguf_type, name):
     w.add_token_list(vocab["tokens"])
     w.add_token_types(vocab["token_types"])
     w.add_token_merges(vocab["merges"])
-    w.add_bos_token_id(vocab["bos"])
-    w.add_eos_token_id(vocab["eos"])
-    w.add_eot_token_id(vocab["eos"])
+    if vocab["bos"] is not None:
+        w.add_bos_token_id(vocab["bos"])
+    if vocab["eos"] is not None:  # an imported tokenizer may have none
+        w.add_eos_token_id(vocab["eos"])
+        w.add_eot_token_id(vocab["eos"])
     w.add_add_bos_token(vocab["add_bos"])
     w.add_add_eos_token(False)
     for tensor_name, data in gguf_tensors(ckpt["model"], config):
