@@ -10,11 +10,11 @@ tool that reads Llama checkpoints (vLLM, ...). model.py already uses transformer
 weights are a copy; the work is in the files around them: config.json, generation_config.json, a tokenizer.json
 converted from our tiktoken ranks, a model card.
 
-llama.cpp's own converter (convert_hf_to_gguf.py, as of llama.cpp 0.3.36) reads this directory when the
-tokenizer is GPT-2's, but refuses a tokenizer trained here (the quick start's rustbpe BPE): it recognizes a
-tokenizer by hashing its output on a fixed text, and only tokenizers it has seen are known. --gguf TYPE writes
-the GGUF itself instead (gguf_export.py), naming llama.cpp's pre-tokenizer type by our split rule, for every
-tokenizer whose rule llama.cpp has.
+llama.cpp's own converter (convert_hf_to_gguf.py, the one vendored in llama-cpp-python 0.3.36) converts this
+directory when the tokenizer is GPT-2's, but refuses a tokenizer trained here (the quick start's rustbpe BPE):
+it recognizes a tokenizer by hashing its output on a fixed text, and only tokenizers it has seen are known.
+--gguf TYPE writes the GGUF itself instead (gguf_export.py), naming llama.cpp's pre-tokenizer type by our split
+rule, for every tokenizer whose rule llama.cpp has.
 
 The way back, `hf:DIR` wherever a checkpoint is named, is a checkpoint *reader* and lives in checkpoint.py
 (import_hf), with every other way a checkpoint is read.
@@ -234,10 +234,11 @@ def model_card(ckpt, repo, eval_results=None, gguf_type=None):
     ]
     if gguf_type:
         lines += [
-            f"`model-{gguf_type}.gguf` runs in llama.cpp (and llama-cpp-python, ollama, LM Studio):",
+            f"`model-{gguf_type}.gguf` runs in llama.cpp (and llama-cpp-python, ollama, LM Studio); plain text "
+            "completion, as the model was trained (older llama.cpp: `llama-cli -no-cnv`):",
             "",
             "```bash",
-            f'llama-cli -m model-{gguf_type}.gguf -p "The for statement" -n 50 --temp 0',
+            f'llama-completion -m model-{gguf_type}.gguf -no-cnv -p "The for statement" -n 50 --temp 0',
             "```",
             "",
         ]
