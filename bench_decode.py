@@ -13,6 +13,14 @@ that load from other processes on a shared machine falls on all alike. Prints a 
 each run's speed against sample.py's first dtype at the same threads, and whether its text is sample.py's.
 """
 
+import stopping
+
+# first of all, before torch takes a second or two to import: a signal meanwhile ends in one line too
+if __name__ == "__main__":
+    stopping.stop_on_signals(
+        "stopped by {signal}: the runs above are measured; no table (bench_decode.py writes no file)"
+    )
+
 import argparse
 import os
 import re
