@@ -157,16 +157,10 @@ def write_gguf(path, ckpt, tokenizer, hf_tok, gguf_type, name):
 
     config = ModelConfig(**ckpt["model_args"])
     vocab = gguf_vocab(tokenizer, hf_tok, config.vocab_size)  # first: a refused tokenizer writes nothing
-    quant = {
-        "f32": gguf.GGMLQuantizationType.F32,
-        "f16": gguf.GGMLQuantizationType.F16,
-        "bf16": gguf.GGMLQuantizationType.BF16,
-        "q8_0": gguf.GGMLQuantizationType.Q8_0,
-    }[gguf_type]
-    file_type = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}[gguf_type]
+    quant = gguf.GGMLQuantizationType[gguf_type.upper()]
     w = gguf.GGUFWriter(path, "llama")
     w.add_name(name)
-    w.add_file_type(gguf.LlamaFileType[file_type])
+    w.add_file_type(gguf.LlamaFileType[("ALL_" if gguf_type == "f32" else "MOSTLY_") + gguf_type.upper()])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_vocab_size(config.vocab_size)
     w.add_context_length(config.block_size)

@@ -232,6 +232,17 @@ def test_weight_types(gguf_type, pydocs_data, tmp_path):
             assert err.max() > 0  # really quantized
 
 
+def test_q8_0_falls_back_to_f16_where_rows_do_not_divide_into_blocks(pydocs_data, tmp_path):
+    """n_embd 48: every matrix that reads the residual stream has rows of 48, not a multiple of q8_0's 32."""
+    tok = load_tokenizer(pydocs_data)
+    args = dict(vocab_size=512, n_layer=1, n_head=2, n_kv_head=2, n_embd=48, intermediate_size=64, block_size=64)
+    ckpt = dict(model=LLaMA(ModelConfig(**args)).state_dict(), model_args=args, tokenizer=tok.spec())
+    out = export_hf.export(ckpt, str(tmp_path / "hf"), gguf_type="q8_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(os.path.join(out, "model-q8_0.gguf")).tensors}
+    assert types["blk.0.ffn_down.weight"] == "Q8_0"  # rows of intermediate_size, 64
+    assert {types[n] for n in types if n != "blk.0.ffn_down.weight" and not n.endswith("norm.weight")} == {"F16"}
+
+
 def test_rope_permutation_keeps_attention_scores():
     """The lesson of permute_for_rope, checked without llama.cpp: rotating adjacent pairs (llama.cpp's llama) of the
     permuted q/k projections gives the attention scores that rotating halves (ours) gives of the originals."""
