@@ -1,13 +1,20 @@
 """
-Export a checkpoint as a standard Hugging Face `llama` model directory.
+Export a checkpoint as a standard Hugging Face `llama` model directory, and optionally a GGUF for llama.cpp.
 
     python export_hf.py --ckpt out/phase2 --out hf/mtlm-200m [--dtype bfloat16] [--eval results.json]
+    python export_hf.py --ckpt out/tiny_stack --out hf/tiny --gguf q8_0      # + hf/tiny/model-q8_0.gguf
     python export_hf.py --ckpt out/phase2 --out hf/mtlm-200m --push_to_hub user/mtlm-200m
 
 The export is plain LlamaForCausalLM: transformers loads it without trust_remote_code, and so does every
-tool that reads Llama checkpoints (vLLM, llama.cpp's convert_hf_to_gguf.py). model.py already uses
-transformers' parameter names, so the weights are a copy; the work is in the files around them:
-config.json, generation_config.json, a tokenizer.json converted from our tiktoken ranks, a model card.
+tool that reads Llama checkpoints (vLLM, ...). model.py already uses transformers' parameter names, so the
+weights are a copy; the work is in the files around them: config.json, generation_config.json, a tokenizer.json
+converted from our tiktoken ranks, a model card.
+
+llama.cpp's own converter (convert_hf_to_gguf.py, the one vendored in llama-cpp-python 0.3.36) converts this
+directory when the tokenizer is GPT-2's, but refuses a tokenizer trained here (the quick start's rustbpe BPE):
+it recognizes a tokenizer by hashing its output on a fixed text, and only tokenizers it has seen are known.
+--gguf TYPE writes the GGUF itself instead (gguf_export.py), naming llama.cpp's pre-tokenizer type by our split
+rule, for every tokenizer whose rule llama.cpp has.
 
 The way back, `hf:DIR` wherever a checkpoint is named, is a checkpoint *reader* and lives in checkpoint.py
 (import_hf), with every other way a checkpoint is read.
@@ -27,6 +34,7 @@ import sys
 import torch
 
 import checkpoint
+import gguf_export
 from common import atomic_write, log
 from data import load_meta
 from model import LLaMA, ModelConfig
@@ -135,7 +143,7 @@ def export_weights(state_dict, tie, dtype):
 # Model card
 
 
-def model_card(ckpt, repo, eval_results=None):
+def model_card(ckpt, repo, eval_results=None, gguf_type=None):
     config = ModelConfig(**ckpt["model_args"])
     with torch.device("meta"):
         model = LLaMA(config)
@@ -230,6 +238,16 @@ def model_card(ckpt, repo, eval_results=None):
         "```",
         "",
     ]
+    if gguf_type:
+        lines += [
+            f"`model-{gguf_type}.gguf` runs in llama.cpp (and llama-cpp-python, ollama, LM Studio); plain text "
+            "completion, as the model was trained (older llama.cpp: `llama-cli -no-cnv`):",
+            "",
+            "```bash",
+            f'llama-completion -m model-{gguf_type}.gguf -no-cnv -p "The for statement" -n 50 --temp 0',
+            "```",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -262,9 +280,10 @@ def read_eval(path):
 # Export
 
 
-def export(ckpt, out, dtype="float32", eval_results=None, force=False, repo=None):
+def export(ckpt, out, dtype="float32", eval_results=None, force=False, repo=None, gguf_type=None):
     """Write the HF directory `out` atomically: everything goes into a temp dir beside it, renamed at the end
-    (common.atomic_write), so an interrupted export never leaves a directory that looks complete."""
+    (common.atomic_write), so an interrupted export never leaves a directory that looks complete.
+    gguf_type (gguf_export.GGUF_TYPES) adds model-TYPE.gguf, llama.cpp's file, beside the HF files."""
     from safetensors.torch import save_file
 
     out = os.path.abspath(out)
@@ -277,6 +296,8 @@ def export(ckpt, out, dtype="float32", eval_results=None, force=False, repo=None
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model_args['vocab_size']}"
         )
     hf_tok = hf_tokenizer(tokenizer)
+    if gguf_type:  # a tokenizer llama.cpp cannot reproduce is refused before anything is written
+        gguf_export.gguf_vocab(tokenizer, hf_tok, model_args["vocab_size"])
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with atomic_write(out) as tmp:
         os.mkdir(tmp)
@@ -296,8 +317,13 @@ def export(ckpt, out, dtype="float32", eval_results=None, force=False, repo=None
         )
         hf_tok.save(os.path.join(tmp, "tokenizer.json"))
         write_json("tokenizer_config.json", tokenizer_config(tokenizer, hf_tok, model_args["block_size"]))
+        if gguf_type:
+            name = os.path.basename(out)
+            gguf_export.write_gguf(
+                os.path.join(tmp, f"model-{gguf_type}.gguf"), ckpt, tokenizer, hf_tok, gguf_type, name
+            )
         with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(model_card(ckpt, repo or out, eval_results))
+            f.write(model_card(ckpt, repo or out, eval_results, gguf_type))
     return out
 
 
@@ -342,6 +368,12 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True, help="checkpoint file, out_dir, or hf:DIR")
     p.add_argument("--out", required=True, help="the directory to write (must not exist or be empty, unless --force)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights on disk (default: %(default)s)")
+    p.add_argument(
+        "--gguf",
+        choices=gguf_export.GGUF_TYPES,
+        metavar="TYPE",
+        help=f"also write model-TYPE.gguf for llama.cpp, TYPE one of {', '.join(gguf_export.GGUF_TYPES)}",
+    )
     p.add_argument("--eval", metavar="JSON", help="eval_mc.py results to put in the model card")
     p.add_argument("--push_to_hub", metavar="REPO", help="also upload the directory to the hub as REPO (user/name)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
@@ -351,7 +383,7 @@ def main(argv=None):
             check_hub(args.push_to_hub)
         eval_results = read_eval(args.eval) if args.eval else None
         ckpt = checkpoint.load(args.ckpt)
-        out = export(ckpt, args.out, args.dtype, eval_results, args.force, args.push_to_hub)
+        out = export(ckpt, args.out, args.dtype, eval_results, args.force, args.push_to_hub, args.gguf)
         log(f"wrote {out}")
         if args.push_to_hub:
             stopping.on_stop(
