@@ -154,9 +154,16 @@ class Attention(nn.Module):
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
             causal = False
         # SDPA picks the FlashAttention / memory-efficient kernel on GPU; enable_gqa shares K/V heads without copies
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_head != self.n_head
-        )
+        gqa = self.n_kv_head != self.n_head
+        if x.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
+            # training in bf16 on a CPU, attention runs in fp32 (autocast off: it would cast it back to bf16): the CPU
+            # kernel's backward is 2.6x slower in bf16 than in fp32 at the tiny model's shapes (docs/performance.md)
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(
+                    q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal, enable_gqa=gqa
+                ).to(q.dtype)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
