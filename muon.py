@@ -66,18 +66,23 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon(self, group, params):
         lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
-        # matrices of one shape are orthogonalized together, one batched matmul instead of a Python loop over layers
+        # matrices of one shape are orthogonalized together, one batched matmul instead of a Python loop over layers;
+        # a tall matrix joins the wide ones of its size transposed (U V^T of G^T is that of G, transposed): the MLP's
+        # up, gate and down projections are one batch (2 Newton-Schulz calls a step for the tiny model instead of 3)
         by_shape = {}
         for p in params:
-            by_shape.setdefault(tuple(p.shape), []).append(p)
+            by_shape.setdefault(tuple(sorted(p.shape)), []).append(p)
         for shape, ps in by_shape.items():
             grads = [p.grad for p in ps]
             bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in ps]
             torch._foreach_lerp_(bufs, grads, 1 - momentum)
-            nesterov = torch.stack([g.lerp(buf, momentum) for g, buf in zip(grads, bufs)])
+            nesterov = [g.lerp(buf, momentum) for g, buf in zip(grads, bufs)]
+            tall = [p.size(0) > p.size(1) for p in ps]
+            nesterov = torch.stack([n.mT if t else n for n, t in zip(nesterov, tall)])
             update = orthogonalize(nesterov.to(self.ns_dtype)).to(ps[0].dtype)
+            updates = [u.mT if t else u for u, t in zip(update.unbind(0), tall)]
             torch._foreach_mul_(ps, 1 - lr * wd)  # decoupled weight decay, as AdamW's
-            torch._foreach_add_(ps, list(update.unbind(0)), alpha=-lr * 0.2 * math.sqrt(max(shape)))
+            torch._foreach_add_(ps, updates, alpha=-lr * 0.2 * math.sqrt(max(shape)))
 
     def _adamw(self, group, params):
         lr, wd, (beta1, beta2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]
