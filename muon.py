@@ -11,7 +11,8 @@ lm_head) and the RMSNorm gains stay with AdamW, as in the speedrun.
 The update is scaled by 0.2 * sqrt(max(rows, cols)), which gives it the RMS of a typical AdamW update (Liu et al.
 2025, "Muon is Scalable for LLM Training"), so one learning rate, schedule and weight decay serve both kinds of
 group. On the quick start's 4 x 96 model it ended phase 1 (2.5M tokens) at 1.703 bits per byte where AdamW ended at
-1.837; its Newton-Schulz costs ~20 ms of that model's ~115 ms step on 2 AVX2 cores (docs/performance.md).
+1.837; its Newton-Schulz cost ~20 ms of that model's ~115 ms step on 2 AVX2 cores at f677f9d (docs/performance.md),
+0.86x that in fp32 since tall matrices are batched with the wide ones (one thread, AVX-512 BF16 host, 6f7b384).
 
 One optimizer rather than two keeps what the rest of train.py relies on: one state dict (a resume restores it), one
 list of param_groups (the schedule sets each group's lr), one GradScaler.step. State per parameter: Muon's
