@@ -40,7 +40,7 @@ import warnings
 import torch
 
 import checkpoint
-from common import auto_dtype, device_error, mfu_peak, mixed_precision
+from common import auto_dtype, device_error, keep_freed_memory, mfu_peak, mixed_precision
 from model import LLaMA, ModelConfig
 
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -233,6 +233,8 @@ def main(argv=None):
         )
         return
 
+    if torch.device(args.device).type == "cpu":
+        keep_freed_memory()  # as train.py does: the step as it runs there
     torch.manual_seed(0)
     model = LLaMA(config).to(args.device)
     flops_per_token = model.flops_per_token(config.block_size)

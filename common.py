@@ -1,12 +1,13 @@
 """
 The helpers that every script and library module shares: log(), atomic_write(), device_error() (every script's
-check of its --device), the compute dtype rule (resolve_dtype, mixed_precision) and the peak FLOP/s that MFU is
-measured against (mfu_peak, measure_peak_flops).
+check of its --device), keep_freed_memory() (a CPU training step's allocations), the compute dtype rule
+(resolve_dtype, mixed_precision) and the peak FLOP/s that MFU is measured against (mfu_peak, measure_peak_flops).
 
 They sit below data.py, tokenizer.py and checkpoint.py (this module imports nothing of the project), so that
 no module copies them and nothing has to import a script to get them (nanochat keeps its own in common.py).
 """
 
+import ctypes
 import errno
 import math
 import os
@@ -95,6 +96,21 @@ def device_error(device):
     except (RuntimeError, AssertionError) as e:  # a CPU-only torch raises AssertionError for 'cuda'
         return f"device {device!r} is not usable here ({str(e).splitlines()[0][:120]}); use another device, e.g. cpu"
     return None
+
+
+def keep_freed_memory():
+    """Have glibc keep the memory a CPU training step frees for the next step, as a GPU's caching allocator does.
+    By default it returns large freed blocks to the OS (blocks over the mmap threshold, and the top of the heap past
+    the trim threshold) and each step faults them back in, a page at a time: on the quick start's model that was a
+    fifth of the step's CPU time (bf16, AVX-512 BF16 host; docs/performance.md). Blocks up to 32 MiB (glibc's
+    largest mmap threshold) now come from the heap, which is trimmed only past 1 GiB free. False where the C library
+    is not glibc (macOS, Windows, musl): nothing changes there."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+        return bool(libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_mmap_threshold, 32 << 20))
+    except (OSError, AttributeError):
+        return False
 
 
 def measure_peak_flops(dtype, device="cpu", seconds=1.0):

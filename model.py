@@ -127,9 +127,17 @@ class Attention(nn.Module):
             mask, causal = kv_cache.mask(T, x.device)
             k, v = kv_cache.update(self.layer_idx, k, v)
         # SDPA picks a fused kernel on a GPU (FlashAttention; cuDNN's on Hopper); enable_gqa shares K/V heads, no copies
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_head != self.n_head
-        )
+        gqa = self.n_kv_head != self.n_head
+        if x.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
+            # training in bf16 on a CPU, attention runs in fp32 (autocast off: it would cast it back to bf16): the CPU
+            # kernel's forward + backward took 2.6x as long in bf16 as in fp32 at the tiny model's shapes, a quarter
+            # of its step (AVX-512 BF16 host, torch 2.13; docs/performance.md)
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(
+                    q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal, enable_gqa=gqa
+                ).to(q.dtype)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

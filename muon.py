@@ -11,7 +11,8 @@ lm_head) and the RMSNorm gains stay with AdamW, as in the speedrun.
 The update is scaled by 0.2 * sqrt(max(rows, cols)), which gives it the RMS of a typical AdamW update (Liu et al.
 2025, "Muon is Scalable for LLM Training"), so one learning rate, schedule and weight decay serve both kinds of
 group. On the quick start's 4 x 96 model it ended phase 1 (2.5M tokens) at 1.703 bits per byte where AdamW ended at
-1.837; its Newton-Schulz costs ~20 ms of that model's ~115 ms step on 2 AVX2 cores (docs/performance.md).
+1.837; its Newton-Schulz cost ~20 ms of that model's ~115 ms step on 2 AVX2 cores at f677f9d (docs/performance.md),
+0.86x that in fp32 since tall matrices are batched with the wide ones (one thread, AVX-512 BF16 host, 6f7b384).
 
 One optimizer rather than two keeps what the rest of train.py relies on: one state dict (a resume restores it), one
 list of param_groups (the schedule sets each group's lr), one GradScaler.step. State per parameter: Muon's
@@ -66,18 +67,23 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon(self, group, params):
         lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
-        # matrices of one shape are orthogonalized together, one batched matmul instead of a Python loop over layers
+        # matrices of one shape are orthogonalized together, one batched matmul instead of a Python loop over layers;
+        # a tall matrix joins the wide ones of its size transposed (U V^T of G^T is that of G, transposed): the MLP's
+        # up, gate and down projections are one batch (2 Newton-Schulz calls a step for the tiny model instead of 3)
         by_shape = {}
         for p in params:
-            by_shape.setdefault(tuple(p.shape), []).append(p)
+            by_shape.setdefault(tuple(sorted(p.shape)), []).append(p)
         for shape, ps in by_shape.items():
             grads = [p.grad for p in ps]
             bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in ps]
             torch._foreach_lerp_(bufs, grads, 1 - momentum)
-            nesterov = torch.stack([g.lerp(buf, momentum) for g, buf in zip(grads, bufs)])
+            nesterov = [g.lerp(buf, momentum) for g, buf in zip(grads, bufs)]
+            tall = [p.size(0) > p.size(1) for p in ps]
+            nesterov = torch.stack([n.mT if t else n for n, t in zip(nesterov, tall)])
             update = orthogonalize(nesterov.to(self.ns_dtype)).to(ps[0].dtype)
+            updates = [u.mT if t else u for u, t in zip(update.unbind(0), tall)]
             torch._foreach_mul_(ps, 1 - lr * wd)  # decoupled weight decay, as AdamW's
-            torch._foreach_add_(ps, list(update.unbind(0)), alpha=-lr * 0.2 * math.sqrt(max(shape)))
+            torch._foreach_add_(ps, updates, alpha=-lr * 0.2 * math.sqrt(max(shape)))
 
     def _adamw(self, group, params):
         lr, wd, (beta1, beta2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]

@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import checkpoint
-from common import device_error, log, mfu_peak, mixed_precision, resolve_dtype
+from common import device_error, keep_freed_memory, log, mfu_peak, mixed_precision, resolve_dtype
 from data import ShardLoader, ValSet, load_meta, load_tokenizer
 from model import LLaMA, ModelConfig
 from tokenizer import Tokenizer
@@ -382,6 +382,8 @@ if master_process:
         error = f"error: {e}"
 stop_together(error)
 device_type = "cuda" if device.startswith("cuda") else "cpu"
+if device_type == "cpu":
+    keep_freed_memory()  # the step's large buffers stay allocated instead of page-faulting back every step
 torch.manual_seed(seed + rank)
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True

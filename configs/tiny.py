@@ -11,7 +11,10 @@ out_dir = "out/tiny"
 data_dir = "data/pydocs"
 device = "cpu"
 dtype = "auto"  # fp32 on a CPU without native bf16 (AVX2: bf16 autocast is 7-20x slower), bf16 with it
-compile = False  # torch.compile: 1.2-1.3x the steps/s, but ~60 CPU-seconds to compile on a cold cache
+# torch.compile does not pay back in the quick start: its step took 0.71-0.89x the CPU time, but compiling took
+# ~51 CPU-seconds on a fresh clone's cold cache where phase 1 saves ~39 (bf16, AVX-512 BF16 host, 1e62797;
+# docs/performance.md)
+compile = False
 batch_size = 8  # 8 x 128 = 1,024 tokens per step: small steps (512 tokens per step learned no more per token)
 block_size = 128
 gradient_accumulation_steps = 1
