@@ -188,6 +188,8 @@ def test_sample_greedy_equals_transformers_generate(exported, tmp_path):
         "24",
         "--device",
         "cpu",
+        "--dtype",
+        "float32",  # transformers computes in float32; auto is bf16 on some hosts
     )
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
@@ -481,6 +483,16 @@ def test_sentencepiece_style_import_samples_like_transformers(tmp_path):
     # decoded alone, it would lose its space
     assert hf_tok.convert_ids_to_tokens(int(out[ids.size(1)])).startswith("▁")
     proc = run_script(
-        "sample.py", "--ckpt", f"hf:{d}", "--prompt", prompt, "--temperature", "0", "--max_new_tokens", "16"
+        "sample.py",
+        "--ckpt",
+        f"hf:{d}",
+        "--prompt",
+        prompt,
+        "--temperature",
+        "0",
+        "--max_new_tokens",
+        "16",
+        "--dtype",
+        "float32",  # as transformers computes
     )
     assert proc.stdout == hf_tok.decode(out, skip_special_tokens=True) + "\n"
