@@ -95,10 +95,10 @@ def test_the_environment_can_force_auto_s_choice(cpu, gpu, monkeypatch, capsys):
 
 def test_train_py_runs_in_the_rules_dtype(pydocs_data, tmp_path):
     """train.py's default dtype is the rule's: on this CPU whatever auto_dtype says, recorded in the checkpoint."""
-    from conftest import TINY, run_script
+    from conftest import TINY, run_here
 
     args = [a for a in TINY if not a.startswith("--dtype")]
-    proc = run_script(
+    proc = run_here(
         "train.py",
         f"--data_dir={pydocs_data}",
         f"--out_dir={tmp_path}",

@@ -5,7 +5,7 @@ import json
 import os
 
 import pytest
-from conftest import run_script
+from conftest import run_here, run_script
 
 import study_growth
 
@@ -165,7 +165,7 @@ def test_quick_study_end_to_end(pydocs_data, tmp_path, capsys):
         f"--out_dir={out}",
         "--dtype=float32",  # pinned: the refusal below needs another dtype than the one that ran, on any host
     ]
-    first = run_script(*args)
+    first = run_here(*args)
     with open(out / "growth_study.json") as f:
         res = json.load(f)
     # the JSON shape of the issue, with train.py's own FLOPs and the base's included in the grown runs'
