@@ -11,6 +11,14 @@ from other processes on a shared machine falls on both alike. Prints a markdown 
 whether both produced the same text.
 """
 
+import stopping
+
+# first of all, before torch takes a second or two to import: a signal meanwhile ends in one line too
+if __name__ == "__main__":
+    stopping.stop_on_signals(
+        "stopped by {signal}: the runs above are measured; no table (bench_decode.py writes no file)"
+    )
+
 import argparse
 import os
 import re

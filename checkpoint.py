@@ -26,25 +26,34 @@ same dict by import_hf below. It lives here, not beside the export in export_hf.
 A training run's out_dir holds, besides ckpt.pt (and ckpt_<iter>.pt copies with keep_last: hard links, or copies
 where the file system refuses links):
     metrics.jsonl  one JSON object per line, appended by train.py: {"iter", "loss", "lr", "tokens", "flops",
-                   "tok_per_s", "mfu"} after a logged step, {"iter", "val_loss", "val_bpb", "tokens", "flops"} after
-                   an eval (val_bpb: bits per byte, null when the tokenizer's bytes are unknown)
+                   "tok_per_s" (every process's), "tok_per_s_per_device", "mfu" (per device), "epoch" (the
+                   loader's passes over the data)} after a logged step,
+                   {"iter", "val_loss", "val_bpb", "tokens", "flops"} after an eval (val_bpb: bits per byte, null
+                   when the tokenizer's bytes are unknown)
     train.lock     holds the pid of the train.py writing to the out_dir, locked while it runs (RunLock)
 
 Every file is written through common.atomic_write, so a crash or a full disk never leaves a half-written one.
 This module imports model.py, tokenizer.py and common.py, and no script.
 """
 
-import fcntl
 import glob
 import json
 import math
 import os
 import pickle
+import platform
 import shutil
 
 import torch
 
+import stopping
 from common import atomic_write, disk_full, log, remove
+
+try:  # the out_dir lock (RunLock): flock(2) on POSIX, msvcrt's byte-range lock on Windows
+    import fcntl
+except ImportError:
+    fcntl = None
+    import msvcrt
 from model import LLaMA, ModelConfig
 from tokenizer import Tokenizer, tokenizer_spec_from_hf
 
@@ -67,17 +76,22 @@ def load(name, map_location="cpu", mmap=False):
     path = resolve(name)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as e:  # torch's own message runs to several lines, and for a pickle suggests weights_only=False
-        why = "not a file torch.save wrote" if isinstance(e, pickle.UnpicklingError) else str(e).splitlines()[0][:200]
-        raise ValueError(f"cannot read checkpoint {path!r}: it is corrupt or not a checkpoint ({why})") from None
+    except Exception as e:  # torch's own message, whole, on one line; for a pickle it suggests weights_only=False
+        why = "not a file torch.save wrote" if isinstance(e, pickle.UnpicklingError) else " ".join(str(e).split())
+        why = why.split(" This is an internal miniz error.")[0]  # the rest is advice this line already gives
+        raise ValueError(
+            f"cannot read checkpoint {path!r}: it is truncated, corrupt or not a checkpoint ({why})"
+        ) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise ValueError(f"{path!r} is not an mtlm checkpoint (expected a dict with 'model' and 'model_args')")
     return ckpt
 
 
+@stopping.deferred()
 def save(ckpt, out_dir, keep_last=0):
     """Write out_dir/ckpt.pt atomically (temp file, then rename): a crash mid-write leaves the previous
-    checkpoint intact. keep_last > 0 also keeps ckpt_<iter>.pt copies of the last k saves."""
+    checkpoint intact. keep_last > 0 also keeps ckpt_<iter>.pt copies of the last k saves. A stop signal meanwhile
+    is honoured once all is written (stopping.deferred)."""
     path = write(ckpt, os.path.join(out_dir, "ckpt.pt"))
     if keep_last > 0:
         numbered = os.path.join(out_dir, f"ckpt_{ckpt['iter_num']:07d}.pt")
@@ -97,10 +111,11 @@ def save(ckpt, out_dir, keep_last=0):
     return path
 
 
+@stopping.deferred()
 def write(ckpt, path):
     """Write one checkpoint file atomically (common.atomic_write), creating its directory. torch.save goes through
     a Python file so that a full disk surfaces as the OS's ENOSPC, not as a bare "unexpected pos" from the zip
-    writer."""
+    writer; for the same reason a stop signal is honoured when the file is written, not inside the writer."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
         torch.save(ckpt, f)
@@ -393,34 +408,42 @@ def warn_inexact_resume(ckpt, config, world_size):
 class RunLock:
     """
     out_dir/train.lock, held while one train.py writes to out_dir, so that a second run on the same out_dir
-    refuses at start instead of interleaving its checkpoints and metrics with the first.
+    refuses at start instead of interleaving its checkpoints and metrics with the first. prepare_data.py holds
+    OUT_DIR.lock beside its out_dir (path=), which a finished build replaces whole, the same way against a second
+    build (user= names the holder in the refusal).
 
     flock(2) locks belong to the open file, and the kernel releases them when the process ends in any way
     (exit, exception, kill -9, a crash), so a lock left by a dead process is never in force: the next run simply
-    takes it. The file holds the holder's pid, host and command for the message; it is not the lock.
+    takes it. Windows has no flock: there msvcrt locks a byte of the file, released the same way. The file holds the
+    holder's pid, host and command for the message; it is not the lock.
     """
 
-    def __init__(self, out_dir):
-        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-            raise RuntimeError(f"out_dir {out_dir!r} is a file, not a directory: give the run another out_dir")
+    def __init__(self, out_dir, path=None, user="another training run"):
+        path = path or os.path.join(out_dir, "train.lock")
+        directory = os.path.dirname(path) or "."
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise RuntimeError(f"out_dir {directory!r} is a file, not a directory: give the run another out_dir")
         try:
-            os.makedirs(out_dir, exist_ok=True)
+            os.makedirs(directory, exist_ok=True)
         except OSError as e:
-            raise RuntimeError(f"cannot create out_dir {out_dir!r}: {e.strerror}") from None
-        self.path = os.path.join(out_dir, "train.lock")
+            raise RuntimeError(f"cannot create out_dir {directory!r}: {e.strerror}") from None
+        self.path = path
         self.file = open(self.path, "a+")  # a+: do not truncate the holder's pid before we hold the lock
         try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            if fcntl:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            else:  # Windows locks are mandatory: lock a byte past the text, so the loser can still read who holds it
+                self.file.seek(1 << 20)
+                msvcrt.locking(self.file.fileno(), msvcrt.LK_NBLCK, 1)
+        except (BlockingIOError, PermissionError):  # flock's EWOULDBLOCK; msvcrt's EACCES
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             self.file.close()
             raise RuntimeError(
-                f"{out_dir} is in use by another training run ({holder}): wait for it to finish, "
-                f"or give this run another out_dir"
+                f"{out_dir} is in use by {user} ({holder}): wait for it to finish, or give this run another out_dir"
             ) from None
         self.file.truncate(0)
-        self.file.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        self.file.write(f"pid {os.getpid()} on {platform.node()}\n")
         self.file.flush()
 
     def release(self):

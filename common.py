@@ -25,7 +25,8 @@ def log(msg):
     """Progress and diagnostics go to stderr; stdout carries only results (tables, sampled text). Under torchrun
     only rank 0 logs (nanochat's print0), and a tqdm progress bar is redrawn below the line, not broken by it."""
     if int(os.environ.get("RANK", 0)) == 0:
-        tqdm.write(msg, file=sys.stderr)
+        # the line and its newline in one write: a stop signal between the two would glue its line to this one
+        tqdm.write(msg + "\n", file=sys.stderr, end="")
 
 
 class DiskFullError(OSError):

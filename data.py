@@ -34,7 +34,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from common import atomic_write
+from common import atomic_write, log
 from tokenizer import Tokenizer
 
 MAGIC = b"MTLMTOKS"
@@ -250,6 +250,7 @@ class ShardLoader:
         self.checked = set()  # shards whose ids were checked against the vocabulary
         self.paths = shard_paths(data_dir, split)
         self.B, self.T, self.rank, self.world_size, self.device = batch_size, block_size, rank, world_size, device
+        self.split = split
         self.window = batch_size * block_size
         self.step_tokens = self.window * world_size + 1  # +1: the target of the last position
         sizes = shard_sizes(data_dir, split, self.paths)
@@ -287,13 +288,17 @@ class ShardLoader:
     def next_batch(self):
         while self.offset + self.step_tokens > len(self.tokens):  # move on to the next shard with room
             self.shard += 1
-            if self.shard == len(self.paths):
+            if self.shard == len(self.paths):  # the end of the split: the next pass repeats what was trained on
                 self.shard, self.epoch = 0, self.epoch + 1
+                where = f"the {self.split} split of {os.path.dirname(self.paths[0])}"
+                log(f"{where} ends: pass {self.epoch + 1} over it begins (its tokens are seen again)")
             self.offset = 0
             self.tokens = self.open(self.shard)
         start = self.offset + self.rank * self.window
         buf = torch.from_numpy(self.tokens[start : start + self.window + 1].astype(np.int64))
         self.offset += self.window * self.world_size
+        # the model learns next-token prediction: y is x shifted by one position, so y[b, t] is the token that follows
+        # x[b, t] in the text (hence the window's +1 token: the target of its last position)
         x, y = buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
         if self.device.startswith("cuda"):
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)

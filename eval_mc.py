@@ -22,6 +22,14 @@ scoring every pair whole, and the lm_head runs only where a choice's token is pr
 On a busy machine, OMP_NUM_THREADS=1 can be several times faster than oversubscribed threads.
 """
 
+import stopping
+
+# first of all, before torch takes a second or two to import: a signal meanwhile ends in one line too
+if __name__ == "__main__":
+    stopping.stop_on_signals(
+        "stopped by {signal}: no results were written (--out is written at the end); run the same command again"
+    )
+
 import argparse
 import copy
 import json
@@ -690,7 +698,11 @@ def main(argv=None):
         "AMX; on SmolLM2-135M it moved acc by <= 1 point (well inside one stderr), with 95-99%% of "
         "predictions unchanged",
     )
-    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cuda when there is a GPU (as every script), else cpu",
+    )
     p.add_argument(
         "--bos",
         default="auto",

@@ -1,8 +1,8 @@
 """
 Export a checkpoint as a standard Hugging Face `llama` model directory.
 
-    python export_hf.py --ckpt out/phase2 --out hf/mtlm1-200m [--dtype bfloat16] [--eval results.json]
-    python export_hf.py --ckpt out/phase2 --out hf/mtlm1-200m --push_to_hub user/mtlm1-200m
+    python export_hf.py --ckpt out/phase2 --out hf/mtlm-200m [--dtype bfloat16] [--eval results.json]
+    python export_hf.py --ckpt out/phase2 --out hf/mtlm-200m --push_to_hub user/mtlm-200m
 
 The export is plain LlamaForCausalLM: transformers loads it without trust_remote_code, and so does every
 tool that reads Llama checkpoints (vLLM, llama.cpp's convert_hf_to_gguf.py). model.py already uses
@@ -12,6 +12,12 @@ config.json, generation_config.json, a tokenizer.json converted from our tiktoke
 The way back, `hf:DIR` wherever a checkpoint is named, is a checkpoint *reader* and lives in checkpoint.py
 (import_hf), with every other way a checkpoint is read.
 """
+
+import stopping
+
+# first of all, before torch takes a second or two to import: a signal meanwhile ends in one line too
+if __name__ == "__main__":
+    stopping.stop_on_signals("stopped by {signal}: nothing was written (an export is written whole or not at all)")
 
 import argparse
 import json
@@ -348,6 +354,10 @@ def main(argv=None):
         out = export(ckpt, args.out, args.dtype, eval_results, args.force, args.push_to_hub)
         log(f"wrote {out}")
         if args.push_to_hub:
+            stopping.on_stop(
+                f"stopped by {{signal}} during the upload: the export in {out} is complete; "
+                f"upload it later with `hf upload {args.push_to_hub} {out}`"
+            )
             print(push_to_hub(out, args.push_to_hub))
     except (OSError, ValueError, RuntimeError) as e:  # missing files, an existing --out, bad models, no network
         sys.exit(f"error: {e}")

@@ -3,27 +3,35 @@ A Llama-style decoder in one file, written to be read top to bottom.
 
     tokens -> embedding -> n_layer x [ x + Attention(RMSNorm(x)); x + SwiGLU(RMSNorm(x)) ] -> RMSNorm -> lm_head
 
+It learns next-token prediction: at each position t it scores (a logit per vocabulary entry) which token comes at
+t + 1, having seen tokens 0..t only, and training lowers the cross-entropy of the true next token (LLaMA.forward).
+x, the vector each position carries from block to block, is the residual stream: each block adds its output to it.
+
 References: Llama (Touvron et al., 2023), RMSNorm (Zhang & Sennrich, 2019), SwiGLU (Shazeer, 2020),
 RoPE (Su et al., 2021), grouped-query attention (Ainslie et al., 2023).
 
 Parameter names and conventions match transformers' LlamaForCausalLM one to one (RoPE in the
 "rotate half" layout, RMSNorm computed in fp32, no biases), so a state dict moves between the two
-unchanged: export_hf.py and hf: imports are a copy, not a translation.
+unchanged: export_hf.py and hf: imports are a copy, not a translation. Training reads first; what only decoding and
+scoring use (the KV cache, a faster one-token matmul, sampling) is at the bottom, under "Inference".
 """
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import log
 from muon import MuonAdamW
 
-try:  # FlashAttention 2 (Dao, 2023), used when installed and on CUDA; never required
+try:  # FlashAttention 2 (Dao, 2023), used where it works (flash_attn_problem); never required
+    from flash_attn import __version__ as flash_attn_version
     from flash_attn import flash_attn_func
 except ImportError:
-    flash_attn_func = None
+    flash_attn_func, flash_attn_version = None, None
 
 
 @dataclass
@@ -33,9 +41,7 @@ class ModelConfig:
     n_head: int = 12
     n_kv_head: int = 12  # < n_head: grouped-query attention; each K/V head serves n_head/n_kv_head queries
     n_embd: int = 768
-    intermediate_size: int = (
-        2048  # SwiGLU hidden width; Llama's ~8/3 * n_embd keeps the MLP at 2/3 of 4x's params x 3 matrices
-    )
+    intermediate_size: int = 2048  # SwiGLU's hidden width: ~8/3 * n_embd, so 3 matrices cost what GPT's 2 of 4x do
     block_size: int = 1024  # longest sequence the model is trained on (RoPE itself has no hard limit)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -83,40 +89,13 @@ def apply_rope(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-class KVCache:
-    """Keys and values of the tokens seen so far, preallocated so decoding never reallocates."""
-
-    def __init__(self, config, batch_size, max_len, device, dtype):
-        head_dim = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0  # number of positions filled
-        self.max_len = max_len
-
-    def update(self, layer, k, v):
-        """Store this step's k, v for one layer; return all keys and values up to now."""
-        T = k.size(2)
-        self.k[layer, :, :, self.pos : self.pos + T] = k
-        self.v[layer, :, :, self.pos : self.pos + T] = v
-        return self.k[layer, :, :, : self.pos + T], self.v[layer, :, :, : self.pos + T]
-
-
-class Linear(nn.Linear):
-    """A bias-free nn.Linear with a fast path for decoding one token in bf16 on CPU: PyTorch's
-    matrix-vector kernel streams bf16 weights ~1.3-2x faster than the matmul path does for a single
-    row (bench_decode.py). Same parameter, same name: the state dict does not change."""
-
-    def __init__(self, in_features, out_features):
-        super().__init__(in_features, out_features, bias=False)
-
-    def forward(self, x):
-        if x.numel() == x.size(-1) and x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu":
-            return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
-        return F.linear(x, self.weight)
-
-
 class Attention(nn.Module):
+    """Causal self-attention: softmax(Q K^T / sqrt(head_dim) + M) V, where M[i, j] = 0 if j <= i else -inf is the
+    causal mask: position i sees tokens 0..i, never the ones it is trained to predict. Q and K are first rotated by
+    their positions (RoPE: apply_rope), so Q K^T depends on how far apart two tokens are. n_head heads work side by
+    side on head_dim-wide slices; with n_kv_head < n_head (grouped-query attention, GQA) each K/V head serves
+    n_head / n_kv_head query heads, a smaller KV cache. Linear: a bias-free nn.Linear (at the bottom)."""
+
     def __init__(self, config, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx
@@ -137,23 +116,17 @@ class Attention(nn.Module):
             flash_attn_func is not None
             and q.is_cuda
             and kv_cache is None
-            and q.dtype in (torch.bfloat16, torch.float16)
+            and use_flash_attn(q.device, q.dtype, self.head_dim)
         ):
             # flash-attn takes (B, T, H, D), the layout RoPE was applied in, and handles GQA itself
             return self.o_proj(flash_attn_func(q, k, v, causal=True).reshape(B, T, -1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        start = 0
-        if kv_cache is not None:
-            start = kv_cache.pos
-            k, v = kv_cache.update(self.layer_idx, k, v)
-        if start == 0:  # training, or the first chunk of a prompt: plain causal attention
+        if kv_cache is None:  # training: the formula above, M implied by is_causal (no mask tensor is built)
             mask, causal = None, True
-        elif T == 1:  # one new token attends to everything cached
-            mask, causal = None, False
-        else:  # a chunk after a cached prefix: query i sees keys up to start + i
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            causal = False
-        # SDPA picks the FlashAttention / memory-efficient kernel on GPU; enable_gqa shares K/V heads without copies
+        else:  # inference: this step's k, v join the cache, and the queries attend to all of it
+            mask, causal = kv_cache.mask(T, x.device)
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        # SDPA picks a fused kernel on a GPU (FlashAttention; cuDNN's on Hopper); enable_gqa shares K/V heads, no copies
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_head != self.n_head
         )
@@ -220,18 +193,19 @@ class LLaMA(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None, kv_cache=None, keep=None):
-        """idx: (B, T) token ids. Returns logits (B, T, vocab), and the mean cross-entropy if targets are given.
-        With a kv_cache, idx holds only the new tokens and the cache supplies the past. keep, a (B, T) boolean
-        mask, asks for the logits of those positions only, as (n_kept, vocab): scoring a few tokens after a long
-        input need not pay for the lm_head everywhere (over a 49k vocabulary it costs as much as several layers)."""
+        """idx: (B, T) token ids -> logits (B, T, vocab): at t, each token's score as the one after idx[:, t]; given
+        targets (the next tokens: data.py shifts the stream by one), also their mean cross-entropy in nats per token,
+        the training loss. Inference only: with a kv_cache, idx holds the new tokens and the cache the past; keep, a
+        (B, T) boolean mask, asks for those positions' logits only, as (n_kept, vocab): scoring a few tokens after a
+        long input need not pay for the lm_head everywhere (over a 49k vocabulary it costs several layers' worth)."""
         B, T = idx.shape
-        start = kv_cache.pos if kv_cache is not None else 0
+        start = kv_cache.pos if kv_cache is not None else 0  # positions already in the cache
         if start + T > self.rope_cos.size(0):
             raise ValueError(
                 f"sequence of {start + T} tokens is longer than this model's RoPE table ({self.rope_cos.size(0)})"
             )
         cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
-        x = self.model.embed_tokens(idx)
+        x = self.model.embed_tokens(idx)  # the residual stream, (B, T, n_embd)
         for block in self.model.layers:
             x = block(x, cos, sin, kv_cache)
         if kv_cache is not None:
@@ -284,12 +258,11 @@ class LLaMA(nn.Module):
         decay = [p for n, p in params if p.dim() >= 2]
         no_decay = [p for n, p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # fused: one kernel for the whole update instead of a loop of ~10 ops per tensor
-        # (CUDA, and CPUs since torch 2.4)
+        # fused: one kernel for the whole update instead of a loop of ~10 ops per tensor (CUDA, and CPUs since 2.4)
         fused = device_type in ("cuda", "cpu")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
-    # --- generation ---------------------------------------------------------------------------
+    # --- generation (inference: the KV cache and sample_next are at the bottom) -------------------
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eot_id=None, generator=None):
         """Yield new token ids (a (B,) tensor per step) after the prompt idx (B, T), using a KV cache:
@@ -309,6 +282,87 @@ class LLaMA(nn.Module):
                 if done.all():
                     return
             logits, _ = self(next_id[:, None], kv_cache=cache)
+
+
+# -----------------------------------------------------------------------------------------------
+# flash-attn (Attention's first branch): where it runs. Elsewhere PyTorch's SDPA does, with its own fused kernels.
+
+
+def flash_attn_problem(capability, dtype, head_dim, version):
+    """None if flash-attn runs this attention, else why not. Its kernels need compute capability 8.0 (Ampere) or
+    later, bf16 or fp16, and a head_dim that is a multiple of 8 up to 256 (csrc/flash_attn/flash_api.cpp). 2.7.0 made
+    them custom ops that torch.compile traces (before, every call broke the graph), and 2.7.3 is the first to run on
+    every GPU from Ampere on (2.7.0-2.7.2 refuse all but compute capability 8.x and 9.0: Blackwell among them)."""
+    if tuple(int(n) for n in re.findall(r"\d+", version)[:3]) < (2, 7, 3):
+        return f"flash-attn {version} is older than 2.7.3"
+    if capability < (8, 0):
+        return f"this GPU's compute capability is {capability[0]}.{capability[1]}, below Ampere's 8.0"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"it computes in bf16 or fp16, not {str(dtype).removeprefix('torch.')}"
+    if head_dim % 8 or head_dim > 256:
+        return f"head_dim {head_dim} is not a multiple of 8 up to 256"
+    return None
+
+
+flash_attn_verdicts = {}  # (device, dtype, head_dim) -> whether flash-attn runs it
+
+
+@torch.compiler.assume_constant_result  # torch.compile calls it while tracing, and the graph keeps its answer
+def use_flash_attn(device, dtype, head_dim):
+    """Whether flash-attn runs attention on this CUDA device, in this dtype, at this head_dim; each "no" is said once,
+    with its reason (PyTorch's SDPA runs it instead, with its own FlashAttention kernel where it can)."""
+    key = (device, dtype, head_dim)
+    if key not in flash_attn_verdicts:
+        problem = flash_attn_problem(torch.cuda.get_device_capability(device), dtype, head_dim, flash_attn_version)
+        if problem:
+            log(f"flash-attn not used: {problem}; attention runs on PyTorch's SDPA")
+        flash_attn_verdicts[key] = problem is None
+    return flash_attn_verdicts[key]
+
+
+# -----------------------------------------------------------------------------------------------
+# Inference: decoding (sample.py, generate) and scoring (eval_mc.py). Training uses none of this.
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, preallocated so decoding never reallocates."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        head_dim = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # number of positions filled
+
+    def update(self, layer, k, v):
+        """Store this step's k, v for one layer; return all keys and values up to now."""
+        T = k.size(2)
+        self.k[layer, :, :, self.pos : self.pos + T] = k
+        self.v[layer, :, :, self.pos : self.pos + T] = v
+        return self.k[layer, :, :, : self.pos + T], self.v[layer, :, :, : self.pos + T]
+
+    def mask(self, T, device):
+        """(attn_mask, is_causal) for T new queries after the pos cached positions."""
+        if self.pos == 0:  # the first chunk of a prompt: plain causal attention, as in training
+            return None, True
+        if T == 1:  # one new token attends to everything cached
+            return None, False
+        # a chunk after a cached prefix: query i sees keys up to pos + i
+        return torch.ones(T, self.pos + T, dtype=torch.bool, device=device).tril(diagonal=self.pos), False
+
+
+class Linear(nn.Linear):
+    """A bias-free nn.Linear with a fast path for decoding one token in bf16 on CPU: PyTorch's
+    matrix-vector kernel streams bf16 weights ~1.3-2x faster than the matmul path does for a single
+    row (bench_decode.py). Same parameter, same name: the state dict does not change."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        if x.numel() == x.size(-1) and x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu":
+            return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight)
 
 
 def sample_next(logits, temperature, top_k=None, top_p=None, generator=None):

@@ -11,6 +11,12 @@ A phase whose metrics.jsonl is gone is left out (its tokens still count). The ri
 bits per byte, where every phase measured the same val set. stdout: the path written.
 """
 
+import stopping
+
+# first of all, before torch takes a second or two to import: a signal meanwhile ends in one line too
+if __name__ == "__main__":
+    stopping.stop_on_signals("stopped by {signal}: no plot was written (it is written whole or not at all)")
+
 import argparse
 import os
 import sys

@@ -19,13 +19,23 @@ at every train shard (progress.json, and the unwritten start of the next shard o
 and moves the finished dataset into out_dir, which until then keeps the dataset it had. Run again, the same
 command continues an unfinished build where it stopped, to the same bytes as a run never stopped; finds a finished
 one and has nothing to do; and any other command starts over, saying so. "The same" is the recipe: everything
-that decides the bytes, each source pinned to what it was read from (a hub commit, a hash of local contents).
+that decides the bytes, each source pinned to what it was read from (a hub commit, a hash of local contents). A hub
+source named by a branch stays at the commit its build started with, however the branch moves, until
+--refresh_revisions looks it up again.
 
 The story, main() at the bottom: check the arguments -> pin the sources -> done already? -> an unfinished build to
 continue? -> tokenizer (tiktoken by name, a Hugging Face model's own, or a BPE trained with rustbpe on the train
 side of the same mix) -> stream, shuffle, mix, encode in batches on all cores, send each document (plus
-end-of-text) to train or val -> shards -> meta.json (data.py) -> swap into out_dir.
+end-of-text) to train or val -> shards -> meta.json (data.py) -> swap into out_dir. One build per out_dir at a time:
+a second run on it is refused at start (the lock OUT_DIR.lock, checkpoint.RunLock). Ctrl-C or SIGTERM stops a run in
+one line (stopping.py), keeping the work done so far for the same command to continue.
 """
+
+import stopping
+
+# first of all, before torch takes a second or two to import: a signal meanwhile ends in one line too
+if __name__ == "__main__":
+    stopping.stop_on_signals("stopped by {signal} before any shard was written: run the same command to start again")
 
 import argparse
 import ast
@@ -43,6 +53,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from checkpoint import RunLock
 from common import atomic_write, log, remove
 from data import load_meta, read_shard, write_meta, write_shard
 from tokenizer import TIKTOKEN, Tokenizer
@@ -54,8 +65,9 @@ BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parq
 # help but are repetitive, so they get less; Wikipedia is high quality but small, 10%.
 # At 9B tokens no share exceeds what its subset holds (~10B, ~28B, ~10B, ~5B tokens).
 # #main: these revisions could not be looked up where this was written (no access to the hub), so each names the
-# branch; a run resolves it to the commit it reads and records that in meta.json (sources[i].revision). Put those
-# commits here, in place of main, to build the same dataset again later.
+# branch; a run resolves it to the commit it reads and records that in meta.json (sources[i].revision), and a rerun
+# in the same out_dir keeps that commit (pin_hub_sources). Put those commits here, in place of main, to build the
+# same dataset again elsewhere.
 PRESETS = {
     "reference": [
         "hf:HuggingFaceFW/fineweb-edu:sample-10BT#main@0.4",
@@ -230,15 +242,15 @@ def parse_source(spec, text_column="text"):
 def pin_sources(sources, seed):
     """
     Set each source's "revision" to what exactly it reads, so that the recipe (and meta.json) names the data:
-    a hub dataset's commit (its branch or tag resolved once, now, so the whole run reads that commit), a sha256 of
-    local files' contents (a copy elsewhere is the same source; an edited file is not), a sha256 of a built-in
-    corpus's documents (they depend on the Python that runs this). A built-in corpus is read here, once (~2 s),
-    and shuffled whole (seeded), so that its per-document train/val split is iid.
+    a sha256 of local files' contents (a copy elsewhere is the same source; an edited file is not), a sha256 of a
+    built-in corpus's documents (they depend on the Python that runs this); a hub dataset's commit is set by
+    pin_hub_sources. A built-in corpus is read here, once (~2 s), and shuffled whole (seeded), so that its
+    per-document train/val split is iid.
     """
     for source in sources:
         if source["kind"] == "hf":
-            source["revision"] = hub_commit(source)
-        elif source["kind"] == "local":
+            continue
+        if source["kind"] == "local":
             digest = hashlib.sha256()
             for path in source["files"]:
                 with open(path, "rb") as f:
@@ -255,10 +267,56 @@ def pin_sources(sources, seed):
             source["docs"] = docs
 
 
+def pin_hub_sources(args, sources, tok):
+    """
+    Set each hub source's "revision" to the commit it reads, and return the recipe. A commit in the spec is used
+    as it is. A branch or tag is resolved once, when a build starts, so the whole build reads that commit; a rerun
+    goes on at the commits its build started with, which the unfinished build in OUT_DIR.partial (progress.json) or
+    the finished dataset in OUT_DIR (meta.json) records, if the rest of the recipe is the same: the branch may have
+    moved since (the reference preset names main), and reading it anew would change the recipe and throw the work
+    away (hours of a 9B-token build) or rebuild a finished dataset. --refresh_revisions looks the branches up again.
+    """
+    named = [s for s in sources if s["kind"] == "hf" and not re.fullmatch(r"[0-9a-f]{40}", s["ref"])]
+    for s in sources:
+        if s["kind"] == "hf" and s not in named:
+            s["revision"] = s["ref"]
+    if named and not args.refresh_revisions:
+        for where, recipe, commits in recorded_builds(args.out_dir):
+            if all(s["spec"] in commits for s in named):
+                for s in named:
+                    s["revision"] = commits[s["spec"]]
+                if recipe_of(args, sources, tok) == recipe:
+                    log(
+                        f"keeping the hub commits {where}: "
+                        + ", ".join(f"{s['spec']} -> {s['revision'][:12]}" for s in named)
+                        + " (--refresh_revisions looks the branches up again)"
+                    )
+                    return recipe
+    for s in named:
+        s["revision"] = hub_commit(s)
+    return recipe_of(args, sources, tok)
+
+
+def recorded_builds(out_dir):
+    """(which, recipe, {spec: revision}) of the builds in out_dir: the unfinished one in out_dir.partial, then the
+    finished dataset in out_dir."""
+    found = []
+    for where, path in (
+        (f"the unfinished build in {out_dir}.partial started at", os.path.join(out_dir + ".partial", "progress.json")),
+        (f"the dataset in {out_dir} was built from", os.path.join(out_dir, "meta.json")),
+    ):
+        try:
+            with open(path) as f:
+                record = json.load(f)
+            revisions = record.get("revisions") or {s["spec"]: s["revision"] for s in record.get("sources", [])}
+            found.append((where, record["recipe"], revisions))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none there, or unreadable: no record
+            pass
+    return found
+
+
 def hub_commit(source):
-    """The commit a hub source's revision names (a 40-hex commit is one already: no need to ask the hub)."""
-    if re.fullmatch(r"[0-9a-f]{40}", source["ref"]):
-        return source["ref"]
+    """The commit a hub source's branch or tag names now, as the hub resolves it."""
     from huggingface_hub import HfApi
 
     try:
@@ -290,7 +348,7 @@ def open_dataset(source, label):
     try:
         dataset = load_dataset(*args, split="train", streaming=True, **kwargs).reshard()
     except Exception as e:  # unreadable, corrupt, unreachable: say which source and why, then stop
-        raise SystemExit(f"{label}: cannot read it ({type(e).__name__}: {e})") from e
+        raise SystemExit(read_error(label, e)) from e
     if dataset.column_names is None:  # not known before reading (text files): the rows will tell
         return dataset, column
     if column not in dataset.column_names:
@@ -299,6 +357,23 @@ def open_dataset(source, label):
             "(pick one with --text_column)"
         )
     return dataset.select_columns([column]), column
+
+
+def read_error(label, e):
+    """The line that stops a run on a source it cannot read. Invalid UTF-8 in a local text file is named by its line
+    (a .jsonl's record): the decoder's "position" counts from where datasets cut the chunk it was decoding."""
+    if isinstance(e, UnicodeDecodeError) and label.endswith((".txt", ".jsonl", ".json")) and os.path.isfile(label):
+        with open(label, "rb") as f:
+            for number, line in enumerate(f, 1):  # a newline byte is never inside a UTF-8 sequence: lines decode alone
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as bad:
+                    return (
+                        f"{label}, line {number}: not UTF-8 (byte {bad.start + 1} of the line, "
+                        f"0x{line[bad.start]:02x}: {bad.reason}); re-encode the file as UTF-8 "
+                        "(iconv -f ITS_ENCODING -t utf-8)"
+                    )
+    return f"{label}: cannot read it ({type(e).__name__}: {e})"
 
 
 class SourceStream:
@@ -373,7 +448,7 @@ class SourceStream:
         except SystemExit:
             raise
         except Exception as e:  # corrupt, unreachable, a dropped connection: say which piece and why, then stop
-            raise SystemExit(f"{label}: cannot read it ({type(e).__name__}: {e})") from e
+            raise SystemExit(read_error(label, e)) from e
 
     def where(self):
         """Where the reading is: whose turn it is, each lane's piece and datasets' state_dict() of it if open."""
@@ -591,6 +666,12 @@ def parse_args(argv):
         "0: file order, no shuffling (default: %(default)s)",
     )
     p.add_argument("--seed", type=int, default=1337, help="shuffles and the train/val split (default: %(default)s)")
+    p.add_argument(
+        "--refresh_revisions",
+        action="store_true",
+        help="look hub sources named by a branch or tag up again: a rerun otherwise keeps the commits its build "
+        "started with (the unfinished build's, or the finished dataset's); a branch that moved is then built anew",
+    )
     p.add_argument(
         "--batch_docs", type=int, default=1024, metavar="N", help="documents per encode batch (default: %(default)s)"
     )
@@ -852,13 +933,18 @@ def build_dataset(args, sources, tok, recipe, command, build):
             tok = Tokenizer(progress["tokenizer"])
         else:
             tok = tok or build_tokenizer(args, sources, weights)
-            progress = {"recipe": recipe, "command": command, "tokenizer": tok.spec()}
+            revisions = {s["spec"]: s["revision"] for s in sources if s["kind"] == "hf"}  # pin_hub_sources reads them
+            progress = {"recipe": recipe, "command": command, "tokenizer": tok.spec(), "revisions": revisions}
             save_progress(build, progress)
+        stopping.on_stop(
+            f"stopped by {{signal}}: {build} keeps the work done so far; run the same command to continue it"
+        )
         done = sum(w["tokens"] for w in progress.get("writers", {}).values())
         writers, streams, counts = write_shards(args, sources, weights, tok, build, progress)
     except BaseException:
         if os.path.exists(os.path.join(build, "progress.json")):
-            log(f"stopped: {build} keeps the work done so far; the same command continues it, another starts over")
+            if not stopping.stopped:  # a signal's own line said so
+                log(f"stopped: {build} keeps the work done so far; the same command continues it, another starts over")
         else:
             remove(build)
         raise
@@ -896,9 +982,14 @@ def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
     sources, tok = check_arguments(args)
+    try:  # one build per out_dir: a second one stops here, before it reads or writes anything
+        lock = RunLock(args.out_dir, path=args.out_dir + ".lock", user="another prepare_data.py")
+    except RuntimeError as e:
+        raise SystemExit(f"error: {e}") from None
     pin_sources(sources, args.seed)
-    recipe = recipe_of(args, sources, tok)
+    recipe = pin_hub_sources(args, sources, tok)
     if meta := finished_dataset(args.out_dir, recipe):
+        lock.release()
         print(summary(args.out_dir, meta))
         return meta
     build = args.out_dir + ".partial"
@@ -911,7 +1002,9 @@ def main(argv=None):
         done = sum(meta["tokens"].values())
     else:
         meta, done = build_dataset(args, sources, tok, recipe, shlex.join(["python", "prepare_data.py", *argv]), build)
-    swap_in(build, args.out_dir)
+    with stopping.deferred():  # out_dir is without a dataset between swap_in's two renames: a signal waits for them
+        swap_in(build, args.out_dir)
+    lock.release()
     dt = time.time() - t0
     print(summary(args.out_dir, meta, dt, sum(meta["tokens"].values()) - done))
     return meta

@@ -7,6 +7,12 @@ Sample text from a trained model, streaming tokens as they are generated.
 stdout carries only the text (the prompt, then the continuation); logs go to stderr.
 """
 
+import stopping
+
+# first of all, before torch takes a second or two to import: a signal meanwhile ends in one line too
+if __name__ == "__main__":
+    stopping.stop_on_signals("stopped by {signal} (sample.py writes no file: nothing to keep)")
+
 import argparse
 import sys
 import time

@@ -33,6 +33,12 @@ stdout: parameter counts and the val loss of source and grown model on the sourc
 tokens train.py measured it on), in nats per token and bits per byte. Logs go to stderr.
 """
 
+import stopping
+
+# first of all, before torch takes a second or two to import: a signal meanwhile ends in one line too
+if __name__ == "__main__":
+    stopping.stop_on_signals("stopped by {signal}: nothing was written; run the same command to grow the model")
+
 import argparse
 import glob
 import math
@@ -340,6 +346,9 @@ def main(argv=None):
         tokens_seen=0,
         rng=ckpt.get("rng"),
         history=list(ckpt.get("history", [])) + [entry],
+    )
+    stopping.on_stop(  # a signal during the write is honoured once it is complete (checkpoint.write)
+        f"stopped by {{signal}}: {args.out_path} is written whole or not at all; run the same command to finish"
     )
     try:
         checkpoint.write(grown_ckpt, args.out_path)

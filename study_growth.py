@@ -3,8 +3,9 @@ Should I grow, when, and how? Growth against training the target size from scrat
 
     python prepare_data.py --sources pystdlib --vocab_size 2048       # ~10M train tokens, offline -> data/pystdlib
     python study_growth.py --jobs 2                                   # -> study/growth_study.json, study/*.png
-    python study_growth.py --report > table.md                        # docs/growth.md's tables from the JSON
+    python study_growth.py --report > table.md                        # docs/growth.md's tables and plots, from the JSON
     python study_growth.py --quick --data_dir data/pydocs             # the whole pipeline in a few minutes
+    python study_growth.py --crossover_only ...; python study_growth.py --budget B ...  # the crossover first
 
 Growth is a claim about training a model of the target size more cheaply, so the study first checks its regime.
 The crossover: the target (--layers) and the small model (--layers / factor) trained from scratch at each of
@@ -38,7 +39,8 @@ Seeds change the initialization; every run reads the same data in the same order
 
 Runs go to OUT/runs/NAME, logs to OUT/logs/NAME.log. A finished run is never run again and an interrupted one
 resumes from its last checkpoint, so the study continues where it stopped. Results: OUT/growth_study.json
-    {"corpus", "corpus_train_tokens", "budget_flops", "settings", "crossover": {budget: {layers: [seed records]}},
+    {"corpus", "corpus_train_tokens", "budget_flops" (None: crossover only), "settings",
+     "crossover": {budget: {layers: [seed records]}},
      "runs": {name: {"layers", "growth_point", "schedule", "seeds": [{"seed", "final_val_loss", "tokens", "flops",
                                                                       "curve", "final_eval_loss", "final_eval_bpb"}]}},
      "job_wall_s"}
@@ -51,13 +53,22 @@ same in bits per byte. settings.dtype is the dtype the runs computed in. Plots: 
 stdout carries the tables; progress goes to stderr.
 """
 
+import stopping
+
+# first of all, before torch takes a second or two to import: a signal meanwhile ends in one line too
+if __name__ == "__main__":
+    stopping.stop_on_signals("stopped by {signal}: the finished runs are kept; run the same command to continue")
+
 import argparse
 import functools
 import json
 import math
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
@@ -195,8 +206,18 @@ def parse_args(argv=None):
         "compile once, then seconds from the inductor's cache)",
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes and budgets: the whole pipeline in minutes (tests)")
+    p.add_argument(
+        "--crossover_only",
+        action="store_true",
+        help="run the crossover's runs and no growth study: a first pass that says where to put --budget (its "
+        "JSON takes the growth runs of any --budget later; gpu_check.py sizes its study so)",
+    )
     p.add_argument("--no_run", action="store_true", help="run nothing: JSON, plots and tables from the finished runs")
-    p.add_argument("--report", action="store_true", help="print the markdown tables of OUT/growth_study.json and exit")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="print the markdown tables of OUT/growth_study.json, draw its plots into OUT, and exit",
+    )
     args = p.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():
@@ -451,7 +472,7 @@ def plan(args, vocab, best=None):
         ("lr", args.lr_mults, "lr"),
     ):
         variants += [(f"{first}_{label}{fmt(v) if label else v}", first, dict(main, **{key: v})) for v in values[1:]]
-    for sched_index, schedule in enumerate(args.schedules):
+    for sched_index, schedule in enumerate([] if args.crossover_only else args.schedules):
         wsd, suffix = schedule == "wsd", "" if schedule == "cosine" else f"_{schedule}"
         for index, (name, op, v) in enumerate(variants):
             # every seed for scratch, the control, the first operator (the recipe's) and the best one (Du et al.'s
@@ -600,6 +621,26 @@ def run_jobs(args, replan, rate, total):
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     os.makedirs(os.path.join(args.out_dir, "logs"), exist_ok=True)
     t_start, spent, count = time.time(), 0.0, 0
+    # A stop signal stops the runs in progress too (a Ctrl-C reaches them from the terminal, a scheduler's SIGTERM to
+    # this process alone would not): train.py saves the step it reached, stack.py writes nothing, and no other run
+    # starts. The study stops once they have; the same command continues it (each run resumes from its checkpoint).
+    procs, lock, stopped_by = {}, threading.Lock(), []  # the runs in progress; the signal, once one came
+
+    def stop_runs(signum):
+        stopping.ignore()  # the runs are saving: a second signal to the study changes nothing
+        with lock:
+            stopped_by.append(signum)
+            stopped = dict(procs)
+            for proc in stopped.values():
+                proc.send_signal(signum)  # a run that got it from the terminal too takes both as one (train.py)
+        for proc in stopped.values():
+            proc.wait()
+        stopping.stop(
+            signum,
+            f"stopped by {signal.Signals(signum).name}: the finished runs are kept in {args.out_dir}"
+            + (f"; {', '.join(stopped)} stopped where they were ({args.out_dir}/logs)" if stopped else "")
+            + f"; continue with the same command: {shlex.join(['python', *sys.argv])}",
+        )
 
     def run(job):
         argv = job.argv()
@@ -607,19 +648,26 @@ def run_jobs(args, replan, rate, total):
         with open(os.path.join(args.out_dir, "logs", f"{job.name}.log"), "a") as logfile:
             logfile.write(f"$ python {' '.join(argv)}\n")
             logfile.flush()
-            proc = subprocess.run(
-                [sys.executable, *argv],
-                stdout=logfile,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "OMP_NUM_THREADS": str(threads)},
-            )
-        if proc.returncode != 0:
-            raise SystemExit(
-                f"error: {job.name} failed (exit {proc.returncode}); see {args.out_dir}/logs/{job.name}.log"
-            )
+            with lock:
+                if stopped_by:
+                    return None
+                procs[job.name] = subprocess.Popen(
+                    [sys.executable, *argv],
+                    stdout=logfile,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                )
+            returncode = procs[job.name].wait()
+        with lock:
+            del procs[job.name]
+        if stopped_by:
+            return None
+        if returncode != 0:
+            raise SystemExit(f"error: {job.name} failed (exit {returncode}); see {args.out_dir}/logs/{job.name}.log")
         return time.perf_counter() - t0
 
     pending, running = list(todo), {}
+    stopping.on_stop(own_handler=stop_runs)
     with ThreadPoolExecutor(args.jobs) as pool:
         while pending or running:
             for job in [j for j in pending if all(d.done() for d in j.deps)][: args.jobs - len(running)]:
@@ -647,6 +695,7 @@ def run_jobs(args, replan, rate, total):
                     f"[{time.strftime('%H:%M:%S')}] {count}/{len(todo)} {job.name}: {seconds:.0f} s; "
                     + (f"~{left / 60:.0f} min left" if left is not None else "time left: known after a training run")
                 )
+    stopping.on_stop(own_handler=None)
     return wall
 
 
@@ -706,7 +755,7 @@ def load_records(args, meta):
     or on another machine): {"runs": {(name, seed): record}, "crossover": {(budget, layers, seed): record},
     "extra": runs of other invocations, "wall": {job: seconds}}. A record is kept even where its run directory is
     gone. A JSON of other settings is refused rather than mixed. Runs recorded before schedules existed are cosine."""
-    records = {"runs": {}, "crossover": {}, "extra": {}, "wall": {}}
+    records = {"runs": {}, "crossover": {}, "extra": {}, "wall": {}, "budget": None}
     path = os.path.join(args.out_dir, "growth_study.json")
     if not os.path.exists(path):
         return records
@@ -727,7 +776,9 @@ def load_records(args, meta):
     mine = {**{k: getattr(args, k) for k in keys[:-1]}, "vocab_size": meta["vocab_size"]}
     theirs = {k: old["settings"].get(k) for k in keys}
     train_tokens = sum(len(read_shard(path)) for path in shard_paths(args.data_dir, "train"))
-    if theirs != mine or old["budget_flops"] != args.budget or old["corpus_train_tokens"] != train_tokens:
+    # the budget is the growth runs': a JSON without any (--crossover_only) takes those of any budget
+    other_budget = old["runs"] and not args.crossover_only and old["budget_flops"] != args.budget
+    if theirs != mine or other_budget or old["corpus_train_tokens"] != train_tokens:
         raise SystemExit(
             f"error: {path} holds a study with other settings ({theirs}, budget {old['budget_flops']:g}, "
             f"{old['corpus_train_tokens']:,} train tokens); use another --out_dir"
@@ -741,6 +792,7 @@ def load_records(args, meta):
         for layers, seeds in row.items():
             for record in seeds:
                 records["crossover"][budget, layers, record["seed"]] = record
+    records["budget"] = old["budget_flops"] if old["runs"] else None
     records["wall"] = old.get("job_wall_s") or {"earlier runs (per job not recorded)": old.get("wall_s", 0.0)}
     # a record from before bits per byte gets them from its loss: the same val tokens, so the same bytes
     missing = [
@@ -759,7 +811,7 @@ def collect(args, meta, runs, crossover, records):
     results = {
         "corpus": args.data_dir,
         "corpus_train_tokens": train_tokens,
-        "budget_flops": args.budget,
+        "budget_flops": records["budget"] if args.crossover_only else args.budget,
         "settings": {
             k: getattr(args, k)
             for k in (
@@ -1010,20 +1062,41 @@ def plot(args, results):
     import matplotlib.pyplot as plt
 
     if results["crossover"]:
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
         budgets = [float(b) for b in results["crossover"]]
+        seeds = set()
         for n in next(iter(results["crossover"].values())):
             losses = [[r["final_eval_loss"] for r in results["crossover"][b][n]] for b in results["crossover"]]
-            ax.plot(budgets, [sum(v) / len(v) for v in losses], marker="o", label=f"{n} layers, from scratch")
-            ax.scatter(
-                [b for b, v in zip(budgets, losses) for _ in v], [x for v in losses for x in v], s=8, color="0.4"
-            )
+            seeds |= {len(v) for v in losses}
+            line = ax.plot(budgets, [sum(v) / len(v) for v in losses], marker="o", label=f"{n} layers, from scratch")
+            if max(map(len, losses)) > 1:  # each seed as a dot beside its mean
+                ax.scatter([b for b, v in zip(budgets, losses) for _ in v], [x for v in losses for x in v], s=10)
+            # the growth study's budget: its 8-layer scratch runs and the small model trained on (the control, whose
+            # second phase is a new cosine: not one run from scratch, so drawn apart from the line)
+            at_budget = results["runs"].get("scratch" if int(n) == results["settings"]["layers"] else "no_growth")
+            if at_budget:
+                v = [s["final_eval_loss"] for s in at_budget["seeds"]]
+                label = "scratch" if int(n) == results["settings"]["layers"] else "the control (trained on)"
+                ax.scatter(
+                    [results["budget_flops"]] * len(v),
+                    v,
+                    marker="s",
+                    color=line[0].get_color(),
+                    s=25,
+                    label=f"{n} layers at the growth study's budget: {label}, {len(v)} seed{'s' * (len(v) > 1)}",
+                )
+        ax.axvline(results["budget_flops"], color="0.7", ls=":", lw=1)
         ax.set_xscale("log")
+        ticks = sorted({*budgets, results["budget_flops"]})
+        ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])
+        ax.set_xticks([], minor=True)
+        ax.set_xlim(ticks[0] / 1.3, ticks[-1] * 1.3)
         ax.set_xlabel("training FLOPs")
         st = results["settings"]
         ax.set_ylabel(f"final val loss ({st['final_eval_iters'] * st['batch_size'] * st['block_size']:,} val tokens)")
-        ax.set_title("Crossover: small vs large from scratch (mean, seeds as dots)")
-        ax.legend()
+        per = " and ".join(f"{k} seed{'s' * (k > 1)}" for k in sorted(seeds))
+        ax.set_title(f"Crossover: small vs large from scratch ({per} per budget{', mean and dots' * (max(seeds) > 1)})")
+        ax.legend(fontsize=8, loc="upper right")
         fig.tight_layout()
         fig.savefig(os.path.join(args.out_dir, "crossover.png"))
     if results["runs"]:
@@ -1041,7 +1114,7 @@ def plot(args, results):
                 lows.append(min(loss for _, loss in curve))
                 ax.plot(
                     *zip(*curve),
-                    label=f"{name} ({run['layers']} layers, {len(run['seeds'])} seeds)",
+                    label=f"{name} ({run['layers']} layers, {len(run['seeds'])} seed{'s' * (len(run['seeds']) > 1)})",
                     color="black" if name == "scratch" else None,
                     ls=":" if name == "no_growth" else "-",
                 )
@@ -1068,12 +1141,14 @@ def plot(args, results):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.report:
+    if args.report:  # the tables, and the plots beside the JSON, from the JSON alone
         path = os.path.join(args.out_dir, "growth_study.json")
         if not os.path.exists(path):
             raise SystemExit(f"error: no {path}: run the study first")
         with open(path) as f:
-            print(report(json.load(f)), end="")
+            results = json.load(f)
+        plot(args, results)
+        print(report(results), end="")
         return
     try:
         meta = load_meta(args.data_dir)

@@ -17,6 +17,12 @@ and exits with status 128 + the signal's number; a run that is not a resume refu
 checkpoint (re-running a finished run's command reuses it); under DDP whatever stops one rank stops them all.
 """
 
+import stopping
+
+# first of all, before torch takes a second or two to import: a signal meanwhile ends in one line too
+if __name__ == "__main__":
+    stopping.stop_on_signals("stopped by {signal} during start-up, before the first step: nothing to save")
+
 import ast
 import math
 import os
@@ -135,10 +141,30 @@ WATCH_KEYS = [
 ]
 
 
+# nanoGPT's keys that this repository replaced or dropped (a nanoGPT tutorial's config or command uses them), each
+# answered in one line with what to do here; {value} is the value given, {val_tokens} eval_iters' in tokens
+NANOGPT_KEYS = {
+    "eval_iters": "use --val_tokens={val_tokens} ({value} batches x batch_size {batch_size} x block_size "
+    "{block_size}): every evaluation measures the val split's first val_tokens tokens, the same ones every time",
+    "eval_only": "to measure a checkpoint's val loss, start a run from it that takes no step: "
+    "--init_from=CKPT --max_iters=0 --out_dir=ANOTHER",
+    "always_save_checkpoint": "every evaluation saves a checkpoint, and so does a stop; remove the key "
+    "(keep_last=K also keeps the last K)",
+    "dataset": "name the directory prepare_data.py wrote: --data_dir=data/{value}",
+    "dropout": "model.py has no dropout (pretraining uses none: nanoGPT's default is 0.0 too); remove the key",
+    "bias": "Llama's linear layers and RMSNorm have no biases (nanoGPT's bias=False); remove the key",
+    "backend": "DDP uses nccl on CUDA and gloo on CPU; remove the key",
+}
+
+
 def apply_config(args, config):
     """Config files (Python) and --key=value overrides, in order. Returns the keys they set."""
+    replaced = {}  # nanoGPT's keys given: answered once the batch_size and block_size given are known too
 
     def check(key, value, where):
+        if key in NANOGPT_KEYS:
+            replaced[key] = value, where
+            return
         if key not in config:
             raise SystemExit(f"unknown config key {key!r} in {where}. Valid keys: {', '.join(sorted(config))}")
         default = config[key]
@@ -190,6 +216,20 @@ def apply_config(args, config):
                 if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":
                     check(key, value, arg)
                     explicit.add(key)
+    if replaced:
+        batch_size, block_size = config["batch_size"], config["block_size"]
+        raise SystemExit(
+            "; ".join(
+                f"{key} (in {where}) is nanoGPT's key, which this repository replaced: "
+                + NANOGPT_KEYS[key].format(
+                    value=value,
+                    batch_size=batch_size,
+                    block_size=block_size,
+                    val_tokens=value * batch_size * block_size if type(value) is int else "N",
+                )
+                for key, (value, where) in replaced.items()
+            )
+        )
     return explicit
 
 
@@ -240,50 +280,49 @@ if not 0 <= decay_frac <= 1:
 # -----------------------------------------------------------------------------------------------
 # Stopping signals. A scheduler stops a run with SIGTERM far more often than it crashes (SLURM's time limit and
 # scancel, Kubernetes, spot instances; `#SBATCH --signal=TERM@120` sends it 2 minutes early), a person with Ctrl-C
-# (SIGINT), and Lightning's SLURM convention is SIGUSR1. During training a signal only sets a flag: at the next step
-# boundary the run saves that step and exits with status 128 + signum (what a shell reports for a process the
-# signal killed), so a signal during an evaluation or torch.compile is honoured when it ends. Before the loop there
-# is nothing to save, and a second signal means "now": both exit at once.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# (SIGINT), and Lightning's SLURM convention is SIGUSR1 (stopping.STOP_SIGNALS: those the platform has). Before the
+# loop there is nothing to save: a signal exits at once (the handler installed at the top). During training a signal
+# only sets a flag: at the next step boundary the run saves that step and exits with status 128 + signum (what a
+# shell reports for a process the signal killed), so a signal during an evaluation or torch.compile is honoured when
+# it ends. A second signal means "now", but a checkpoint write under way is completed first (stopping.deferred: cut,
+# torch.save's zip writer would end in a traceback), so a stop never leaves less than a whole checkpoint.
 stop_signal, stop_signal_time = 0, 0.0  # the first signal received, and when
-phase = "start-up"  # -> "training" (a signal is honoured at the next step boundary)
 
 
-def on_stop_signal(signum, frame):
+def on_stop_signal(signum):
     global stop_signal, stop_signal_time
     name = signal.Signals(signum).name
-    if phase == "start-up":
-        log(f"stopped by {name} during start-up, before the first step: nothing to save")
-        raise SystemExit(128 + signum)
     if not stop_signal:
         stop_signal, stop_signal_time = signum, time.monotonic()
-        log(f"{name}: saving at the end of this step, then stopping (a second signal stops at once, without saving)")
+        log(
+            f"{name}: saving at the end of this step, then stopping "
+            "(a second signal stops at once, saving nothing more)"
+        )
     elif signum != stop_signal or time.monotonic() - stop_signal_time > 1.0:
         # (the same signal again within a second is one event delivered twice: SLURM signals every process of a job
         # step and torchrun forwards what it receives, so each worker under `srun torchrun` gets SIGTERM twice)
         kept = os.path.join(out_dir, "ckpt.pt")
-        log(
-            f"stopped by a second signal ({name}): nothing saved"
-            + (f"; {kept} is intact" if os.path.exists(kept) else "")
-        )
-        raise SystemExit(128 + signum)
+        if saved_at == iter_num:  # out_dir holds the step reached (the signal came during its save, or after it)
+            line = f"stopped by a second signal ({name}) at step {iter_num}: {kept} holds it; resume with: {resume()}"
+        else:
+            line = f"stopped by a second signal ({name}): nothing saved" + (
+                f"; {kept} is intact" if os.path.exists(kept) else ""
+            )
+        stopping.stop(signum, line)
 
 
-for sig in STOP_SIGNALS:
-    signal.signal(sig, on_stop_signal)
-
-
-def ignore_stop_signals():
-    """On the way out. As soon as one rank exits, torchrun sends SIGTERM to the others, which may still be leaving;
-    a Python handler cannot catch it then (CPython restores the default action while it shuts down, and the rank
-    would die by the signal), so stop signals are ignored (SIG_IGN, which CPython keeps to the end)."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+def resume():
+    """The command that continues this run."""
+    args = [a for a in sys.argv[1:] if not a.startswith(("--init_from=", "--overwrite="))]
+    return ("torchrun [the same options] " if ddp else "python ") + shlex.join(
+        [sys.argv[0], *args, "--init_from=resume"]
+    )
 
 
 def leave(status):
-    """Exit with this status, whatever signal arrives meanwhile."""
-    ignore_stop_signals()
+    """Exit with this status, whatever signal arrives meanwhile. As soon as one rank exits, torchrun sends SIGTERM to
+    the others, which may still be leaving: they ignore it (stopping.ignore)."""
+    stopping.ignore()
     if ddp:
         dist.destroy_process_group()
     raise SystemExit(status)
@@ -359,6 +398,37 @@ log(
     f"micro-steps x {batch_size} x {block_size})"
 )
 
+
+def out_of_memory_answer(exc_type, exc, tb):
+    """An uncaught error that is, or was raised from, torch.cuda.OutOfMemoryError (in any step, the first compiled one
+    included: inductor wraps errors in its own) ends in one line with settings that fit at the same tokens per step,
+    a smaller micro-batch and more accumulation, instead of a traceback. Any other error keeps its traceback."""
+    cause = exc
+    while cause is not None and not isinstance(cause, torch.cuda.OutOfMemoryError):
+        cause = getattr(cause, "inner_exception", None) or cause.__cause__ or cause.__context__
+    if cause is None:
+        return sys.__excepthook__(exc_type, exc, tb)
+    where = device
+    if device_type == "cuda":
+        gpu = torch.cuda.get_device_properties(device)
+        where = f"{device} ({gpu.name}, {gpu.total_memory / 2**30:.0f} GiB)"
+    line = f"error: out of memory on {where} with batch_size={batch_size} x block_size={block_size}: "
+    if batch_size > 1:  # the largest micro-batch below this one that divides it, so the tokens per step stay the same
+        smaller = max(b for b in range(1, batch_size) if batch_size % b == 0)
+        accumulation = config["gradient_accumulation_steps"] * batch_size // smaller  # across processes, as set
+        line += (
+            f"keep the {tokens_per_step:,} tokens per step with --batch_size={smaller} "
+            f"--gradient_accumulation_steps={accumulation}"
+        )
+    else:
+        line += "one sequence does not fit; a smaller block_size or a GPU with more memory"
+    if "bar" in globals():  # the training loop's progress bar: closed, so the line is the last one
+        bar.close()
+    tqdm.write(line + " (what fits on which GPU: docs/training.md#memory-what-fits-on-one-gpu)", file=sys.stderr)
+
+
+sys.excepthook = out_of_memory_answer  # exits with status 1 after it, as after a traceback
+
 # -----------------------------------------------------------------------------------------------
 # Data and tokenizer
 error = None
@@ -428,13 +498,15 @@ if model_args["vocab_size"] < meta["vocab_size"]:
 
 
 start_history = history if ckpt is not None else None  # the weights' lineage, when they come from a checkpoint
-stop_together(
-    *(
-        checkpoint.out_dir_verdict(out_dir, init_from, config, train_loader.fingerprint, start_history, WATCH_KEYS)
-        if master_process
-        else (None, 0)
-    )
-)
+verdict = (None, 0)
+if master_process:
+    try:
+        verdict = checkpoint.out_dir_verdict(
+            out_dir, init_from, config, train_loader.fingerprint, start_history, WATCH_KEYS
+        )
+    except OSError as e:  # overwrite=True could not remove the old run's files
+        verdict = (f"error: {e}", 1)
+stop_together(*verdict)
 
 try:
     model = LLaMA(ModelConfig(**model_args))
@@ -494,6 +566,14 @@ if init_from == "resume":
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
 elif carried:
     log(f"optimizer moments carried over from {init_from} (stack.py --optim copy)")
+elif ckpt is not None and (ckpt.get("config") or {}).get("muon", muon) != muon:
+    # a new phase may change optimizer (its own is fresh: stack.py --optim reset, or a checkpoint as init_from), but
+    # not silently: a Muon phase 1 continued by an AdamW config reads like a mistake unless it is said
+    name = {True: "Muon + AdamW", False: "AdamW"}
+    log(
+        f"switching optimizer: {source} was trained with muon={not muon} ({name[not muon]}), this phase has "
+        f"muon={muon} ({name[muon]}), starting fresh"
+    )
 if ckpt is not None and ckpt.get("loader"):
     # a resume, or a new phase on the same data, continues the stream where the checkpoint stopped: no token is seen
     # twice. On another dataset the position means nothing: that data starts at its beginning.
@@ -511,7 +591,16 @@ if compile:
     log("compiling the model (torch.compile)...")
     model = torch.compile(model)
 if ddp:
-    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    # DDP wraps the compiled model, as PyTorch's "where to apply torch.compile" advises, and its gradient all-reduce
+    # still overlaps the backward: while DDP's forward runs, Dynamo's DDPOptimizer splits the compiled graph at DDP's
+    # bucket boundaries (compile(DDP(model)) is split alike), so each bucket is all-reduced as soon as its part of the
+    # backward ends. Measured with a hook timing each bucket's launch: on 2 gloo ranks (torch 2.13) 11 buckets start
+    # from 10% to 83% of the way through the backward, as eager DDP's do, and all at 89-90% with the splitting off
+    # (optimize_ddp=False: the backward is one autograd node, its gradients all ready at its end); on an H200 (torch
+    # 2.11, NCCL) from 10% to 92%, against 59% to 92%.
+    # broadcast_buffers=False: the only buffers are RoPE's tables, constants every rank derives alike, which DDP
+    # would otherwise send from rank 0 before every forward.
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
 
 flops_per_token = raw_model.flops_per_token(block_size)
 if peak_flops is None and master_process:
@@ -538,6 +627,25 @@ def get_lr(it):
         return min_lr
     ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+# A scaled-down run (--max_iters=N alone) keeps the config's schedule, sized for lr_decay_iters steps: it would end
+# without decaying, or still warming up. We say so rather than tie lr_decay_iters to max_iters: both keys are
+# nanoGPT's with their own uses (a run resumed later with a larger max_iters continues the one schedule; decaying
+# early and then holding min_lr is a choice), and a config that sets both should mean what it says.
+if decay_lr and max_iters != lr_decay_iters and master_process:
+    ends = (
+        f"ends at lr {get_lr(max_iters - 1):.2e} (peak {learning_rate:.2e}, min_lr {min_lr:.2e})"
+        + (", still warming up" if max_iters <= warmup_iters else "")
+        if max_iters < lr_decay_iters
+        else f"holds min_lr for its last {max_iters - lr_decay_iters} steps"
+    )
+    warmup = max(1, round(warmup_iters * max_iters / lr_decay_iters)) if warmup_iters else 0
+    log(
+        f"warning: max_iters={max_iters} but lr_decay_iters={lr_decay_iters}: the schedule is sized for "
+        f"{lr_decay_iters} steps, so this run {ends}; to scale it to the run, add --lr_decay_iters={max_iters} "
+        f"--warmup_iters={warmup}"
+    )
 
 
 @torch.no_grad()
@@ -580,20 +688,20 @@ def save_checkpoint(val_loss, val_bpb=None):
         rng={"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None},
         history=history + [phase_entry],
     )
-    try:
-        path = checkpoint.save(ckpt, out_dir, keep_last)
-    except (
-        OSError
-    ) as e:  # a full disk says so in one line (on its own, not after the progress bar); the last checkpoint is intact
-        return f"error: {e}"
-    saved_at = iter_num
-    log(f"saved {path}")
+    with stopping.deferred():  # a signal meanwhile is honoured once the checkpoint is written and saved_at says so
+        try:
+            path = checkpoint.save(ckpt, out_dir, keep_last)
+        except OSError as e:  # a full disk says so in one line (on its own, not after the bar); the last one is intact
+            return f"error: {e}"
+        saved_at = iter_num
+        log(f"saved {path}")
 
 
 def agreed_stop_signal():
-    """The signal that stops the run at this step boundary, 0 for none. Under DDP every rank must stop at the same
-    step (a rank that went on would wait for the others in its next collective): the ranks agree with one all-reduce
-    of one number, the largest signal number any of them received."""
+    """The signal that stops the run at this step boundary, 0 for none, agreed at once: after an evaluation (long,
+    and synchronous anyway). Under DDP every rank must stop at the same step (a rank that went on would wait for the
+    others in its next collective): the ranks agree with one all-reduce of one number, the largest signal number any
+    of them received."""
     if not ddp:
         return stop_signal
     agreed = torch.tensor(stop_signal, device=device)
@@ -601,49 +709,125 @@ def agreed_stop_signal():
     return int(agreed.item())
 
 
+# Between evaluations the ranks agree without a collective of their own, nor a wait: the all-reduce of each step's
+# loss carries, summed over the ranks, how many received each stop signal and whether rank 0 failed to write its
+# metrics (a full disk). Its result goes to the host without waiting and is read one boundary later: read at once,
+# it would wait on a GPU for the whole step to finish (the GPU idle while the host launches the next one). So under
+# DDP a stop lands one step after the step it arrived in, the same step on every rank; one process reads its own.
+# (CUDA's sync debug mode on an H200 counted 3 host syncs per step before: the signal's tensor made on the GPU, its
+# .item() and the loss's; none now between log steps.)
+failure = None  # rank 0's one-line error when a write only it makes failed (metrics.jsonl, wandb)
+
+
+def reduce_step(loss_sum):
+    """(the step's loss averaged over the ranks, a device tensor; its reduction on the way to the host, or None)."""
+    if not ddp:
+        return loss_sum, None
+    pin = device_type == "cuda"  # a copy from pinned memory does not wait for the GPU
+    flags = torch.tensor(
+        [float(stop_signal == s) for s in stopping.STOP_SIGNALS] + [float(failure is not None)], pin_memory=pin
+    )
+    packed = torch.cat([loss_sum.float().view(1), flags.to(device, non_blocking=True)])
+    dist.all_reduce(packed)  # the sum over the ranks
+    host = torch.empty(packed.shape, pin_memory=pin).copy_(packed, non_blocking=True)
+    arrived = torch.cuda.Event() if pin else None
+    if arrived:
+        arrived.record()
+    return packed[0] / world_size, (host, arrived)
+
+
+def agreed_stop(reduced):
+    """(signal, failed): what stops the run at this step boundary, the same on every rank. signal: the largest signal
+    number any rank received (0: none); failed: a write of rank 0's failed (its line in `failure`)."""
+    if not ddp:
+        return stop_signal, failure is not None
+    if reduced is None:
+        return 0, False
+    host, arrived = reduced
+    if arrived:
+        arrived.synchronize()  # long done: the GPU has been running the next step since
+    counts = host.tolist()[1:]
+    return max((int(s) for s, n in zip(stopping.STOP_SIGNALS, counts) if n), default=0), counts[-1] > 0
+
+
+# The NaN guard. Reading the loss to the host waits for the step (a sync), so it is read only where it is logged,
+# every log_interval steps, and before any save: a non-finite loss is seen up to log_interval - 1 steps after it
+# happened (steps lost, never saved). The losses in between are summed on the device: a NaN or inf in any shows.
+train_loss, unchecked, unchecked_steps = None, torch.zeros((), device=device), 0
+
+
+def check_loss():
+    """The last step's loss (None before any step of this run), after stopping if any step since the last check had
+    a non-finite one. Every rank calls it at the same steps and reads the same (all-reduced) losses."""
+    global unchecked_steps
+    if not unchecked_steps:
+        return None
+    last, total = torch.stack([train_loss.float(), unchecked]).tolist()
+    first, unchecked_steps = iter_num - unchecked_steps + 1, 0
+    unchecked.zero_()
+    if not math.isfinite(total):
+        where = f"at step {iter_num}" if not math.isfinite(last) else f"at a step from {first} to {iter_num}"
+        bar.close()  # the line below goes on a line of its own, not after the bar
+        raise SystemExit(
+            f"loss is {last if not math.isfinite(last) else total} {where}: stopping; the last checkpoint in "
+            f"{out_dir} is intact (try a lower learning_rate, or grad_clip)"
+        )
+    return last
+
+
 def stop(signum):
     """Save the step reached (unless out_dir already holds it), say so in one line with how to resume,
     exit 128+signum."""
     bar.close()
+    check_loss()  # a step with a non-finite loss since the last check is not saved
     error = None
     if master_process and saved_at != iter_num and (iter_num > 0 or init_from != "scratch"):
         error = save_checkpoint(None)
     stop_together(error)  # every rank waits for rank 0's save: one that left early would have torchrun end rank 0
-    ignore_stop_signals()  # saved: from here a signal (torchrun's, once another rank has left) changes nothing
+    stopping.ignore()  # saved: from here a signal (torchrun's, once another rank has left) changes nothing
     name = signal.Signals(signum).name
     if saved_at is None:
         log(f"stopped by {name} before the first step: nothing to save")
     else:
-        args = [a for a in sys.argv[1:] if not a.startswith(("--init_from=", "--overwrite="))]
-        command = ("torchrun [the same options] " if ddp else "python ") + shlex.join(
-            [sys.argv[0], *args, "--init_from=resume"]
-        )
         log(
             f"stopped by {name} at step {iter_num} of {max_iters}: {os.path.join(out_dir, 'ckpt.pt')} holds it; "
-            f"resume with: {command}"
+            f"resume with: {resume()}"
         )
     leave(128 + signum)
 
 
 def record(entry):
-    """Append one JSON line to out_dir/metrics.jsonl (and to wandb)."""
-    checkpoint.append_metrics(out_dir, entry)
+    """Append one JSON line to out_dir/metrics.jsonl (and to wandb). Rank 0 writes alone: a failure is returned as
+    the one-line error that stops every rank (raised, it would end rank 0 alone, the others waiting in their next
+    collective until a timeout kills them)."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    try:
+        checkpoint.append_metrics(out_dir, entry)
+    except OSError as e:
+        return f"error: cannot write {path} ({e.strerror or e}): stopping; the last checkpoint in {out_dir} is intact"
     if wandb_log:
-        wandb.log(entry, step=entry["iter"])
+        try:
+            wandb.log(entry, step=entry["iter"])
+        except Exception as e:  # wandb's errors share no class of their own
+            return f"error: wandb.log failed ({type(e).__name__}: {e}): stopping; {path} holds the metrics"
+    return None
 
 
 error = None
 if master_process:
-    if init_from == "resume":  # a resumed run drops what was logged after its checkpoint
-        entries = checkpoint.read_metrics(out_dir)
-        checkpoint.write_metrics(
-            out_dir, [e for e in entries if e["iter"] < iter_num or (e["iter"] == iter_num and "loss" in e)]
-        )
-    else:  # a new run: out_dir holds no checkpoint (out_dir_verdict), so a metrics.jsonl here has nothing to go with
-        if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
-            log(f"warning: replacing {out_dir}/metrics.jsonl, left by a run that saved no checkpoint")
-        checkpoint.write_metrics(out_dir, [])
-    if wandb_log:
+    try:
+        if init_from == "resume":  # a resumed run drops what was logged after its checkpoint
+            entries = checkpoint.read_metrics(out_dir)
+            checkpoint.write_metrics(
+                out_dir, [e for e in entries if e["iter"] < iter_num or (e["iter"] == iter_num and "loss" in e)]
+            )
+        else:  # a new run: out_dir holds no checkpoint (out_dir_verdict), so a metrics.jsonl there goes with nothing
+            if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+                log(f"warning: replacing {out_dir}/metrics.jsonl, left by a run that saved no checkpoint")
+            checkpoint.write_metrics(out_dir, [])
+    except (OSError, ValueError) as e:  # a full disk, a damaged metrics.jsonl (the error names its line)
+        error = f"error: {e}"
+    if wandb_log and error is None:
         try:
             import wandb
 
@@ -657,11 +841,13 @@ if master_process:
             )
         except ImportError:
             error = "error: wandb_log=True needs the wandb package: pip install wandb (or set wandb_log=False)"
+        except Exception as e:  # wandb's errors share no class of their own
+            error = f"error: wandb.init failed ({type(e).__name__}: {e})"
 stop_together(error)
 
 # -----------------------------------------------------------------------------------------------
 # The training loop
-phase = "training"  # from here a signal is honoured at the next step boundary
+stopping.on_stop(own_handler=on_stop_signal)  # from here a signal is honoured at the next step boundary
 bar = tqdm(
     total=max_iters,
     initial=iter_num,
@@ -672,10 +858,14 @@ bar = tqdm(
     dynamic_ncols=True,
 )
 t0, timed_steps = time.perf_counter(), 0
+reduced, pending = None, None  # the last step's reduction (DDP), and the one before it: read at this boundary
 while True:
+    signum, failed = agreed_stop(pending)
     if iter_num % eval_interval == 0 or iter_num >= max_iters:
+        check_loss()  # before the checkpoint below
         val_loss, val_bpb = evaluate()
         if not math.isfinite(val_loss):
+            bar.close()  # the line below goes on a line of its own, not after the bar
             raise SystemExit(
                 f"val loss is {val_loss} at step {iter_num}: stopping; the last checkpoint in {out_dir} is intact"
             )
@@ -683,7 +873,7 @@ while True:
         log(f"step {iter_num}: val loss {val_loss:.4f}" + (f", val bpb {val_bpb:.4f}" if val_bpb is not None else ""))
         error = None
         if master_process:
-            record(
+            error = failure or record(
                 {
                     "iter": iter_num,
                     "val_loss": val_loss,
@@ -693,12 +883,14 @@ while True:
                 }
             )
             if iter_num > 0 or init_from != "scratch":
-                error = save_checkpoint(val_loss, val_bpb)
+                error = save_checkpoint(val_loss, val_bpb) or error
         stop_together(error)
+        signum = max(signum, agreed_stop_signal())  # a signal that came during the evaluation stops the run now
         t0, timed_steps = time.perf_counter(), 0  # evaluation time is not training throughput
     if iter_num >= max_iters:
         break
-    signum = agreed_stop_signal()
+    if failed:
+        stop_together(failure)  # rank 0's line; every rank stops
     if signum:
         stop(signum)
 
@@ -722,36 +914,38 @@ while True:
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    if ddp:
-        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-    train_loss = loss_sum.item()  # one sync per step; also our NaN guard
-    if not math.isfinite(train_loss):
-        raise SystemExit(
-            f"loss is {train_loss} at step {iter_num}: stopping; the last checkpoint in {out_dir} is intact "
-            f"(try a lower learning_rate, or grad_clip)"
-        )
+    pending, (train_loss, reduced) = reduced, reduce_step(loss_sum)
+    unchecked += train_loss
+    unchecked_steps += 1
     iter_num += 1
     timed_steps += 1
     tokens_seen += tokens_per_step
     bar.update(1)
-    if iter_num % log_interval == 0 and master_process:
-        tok_s = tokens_per_step * timed_steps / (time.perf_counter() - t0)
-        mfu = flops_per_token * tok_s / peak_flops if peak_flops else None
-        log(
-            f"step {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s"
-            + (f", MFU {100 * mfu:.1f}%" if mfu is not None else "")
-        )
-        record(
-            {
-                "iter": iter_num,
-                "loss": train_loss,
-                "lr": lr,
-                "tokens": tokens_seen,
-                "flops": tokens_seen * flops_per_token,
-                "tok_per_s": tok_s,
-                "mfu": mfu,
-            }
-        )
+    if iter_num % log_interval == 0:
+        loss_value = check_loss()  # every rank: the same verdict
+        if master_process:
+            # tok/s counts every rank's tokens; MFU is per device: the peak is one device's
+            tok_s = tokens_per_step * timed_steps / (time.perf_counter() - t0)
+            tok_s_device = tok_s / world_size
+            mfu = flops_per_token * tok_s_device / peak_flops if peak_flops else None
+            log(
+                f"step {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s"
+                + (f" ({tok_s_device:,.0f} per device)" if world_size > 1 else "")
+                + (f", MFU {100 * mfu:.1f}%" if mfu is not None else "")
+            )
+            failure = failure or record(
+                {
+                    "iter": iter_num,
+                    "loss": loss_value,
+                    "lr": lr,
+                    "tokens": tokens_seen,
+                    "flops": tokens_seen * flops_per_token,
+                    "tok_per_s": tok_s,
+                    "tok_per_s_per_device": tok_s_device,
+                    "mfu": mfu,
+                    "epoch": train_loader.epoch,  # passes the loader has completed over the train split
+                }
+            )
         t0, timed_steps = time.perf_counter(), 0
 bar.close()
 

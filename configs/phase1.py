@@ -14,7 +14,9 @@ intermediate_size = 2048
 tie_embeddings = True  # as small Llamas do (SmolLM, TinyLlama's 1.1B does not): the embedding is 30% of this model
 rope_theta = 10000.0
 block_size = 2048
-# 16 x 2048 x 16 = 524,288 tokens per step (GPT-3 small used 0.5M); on 8 GPUs that is 2 micro-steps each
+# 16 x 2048 x 16 = 524,288 tokens per step (GPT-3 small used 0.5M); on 8 GPUs that is 2 micro-steps each.
+# A micro-batch of 16 needs ~39 GiB (an 80 GB GPU); on 24 or 40 GB: --batch_size=8 --gradient_accumulation_steps=32,
+# the same tokens per step (docs/training.md, "Memory: what fits on one GPU")
 batch_size = 16
 gradient_accumulation_steps = 16
 # 6,676 steps = 3.5B tokens, as the reference card's "3.5 Billion (7B TOTAL)": 3.5B here, 3.5B in phase 2 (~41 tokens

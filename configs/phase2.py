@@ -2,13 +2,15 @@
 #   python stack.py                 # out/phase1 -> out/stacked.pt: stack, factor 2 (its defaults)
 #   torchrun --standalone --nproc_per_node=8 train.py configs/phase2.py
 # 24 layers x 768: 169.9M non-embedding + 38.6M tied embedding = 208.5M parameters
-# (python bench.py configs/phase1.py --n_layer 24 --params).
+# (python bench.py configs/phase2.py --params, once out/stacked.pt exists; before: configs/phase1.py --n_layer 24).
 # The architecture comes from the stacked checkpoint; only training settings live here.
 out_dir = "out/phase2"
 data_dir = "data/reference"  # the same data: training continues where phase 1's loader stopped
 init_from = "out/stacked.pt"
 block_size = 2048
-batch_size = 8  # twice the depth: half the micro-batch per GPU, twice the accumulation
+# twice the depth: half phase 1's micro-batch, twice the accumulation, ~29 GiB a GPU; on 24 GB: --batch_size=4
+# --gradient_accumulation_steps=64 (docs/training.md, "Memory: what fits on one GPU")
+batch_size = 8
 gradient_accumulation_steps = 32
 # 6,676 steps x 524,288 tokens = 3.5B tokens, as the reference model
 max_iters = 6676

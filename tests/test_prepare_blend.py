@@ -329,6 +329,60 @@ def test_hub_revision_is_resolved_once_and_recorded(tmp_path, monkeypatch):
     assert asked == [] and pinned["sources"][0]["revision"] == commit
 
 
+def test_a_rerun_keeps_the_hub_commits_its_build_started_with(tmp_path, monkeypatch, capsys):
+    """A source named by a branch: the branch moves (the hub resolves it to another commit the second time), yet a
+    stopped build continues at its first commit, and the finished dataset is reused, without asking the hub again;
+    --refresh_revisions asks, and builds the new commit."""
+    import datasets
+    import huggingface_hub
+
+    local = write_sorted_corpus(tmp_path / "hub", 600, 3, 1, 50) + "/part000.parquet"
+    commits = iter(["a" * 40, "b" * 40])
+    asked, loaded = [], []
+
+    def dataset_info(self, repo_id, revision=None, **kwargs):
+        asked.append(revision)
+        return type("DatasetInfo", (), {"sha": next(commits)})()
+
+    def load_dataset(path, name=None, revision=None, **kwargs):
+        loaded.append(revision)
+        return load(path="parquet", data_files=local, **kwargs)
+
+    load = datasets.load_dataset
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", dataset_info)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    args = ["--sources", "hf:org/name:config#main", *BLEND[2:], "--max_tokens", 12000]
+    save, saves = prepare_data.save_progress, []
+
+    def save_then_stop(*a, **kw):
+        save(*a, **kw)
+        saves.append(1)
+        if len(saves) == 3:  # the tokenizer and two train shards saved
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_data, "save_progress", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path / "out", *args)
+    monkeypatch.setattr(prepare_data, "save_progress", save)
+    assert asked == ["main"] and set(loaded) == {"a" * 40}
+    capsys.readouterr()
+    meta = prepare(tmp_path / "out", *args)  # main has moved to bbbb...: the build goes on at aaaa...
+    err = capsys.readouterr().err
+    assert asked == ["main"] and set(loaded) == {"a" * 40} and meta["sources"][0]["revision"] == "a" * 40
+    assert (
+        f"keeping the hub commits the unfinished build in {tmp_path / 'out'}.partial started at: "
+        f"hf:org/name:config#main -> aaaaaaaaaaaa (--refresh_revisions looks the branches up again)"
+    ) in err
+    assert "continuing the unfinished build" in err and "starting over" not in err
+    inode = os.stat(tmp_path / "out" / "train_000000.bin").st_ino
+    again = prepare(tmp_path / "out", *args)  # finished: reused as it is
+    assert again == meta and asked == ["main"] and os.stat(tmp_path / "out" / "train_000000.bin").st_ino == inode
+    assert f"keeping the hub commits the dataset in {tmp_path / 'out'} was built from" in capsys.readouterr().err
+    fresh = prepare(tmp_path / "out", *args, "--refresh_revisions")  # asked for: the branch's new commit, rebuilt
+    assert asked == ["main", "main"] and fresh["sources"][0]["revision"] == "b" * 40 and loaded[-1] == "b" * 40
+    assert fresh["fingerprint"] != meta["fingerprint"]
+
+
 @pytest.mark.parametrize(
     "spec,expected",
     [
