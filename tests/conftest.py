@@ -7,16 +7,18 @@ import shutil
 import signal
 import subprocess
 import sys
-import traceback
 from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
 import pytest
 import torch
+import tqdm
+
+import stopping  # noqa: F401  (imported before any run, so that run_here puts back the stop state a script sets)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# pytest-xdist runs the tests in several processes at once (pytest.ini: -n auto): each computes in-process on its
+# pytest-xdist runs the tests in several processes at once (pytest.ini: -n logical): each computes in-process on its
 # share of the cores, as the scripts it starts do on one (OMP_NUM_THREADS=1 below), so that none waits for a core
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
@@ -59,15 +61,35 @@ def run_script(*args, check=True, env=None):
     return proc
 
 
+# tqdm's monitor thread, started by the first progress bar, keeps the sys.excepthook of its start for good: when a
+# run_here run starts it, the script's own hook, and through it the script's namespace and open files (train.lock)
+tqdm.tqdm.monitor_interval = 0
+
+
 def run_here(script, *args, check=True):
     """Run one of the repository's scripts in this process, where a process is not the point: what run_script
     returns (exit status, stdout, stderr) without the ~2.5 s a fresh interpreter spends importing torch and
     torch._dynamo (which the first optimizer imports). As a fresh process would, it runs in ROOT with one thread
-    (OMP_NUM_THREADS=1), prints the message of a SystemExit and the traceback of an exception on its stderr, and
-    leaves this process as it found it: signal handlers, torch's threads and random state, cwd, argv."""
+    (OMP_NUM_THREADS=1), prints the message of a SystemExit on its stderr and hands an uncaught exception to
+    sys.excepthook (train.py's answers an out-of-memory error in one line), and leaves this process as it found it:
+    signal handlers, sys.excepthook, torch's threads and random state, cwd, argv, and the globals of the
+    repository's modules (a script's hooks and handlers, stopping's among them, hold its namespace and so its open
+    files, train.lock's among them)."""
     stdout, stderr = io.StringIO(), io.StringIO()
     handlers = {sig: signal.getsignal(sig) for sig in signal.valid_signals() if signal.getsignal(sig) is not None}
-    threads, rng, cwd, argv = torch.get_num_threads(), torch.get_rng_state(), os.getcwd(), sys.argv
+    modules = [
+        m
+        for m in list(sys.modules.values())
+        if os.path.dirname(os.path.abspath(getattr(m, "__file__", None) or "/")) == ROOT
+    ]
+    module_globals = [(module, dict(vars(module))) for module in modules]
+    threads, rng, cwd, argv, excepthook = (
+        torch.get_num_threads(),
+        torch.get_rng_state(),
+        os.getcwd(),
+        sys.argv,
+        sys.excepthook,
+    )
     returncode = 0
     try:
         os.chdir(ROOT)
@@ -83,16 +105,18 @@ def run_here(script, *args, check=True):
                     print(e.code, file=sys.stderr)
                     returncode = 1
             except Exception:
-                traceback.print_exc()
+                sys.excepthook(*sys.exc_info())  # as the interpreter does with an uncaught error
                 returncode = 1
     finally:
         for sig, handler in handlers.items():
             if signal.getsignal(sig) is not handler:
                 signal.signal(sig, handler)
+        for module, saved in module_globals:
+            vars(module).update(saved)
         torch.set_num_threads(threads)
         torch.set_rng_state(rng)
         os.chdir(cwd)
-        sys.argv = argv
+        sys.argv, sys.excepthook = argv, excepthook
         gc.collect()  # the run's objects go, as at a process's end: its open files close, train.lock's flock with them
     proc = subprocess.CompletedProcess([script, *args], returncode, stdout.getvalue(), stderr.getvalue())
     if check and proc.returncode != 0:
