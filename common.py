@@ -147,7 +147,14 @@ def auto_dtype(device):
     """(dtype name, reason): what this device computes natively. A GPU: bf16 where it has it (Ampere and later),
     else fp16 (train.py adds the grad scaler). A CPU: bf16 only with bf16 units, AMX or AVX-512 BF16 (there bf16
     autocast trained the tiny model 1.6x faster than fp32 on an AMX host, and AVX-512 BF16 runs a matmul 2.1x
-    faster); without them bf16 is emulated, and autocast ran 7-20x slower than fp32 on an AVX2 host, so fp32."""
+    faster); without them bf16 is emulated, and autocast ran 7-20x slower than fp32 on an AVX2 host, so fp32.
+    MTLM_AUTO_DTYPE=NAME in the environment makes auto choose NAME on any device: a way to see on this host what
+    auto runs on another kind (the tests run so both ways, whatever the host)."""
+    forced = os.environ.get("MTLM_AUTO_DTYPE")
+    if forced:
+        if forced not in DTYPES:
+            raise ValueError(f"MTLM_AUTO_DTYPE must be one of {', '.join(DTYPES)}, got {forced!r}")
+        return forced, f"MTLM_AUTO_DTYPE={forced} in the environment"
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)

@@ -1,14 +1,31 @@
+import gc
+import io
 import os
 import random
+import runpy
+import shutil
+import signal
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
 import pytest
+import torch
+import tqdm
+
+import stopping  # noqa: F401  (imported before any run, so that run_here puts back the stop state a script sets)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# a model small enough that a training step takes milliseconds on a CPU
+# pytest-xdist runs the tests in several processes at once (pytest.ini: -n logical): each computes in-process on its
+# share of the cores, as the scripts it starts do on one (OMP_NUM_THREADS=1 below), so that none waits for a core
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+
+# a model small enough that a training step takes milliseconds on a CPU; peak_flops given, so that no run spends a
+# second measuring the matmul peak for its MFU (tests/test_train.py and test_signals.py run that probe)
 TINY = [
     "--device=cpu",
     "--dtype=float32",
@@ -26,6 +43,7 @@ TINY = [
     "--warmup_iters=2",
     "--learning_rate=3e-3",
     "--min_lr=3e-4",
+    "--peak_flops=1e12",
 ]
 
 
@@ -40,6 +58,69 @@ def run_script(*args, check=True, env=None):
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+# tqdm's monitor thread, started by the first progress bar, keeps the sys.excepthook of its start for good: when a
+# run_here run starts it, the script's own hook, and through it the script's namespace and open files (train.lock)
+tqdm.tqdm.monitor_interval = 0
+
+
+def run_here(script, *args, check=True):
+    """Run one of the repository's scripts in this process, where a process is not the point: what run_script
+    returns (exit status, stdout, stderr) without the ~2.5 s a fresh interpreter spends importing torch and
+    torch._dynamo (which the first optimizer imports). As a fresh process would, it runs in ROOT with one thread
+    (OMP_NUM_THREADS=1), prints the message of a SystemExit on its stderr and hands an uncaught exception to
+    sys.excepthook (train.py's answers an out-of-memory error in one line), and leaves this process as it found it:
+    signal handlers, sys.excepthook, torch's threads and random state, cwd, argv, and the globals of the
+    repository's modules (a script's hooks and handlers, stopping's among them, hold its namespace and so its open
+    files, train.lock's among them)."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    handlers = {sig: signal.getsignal(sig) for sig in signal.valid_signals() if signal.getsignal(sig) is not None}
+    modules = [
+        m
+        for m in list(sys.modules.values())
+        if os.path.dirname(os.path.abspath(getattr(m, "__file__", None) or "/")) == ROOT
+    ]
+    module_globals = [(module, dict(vars(module))) for module in modules]
+    threads, rng, cwd, argv, excepthook = (
+        torch.get_num_threads(),
+        torch.get_rng_state(),
+        os.getcwd(),
+        sys.argv,
+        sys.excepthook,
+    )
+    returncode = 0
+    try:
+        os.chdir(ROOT)
+        sys.argv = [script, *map(str, args)]
+        torch.set_num_threads(1)
+        with redirect_stdout(stdout), redirect_stderr(stderr):
+            try:
+                runpy.run_path(script, run_name="__main__")
+            except SystemExit as e:  # as the interpreter ends: None is 0, a number the status, else the message and 1
+                if isinstance(e.code, int) or e.code is None:
+                    returncode = e.code or 0
+                else:
+                    print(e.code, file=sys.stderr)
+                    returncode = 1
+            except Exception:
+                sys.excepthook(*sys.exc_info())  # as the interpreter does with an uncaught error
+                returncode = 1
+    finally:
+        for sig, handler in handlers.items():
+            if signal.getsignal(sig) is not handler:
+                signal.signal(sig, handler)
+        for module, saved in module_globals:
+            vars(module).update(saved)
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng)
+        os.chdir(cwd)
+        sys.argv, sys.excepthook = argv, excepthook
+        gc.collect()  # the run's objects go, as at a process's end: its open files close, train.lock's flock with them
+    proc = subprocess.CompletedProcess([script, *args], returncode, stdout.getvalue(), stderr.getvalue())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{(script, *args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
 
 
@@ -72,3 +153,28 @@ def pydocs_data(tmp_path_factory):
         tokens={split: len(tokens) for split, tokens in splits.items()},
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(pydocs_data, tmp_path_factory):
+    """One finished train.py run of TINY, 4 steps of a schedule that decays over 8 (evaluated at steps 0 and 4), for
+    the tests that need a checkpoint and not a particular one. Read it, never write to it: copy_run(tiny_run, dst)
+    gives a test its own copy to resume or change."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    run_here(
+        "train.py",
+        f"--data_dir={pydocs_data}",
+        f"--out_dir={out}",
+        *TINY,
+        "--max_iters=4",
+        "--lr_decay_iters=8",
+        "--eval_interval=4",
+    )
+    return out
+
+
+def copy_run(run, dst):
+    """A copy of a run's out_dir (checkpoint, metrics, lock file) at dst, a path that does not exist yet or an empty
+    directory; returns dst."""
+    shutil.copytree(run, dst, dirs_exist_ok=True)
+    return dst

@@ -13,6 +13,7 @@ def cpu(monkeypatch):
     """Set what the CPU reports: cpu(capability, **flags)."""
 
     def set_cpu(capability, **flags):
+        monkeypatch.delenv("MTLM_AUTO_DTYPE", raising=False)  # the rule itself, not a forced choice
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: NO_BF16 | flags)
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
 
@@ -24,6 +25,7 @@ def gpu(monkeypatch):
     """Set the GPU's name and whether it has bf16: gpu(name, bf16)."""
 
     def set_gpu(name, bf16):
+        monkeypatch.delenv("MTLM_AUTO_DTYPE", raising=False)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
 
@@ -72,12 +74,31 @@ def test_resolve_says_its_choice_once_and_explicit_wins(cpu, capsys):
         common.resolve_dtype("bf16", "cpu")
 
 
+def test_the_environment_can_force_auto_s_choice(cpu, gpu, monkeypatch, capsys):
+    """MTLM_AUTO_DTYPE makes auto choose as another host kind would, on CPU and GPU alike; an explicit dtype wins."""
+    cpu("AVX2")
+    gpu("Tesla V100-SXM2-16GB", bf16=False)
+    for name in ("bfloat16", "float32", "float16"):
+        monkeypatch.setenv("MTLM_AUTO_DTYPE", name)
+        assert (
+            common.auto_dtype("cpu")
+            == common.auto_dtype("cuda")
+            == (name, f"MTLM_AUTO_DTYPE={name} in the environment")
+        )
+    monkeypatch.setenv("MTLM_AUTO_DTYPE", "bfloat16")
+    assert common.resolve_dtype("auto", "cpu") == "bfloat16" and common.resolve_dtype("float32", "cpu") == "float32"
+    assert capsys.readouterr().err == "dtype auto -> bfloat16 (MTLM_AUTO_DTYPE=bfloat16 in the environment)\n"
+    monkeypatch.setenv("MTLM_AUTO_DTYPE", "bf16")
+    with pytest.raises(ValueError, match="MTLM_AUTO_DTYPE must be one of float32, bfloat16, float16, got 'bf16'"):
+        common.resolve_dtype("auto", "cpu")
+
+
 def test_train_py_runs_in_the_rules_dtype(pydocs_data, tmp_path):
     """train.py's default dtype is the rule's: on this CPU whatever auto_dtype says, recorded in the checkpoint."""
-    from conftest import TINY, run_script
+    from conftest import TINY, run_here
 
     args = [a for a in TINY if not a.startswith("--dtype")]
-    proc = run_script(
+    proc = run_here(
         "train.py",
         f"--data_dir={pydocs_data}",
         f"--out_dir={tmp_path}",

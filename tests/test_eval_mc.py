@@ -870,8 +870,9 @@ def reference_ll(hf_dir, pairs, add_special_tokens=True):
 
 
 def run_eval(tmp_path, capsys, *args):
+    """eval_mc.py in float32, the dtype the float64 reference is compared at (auto is bf16 on some hosts)."""
     out = str(tmp_path / "out.json")
-    eval_mc.main([*args, "--out", out, "--no_progress"])
+    eval_mc.main([*args, "--out", out, "--no_progress", "--dtype", "float32"])
     with open(out) as f:
         return json.load(f), capsys.readouterr().out
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import TINY, run_script
+from conftest import TINY, run_here
 
 import checkpoint
 import export_hf
@@ -176,7 +176,7 @@ def test_sample_greedy_equals_transformers_generate(exported, tmp_path):
     ckpt, _, tok, out = exported
     checkpoint.save(ckpt, str(tmp_path))
     prompt = "The for statement"
-    proc = run_script(
+    proc = run_here(
         "sample.py",
         "--ckpt",
         str(tmp_path),
@@ -188,6 +188,8 @@ def test_sample_greedy_equals_transformers_generate(exported, tmp_path):
         "24",
         "--device",
         "cpu",
+        "--dtype",
+        "float32",  # transformers computes in float32; auto is bf16 on some hosts
     )
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
@@ -412,7 +414,7 @@ def test_train_from_hf_import(tmp_path, pydocs_data, bpe_export):
         for a in TINY
         if a.split("=")[0] not in {"--n_layer", "--n_head", "--n_kv_head", "--n_embd", "--intermediate_size"}
     ]
-    proc = run_script(
+    proc = run_here(
         "train.py",
         *args,
         f"--data_dir={pydocs_data}",
@@ -429,7 +431,7 @@ def test_train_from_hf_import(tmp_path, pydocs_data, bpe_export):
         ["--sources", str(docs), "--tokenizer", f"hf:{bpe_export}", "--val_fraction", "0.2", "--out_dir", str(data)]
     )
     assert load_tokenizer(str(data)).spec() == checkpoint.load(f"hf:{bpe_export}")["tokenizer"]
-    run_script(
+    run_here(
         "train.py",
         *args,
         f"--data_dir={data}",
@@ -480,7 +482,17 @@ def test_sentencepiece_style_import_samples_like_transformers(tmp_path):
     out = ref.generate(ids, max_new_tokens=16, do_sample=False)[0]
     # decoded alone, it would lose its space
     assert hf_tok.convert_ids_to_tokens(int(out[ids.size(1)])).startswith("▁")
-    proc = run_script(
-        "sample.py", "--ckpt", f"hf:{d}", "--prompt", prompt, "--temperature", "0", "--max_new_tokens", "16"
+    proc = run_here(
+        "sample.py",
+        "--ckpt",
+        f"hf:{d}",
+        "--prompt",
+        prompt,
+        "--temperature",
+        "0",
+        "--max_new_tokens",
+        "16",
+        "--dtype",
+        "float32",  # as transformers computes
     )
     assert proc.stdout == hf_tok.decode(out, skip_special_tokens=True) + "\n"

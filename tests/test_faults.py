@@ -13,14 +13,14 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, run_script
+from conftest import ROOT, TINY, copy_run, run_here, run_script
 
 import checkpoint
 from common import DiskFullError
 from data import ShardLoader, read_shard, write_meta, write_shard
 from tokenizer import Tokenizer
 
-STEPS = ["--lr_decay_iters=8", "--eval_interval=4"]
+STEPS = ["--lr_decay_iters=8", "--eval_interval=4"]  # conftest's tiny_run: 4 of these steps, so resumed to 8 here
 DOC = " ".join(f"word{i} and word{i * 7 % 101} again" for i in range(2000))  # enough pairs for 43 merges
 
 # Simulates a disk that fills up while a checkpoint's temp file is written: the first 64 KiB land on disk, then
@@ -49,7 +49,7 @@ def open_on_full_disk(path, *args, **kwargs):
 
 
 def train(data, out, *extra, check=True):
-    return run_script("train.py", f"--data_dir={data}", f"--out_dir={out}", *TINY, *extra, check=check)
+    return run_here("train.py", f"--data_dir={data}", f"--out_dir={out}", *TINY, *extra, check=check)
 
 
 def train_on_full_disk(data, out, *extra):
@@ -69,8 +69,8 @@ def load(out):
 # --- 1. disk full while saving ------------------------------------------------------------------
 
 
-def test_disk_full_while_saving_keeps_the_previous_checkpoint(pydocs_data, tmp_path):
-    train(pydocs_data, tmp_path, "--max_iters=4", *STEPS)
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(pydocs_data, tiny_run, tmp_path):
+    copy_run(tiny_run, tmp_path)
     before = (tmp_path / "ckpt.pt").read_bytes()
     proc = train_on_full_disk(pydocs_data, tmp_path, "--init_from=resume", "--max_iters=8", *STEPS)
     assert proc.returncode != 0
@@ -83,8 +83,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(pydocs_data, tmp_p
     assert load(tmp_path)["iter_num"] == 8
 
 
-def test_stale_temp_file_of_a_crash_does_not_break_save_or_resume(pydocs_data, tmp_path):
-    train(pydocs_data, tmp_path, "--max_iters=4", *STEPS)
+def test_stale_temp_file_of_a_crash_does_not_break_save_or_resume(pydocs_data, tiny_run, tmp_path):
+    copy_run(tiny_run, tmp_path)
     (tmp_path / "ckpt.pt.tmp").write_bytes(b"\0" * 100_000)  # what a kill -9 in torch.save leaves
     os.chmod(tmp_path / "ckpt.pt.tmp", 0o400)
     train(pydocs_data, tmp_path, "--init_from=resume", "--max_iters=8", *STEPS)
@@ -159,8 +159,8 @@ def test_lock_is_released_when_the_holder_goes(tmp_path):
 # --- 3. a torn last line in metrics.jsonl ---------------------------------------------------------
 
 
-def test_torn_metrics_line_is_dropped_and_resume_goes_on(pydocs_data, tmp_path):
-    train(pydocs_data, tmp_path, "--max_iters=4", *STEPS)
+def test_torn_metrics_line_is_dropped_and_resume_goes_on(pydocs_data, tiny_run, tmp_path):
+    copy_run(tiny_run, tmp_path)
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"iter": 5, "loss": 4.1')  # a crash mid-write
     proc = train(pydocs_data, tmp_path, "--init_from=resume", "--max_iters=8", *STEPS)

@@ -10,11 +10,10 @@ from conftest import TINY, run_script
 
 
 @pytest.fixture(scope="module")
-def world(pydocs_data, tmp_path_factory):
-    """What the mistakes are made with: a finished run, broken datasets, files that are not what they are named as."""
+def world(pydocs_data, tiny_run, tmp_path_factory):
+    """What the mistakes are made with: a finished run (read only: every mistake is refused before it writes), broken
+    datasets, files that are not what they are named as."""
     root = tmp_path_factory.mktemp("mistakes")
-    run = root / "run"
-    run_script("train.py", f"--data_dir={pydocs_data}", f"--out_dir={run}", *TINY, "--max_iters=2", "--eval_interval=2")
     (root / "afile").write_text("a file, not a directory\n")
     (root / "corrupt.pt").write_text("not a checkpoint\n")
     (root / "syntax.py").write_text("max_iters = 5\nbatch_size = = 3\n")
@@ -29,7 +28,7 @@ def world(pydocs_data, tmp_path_factory):
     meta = json.loads((root / "doubled" / "meta.json").read_text())
     meta["shard_tokens"] = {split: [2 * n for n in counts] for split, counts in meta["shard_tokens"].items()}
     (root / "doubled" / "meta.json").write_text(json.dumps(meta))
-    return dict(root=str(root), data=pydocs_data, run=str(run))
+    return dict(root=str(root), data=pydocs_data, run=str(tiny_run))
 
 
 def train(out="{root}/new", data="{data}", *extra):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY, run_script
+from conftest import TINY, run_here
 
 import checkpoint
 import stack
@@ -114,7 +114,7 @@ def test_configure_optimizer_puts_only_the_blocks_matrices_under_muon():
 
 
 def train(data, out, *extra, check=True):
-    return run_script("train.py", f"--data_dir={data}", f"--out_dir={out}", *TINY, "--muon=True", *extra, check=check)
+    return run_here("train.py", f"--data_dir={data}", f"--out_dir={out}", *TINY, "--muon=True", *extra, check=check)
 
 
 def test_train_with_muon_learns_and_resumes_bit_exact(pydocs_data, tmp_path):
@@ -131,7 +131,7 @@ def test_train_with_muon_learns_and_resumes_bit_exact(pydocs_data, tmp_path):
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     # resuming Muon's state as AdamW's (or the reverse) is refused in one line, naming the flag
-    proc = run_script(
+    proc = run_here(
         "train.py",
         f"--data_dir={pydocs_data}",
         f"--out_dir={tmp_path / 'split'}",
@@ -162,7 +162,7 @@ def test_stack_optim_copy_carries_muon_momentum(pydocs_data, tmp_path):
         origin = src["optimizer"]["state"][src_ids[name]]
         assert grown["optimizer"]["state"][j].keys() == origin.keys()
         assert all(torch.equal(grown["optimizer"]["state"][j][k], origin[k]) for k in origin)
-    run_script(
+    run_here(
         "train.py",
         f"--data_dir={pydocs_data}",
         f"--out_dir={tmp_path / 'b'}",

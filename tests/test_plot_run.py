@@ -4,7 +4,7 @@ import os
 import shutil
 
 import pytest
-from conftest import TINY, run_script
+from conftest import TINY, run_here
 
 import checkpoint
 import plot_run
@@ -14,7 +14,7 @@ import plot_run
 def grown_run(pydocs_data, tmp_path_factory):
     """phase 1 (2 layers, 6 steps) -> stack.py -> phase 2 (4 layers, 4 steps), as the quick start does it."""
     tmp = tmp_path_factory.mktemp("grown")
-    run_script(
+    run_here(
         "train.py",
         f"--data_dir={pydocs_data}",
         f"--out_dir={tmp / 'p1'}",
@@ -23,8 +23,8 @@ def grown_run(pydocs_data, tmp_path_factory):
         "--lr_decay_iters=6",
         "--eval_interval=3",
     )
-    run_script("stack.py", "--src", str(tmp / "p1"), "--out", str(tmp / "stacked.pt"))
-    run_script(
+    run_here("stack.py", "--src", str(tmp / "p1"), "--out", str(tmp / "stacked.pt"))
+    run_here(
         "train.py",
         f"--data_dir={pydocs_data}",
         f"--out_dir={tmp / 'p2'}",

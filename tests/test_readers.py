@@ -14,7 +14,7 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, run_script
+from conftest import ROOT, TINY, run_here, run_script
 
 import bench
 import eval_mc
@@ -115,7 +115,7 @@ def small_data(tmp_path):
 
 def test_a_scaled_down_schedule_is_said_and_a_new_pass_over_the_data_is_logged_and_recorded(small_data, tmp_path):
     out = tmp_path / "out"
-    proc = run_script(
+    proc = run_here(
         "train.py",
         f"--data_dir={small_data}",
         f"--out_dir={out}",

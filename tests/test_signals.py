@@ -197,16 +197,14 @@ def rank_pids(launcher_pid):
 def test_torchrun_every_rank_stops_at_the_same_step_and_resumes_bit_identical(pydocs_data, tmp_path):
     straight, out = tmp_path / "straight", tmp_path / "stopped"
     run = subprocess.run(
-        [*TORCHRUN, *train_args(pydocs_data, straight, "--max_iters=8", "--lr_decay_iters=8")],
+        [*TORCHRUN, *train_args(pydocs_data, straight, f"--max_iters={N}")],
         cwd=ROOT,
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    proc = start(
-        train_args(pydocs_data, out, "--max_iters=1000000", "--lr_decay_iters=8"), tmp_path / "log", launcher=TORCHRUN
-    )
+    proc = start(train_args(pydocs_data, out, "--max_iters=1000000"), tmp_path / "log", launcher=TORCHRUN)
     wait_until(trained_to(out, 3), proc, "step 3")
     # only rank 1 gets the signal: the ranks agree on it at the step boundary, and rank 0 saves
     os.kill(rank_pids(proc.pid)[1], signal.SIGTERM)
@@ -214,10 +212,10 @@ def test_torchrun_every_rank_stops_at_the_same_step_and_resumes_bit_identical(py
     assert rc != 0 and 'train.py", line' not in text  # torchrun reports its workers' status; no worker traceback
     assert "exitcode  : 143" in text and "exitcode  : -" not in text  # the ranks ended on their own, none was killed
     k = load(out)["iter_num"]
-    assert 3 <= k < 8 and f"stopped by SIGTERM at step {k} of 1000000" in text and "torchrun [the same options]" in text
+    assert 3 <= k < N and f"stopped by SIGTERM at step {k} of 1000000" in text and "torchrun [the same options]" in text
     assert load(out)["loader"]["offset"] == k * 2 * 4 * 64  # both ranks' windows of every step, none beyond
     run = subprocess.run(
-        [*TORCHRUN, *train_args(pydocs_data, out, "--max_iters=8", "--lr_decay_iters=8", "--init_from=resume")],
+        [*TORCHRUN, *train_args(pydocs_data, out, f"--max_iters={N}", "--init_from=resume")],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import ROOT, TINY, run_script
+from conftest import ROOT, TINY, run_here
 
 import checkpoint
 import stack
@@ -26,7 +26,7 @@ EXPECTED = {
 def source(pydocs_data, tmp_path_factory):
     """A 4-layer model trained a few steps by train.py: a real checkpoint with optimizer, loader and history."""
     out = tmp_path_factory.mktemp("source")
-    run_script(
+    run_here(
         "train.py",
         f"--data_dir={pydocs_data}",
         f"--out_dir={out}",
@@ -163,7 +163,7 @@ def test_optim_copy_shapes_and_train_py_loads_them(source, pydocs_data, tmp_path
             state[j]["exp_avg_sq"], origin["exp_avg_sq"]
         )
     # train.py keeps the moments: AdamW's step count goes on from the source's 3 steps
-    run_script(
+    run_here(
         "train.py",
         f"--data_dir={pydocs_data}",
         f"--out_dir={tmp_path / 'b'}",
@@ -180,10 +180,10 @@ def test_optim_copy_shapes_and_train_py_loads_them(source, pydocs_data, tmp_path
 
 def test_grown_checkpoint_trains_on(source, pydocs_data, tmp_path):
     src = checkpoint.load(source)
-    proc = run_script("stack.py", "--src", source, "--out", str(tmp_path / "grown"), "--method", "dus")
+    proc = run_here("stack.py", "--src", source, "--out", str(tmp_path / "grown"), "--method", "dus")
     assert "grown:  6 layers" in proc.stdout and "val loss: source" in proc.stdout and "wrote" in proc.stdout
     assert "dus: 4 -> 6 layers" in proc.stderr and "dus:" not in proc.stdout  # results on stdout, logs on stderr
-    run_script(
+    run_here(
         "train.py",
         f"--data_dir={pydocs_data}",
         f"--out_dir={tmp_path / 'b'}",

@@ -1,4 +1,5 @@
-"""train.py and sample.py end to end: learning, exact resume, DDP, NaN guard, config errors."""
+"""train.py and sample.py end to end (in this process, conftest.run_here, but for DDP's torchrun): learning, exact
+resume, DDP, NaN guard, config errors."""
 
 import json
 import os
@@ -8,11 +9,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, run_script
+from conftest import ROOT, TINY, copy_run, run_here
 
 
 def train(data, out, *extra, check=True):
-    return run_script("train.py", f"--data_dir={data}", f"--out_dir={out}", *TINY, *extra, check=check)
+    return run_here("train.py", f"--data_dir={data}", f"--out_dir={out}", *TINY, *extra, check=check)
 
 
 def load(path):
@@ -20,7 +21,11 @@ def load(path):
 
 
 def test_loss_falls_on_embedded_corpus(pydocs_data, tmp_path):
-    train(pydocs_data, tmp_path, "--max_iters=60", "--lr_decay_iters=60", "--eval_interval=30")
+    # peak_flops=None (TINY gives one): MFU against the matmul peak measured at start-up, as a CPU run does
+    proc = train(
+        pydocs_data, tmp_path, "--max_iters=60", "--lr_decay_iters=60", "--eval_interval=30", "--peak_flops=None"
+    )
+    assert "MFU against the measured float32 matmul peak" in proc.stderr
     evals = [e for e in map(json.loads, open(tmp_path / "metrics.jsonl")) if "val_loss" in e]
     assert [e["iter"] for e in evals] == [0, 30, 60]
     assert abs(evals[0]["val_loss"] - torch.log(torch.tensor(512.0)).item()) < 0.3  # ~uniform at init
@@ -119,9 +124,8 @@ def test_ddp_two_cpu_ranks_stay_identical(pydocs_data, tmp_path, muon):
     assert ckpt["loader"]["offset"] == 4 * 2 * 4 * 64
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(pydocs_data, tmp_path):
-    train(pydocs_data, tmp_path, "--max_iters=4", "--lr_decay_iters=4", "--eval_interval=4")
-    good = load(tmp_path)
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(pydocs_data, tiny_run, tmp_path):
+    good = load(copy_run(tiny_run, tmp_path))  # a finished 4-step run
     # an absurd learning rate overflows the weights within a step or two
     proc = train(
         pydocs_data,
@@ -142,21 +146,21 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(pydocs_data, tmp_path):
         assert torch.equal(good["model"][k], after["model"][k])
 
 
-def test_new_phase_from_checkpoint(pydocs_data, tmp_path):
-    train(pydocs_data, tmp_path / "a", "--max_iters=3", "--lr_decay_iters=3", "--eval_interval=3")
+def test_new_phase_from_checkpoint(pydocs_data, tiny_run, tmp_path):
+    a = tiny_run  # a finished run, read here, never written
     train(
         pydocs_data,
         tmp_path / "b",
-        f"--init_from={tmp_path / 'a'}",
+        f"--init_from={a}",
         "--max_iters=2",
         "--lr_decay_iters=2",
         "--eval_interval=2",
         "--n_layer=2",
     )  # restating the checkpoint's own value is fine
-    load(tmp_path / "a")  # a's checkpoint still loads after b started from it
+    load(a)  # a's checkpoint still loads after b started from it
     b = load(tmp_path / "b")
-    assert b["iter_num"] == 2 and [h["out_dir"] for h in b["history"]] == [str(tmp_path / "a"), str(tmp_path / "b")]
-    proc = train(pydocs_data, tmp_path / "c", f"--init_from={tmp_path / 'a'}", "--n_layer=3", check=False)
+    assert b["iter_num"] == 2 and [h["out_dir"] for h in b["history"]] == [str(a), str(tmp_path / "b")]
+    proc = train(pydocs_data, tmp_path / "c", f"--init_from={a}", "--n_layer=3", check=False)
     assert proc.returncode != 0 and "the checkpoint fixes the architecture: n_layer=2" in proc.stderr
 
 
@@ -174,19 +178,18 @@ def test_config_errors_name_the_problem(pydocs_data, tmp_path):
     assert proc.returncode != 0 and "unknown config key 'max_itres'" in proc.stderr and "max_iters" in proc.stderr
     proc = train(pydocs_data, tmp_path, "--max_iters=fast", check=False)
     assert proc.returncode != 0 and "'max_iters' in the command line must be int" in proc.stderr
-    proc = run_script("train.py", "configs/tiny.py", f"--data_dir={tmp_path / 'nowhere'}", check=False)
+    proc = run_here("train.py", "configs/tiny.py", f"--data_dir={tmp_path / 'nowhere'}", check=False)
     assert proc.returncode != 0 and "run prepare_data.py first" in proc.stderr
 
 
-def test_sample_streams_prompt_then_text(pydocs_data, tmp_path):
-    train(pydocs_data, tmp_path, "--max_iters=4", "--lr_decay_iters=4", "--eval_interval=4")
-    args = ["sample.py", f"--ckpt={tmp_path}", "--prompt=The with statement", "--max_new_tokens=20"]
-    a, b = run_script(*args, "--seed=1"), run_script(*args, "--seed=1")
+def test_sample_streams_prompt_then_text(tiny_run, tmp_path):
+    args = ["sample.py", f"--ckpt={tiny_run}", "--prompt=The with statement", "--max_new_tokens=20"]
+    a, b = run_here(*args, "--seed=1"), run_here(*args, "--seed=1")
     assert a.stdout.startswith("The with statement") and len(a.stdout) > len("The with statement") + 5
     assert a.stdout == b.stdout and "tok/s" in a.stderr and "tok/s" not in a.stdout
-    greedy = run_script(*args, "--temperature=0", "--num_samples=2").stdout.split("\n" + "-" * 40 + "\n")
+    greedy = run_here(*args, "--temperature=0", "--num_samples=2").stdout.split("\n" + "-" * 40 + "\n")
     assert len(greedy) == 2 and greedy[0].strip() == greedy[1].strip()  # greedy decoding is deterministic
-    assert run_script("sample.py", f"--ckpt={tmp_path}/missing.pt", check=False).returncode != 0
+    assert run_here("sample.py", f"--ckpt={tmp_path}/missing.pt", check=False).returncode != 0
 
 
 # --- the out_dir is never overwritten by accident; a resume says when it is not exact --------------
@@ -244,10 +247,9 @@ def test_rerunning_a_finished_run_reuses_it_other_settings_are_refused(pydocs_da
     assert [e["iter"] for e in map(json.loads, open(tmp_path / "metrics.jsonl")) if "loss" in e] == [1, 2]
 
 
-def test_a_resume_applies_the_configs_optimizer_settings_and_names_what_is_not_exact(pydocs_data, tmp_path):
-    out, other = tmp_path / "out", other_dataset(pydocs_data, tmp_path / "other")
-    train(pydocs_data, out, "--max_iters=4", "--lr_decay_iters=8", "--eval_interval=4")
-    ckpt = load(out)
+def test_a_resume_applies_the_configs_optimizer_settings_and_names_what_is_not_exact(pydocs_data, tiny_run, tmp_path):
+    out, other = copy_run(tiny_run, tmp_path / "out"), other_dataset(pydocs_data, tmp_path / "other")
+    ckpt = load(out)  # a run of 4 steps, lr decay over 8
     assert ckpt["world_size"] == 1 and ckpt["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.95)
     torch.save(dict(ckpt, world_size=2), out / "ckpt.pt")  # as if two processes had trained it
     proc = train(
@@ -341,9 +343,9 @@ def test_the_quick_start_runs_twice(pydocs_data, tmp_path):
         f"--init_from={tmp_path / 'tiny_stacked.pt'}",
     ]
     for command in (phase1, grow, phase2):
-        run_script(*command)
+        run_here(*command)
     files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.suffix in (".pt", ".jsonl")}
-    again = [run_script(*command) for command in (phase1, grow, phase2)]
+    again = [run_here(*command) for command in (phase1, grow, phase2)]
     assert "already holds this run, finished at step 2" in again[0].stderr
     assert (
         f"{tmp_path / 'tiny_stacked.pt'} already holds {tmp_path / 'tiny'} grown by stack x2: reusing it"

@@ -5,13 +5,13 @@ import os
 import re
 
 import torch
-from conftest import TINY, run_script
+from conftest import TINY, run_here
 
 PHASE = [a for a in TINY if not a.startswith(("--n_", "--intermediate_size"))]  # a phase's shape is its checkpoint's
 
 
 def train(data, out, *extra, args=TINY, check=True):
-    return run_script(
+    return run_here(
         "train.py", f"--data_dir={data}", f"--out_dir={out}", *args, "--peak_flops=1e12", *extra, check=check
     )
 
@@ -21,7 +21,7 @@ def test_an_optimizer_switch_between_phases_is_said(pydocs_data, tmp_path):
     line says so. A phase that keeps the optimizer says nothing."""
     short = ["--max_iters=2", "--lr_decay_iters=2", "--eval_interval=2"]
     train(pydocs_data, tmp_path / "a", *short, "--muon=True")
-    run_script("stack.py", "--src", str(tmp_path / "a"), "--out", str(tmp_path / "grown.pt"), "--optim", "reset")
+    run_here("stack.py", "--src", str(tmp_path / "a"), "--out", str(tmp_path / "grown.pt"), "--optim", "reset")
     grown = tmp_path / "grown.pt"
     switched = train(pydocs_data, tmp_path / "b", *short, f"--init_from={grown}", "--muon=False", args=PHASE)
     assert (

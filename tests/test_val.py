@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, run_script
+from conftest import ROOT, TINY, run_here
 
 from data import ShardLoader, ValSet, load_tokenizer, read_shard, write_meta, write_shard
 from tokenizer import Tokenizer
@@ -152,7 +152,7 @@ def read_evals(out):
 
 def test_val_bpb_in_metrics_and_one_val_set_at_any_process_count(pydocs_data, tmp_path):
     common = [f"--data_dir={pydocs_data}", *TINY, "--val_tokens=1000", "--max_iters=0"]
-    proc = run_script("train.py", f"--out_dir={tmp_path / 'one'}", *common)
+    proc = run_here("train.py", f"--out_dir={tmp_path / 'one'}", *common)
     one = read_evals(tmp_path / "one")[0]
     # bits per byte by hand: the first 15 windows of 64 tokens (960 <= 1000), their targets' bytes
     tokens = np.asarray(read_shard(os.path.join(pydocs_data, "val_000000.bin"))).astype(np.int64)
