@@ -12,7 +12,7 @@ Each step runs in its own process group with its own time limit (a step's limit 
                   and Muon against the CPU, torchrun with NCCL)
     bench_phase1  bench.py configs/phase1.py in bf16 + torch.compile: tokens/s, MFU against the datasheet peak
     bench_phase2  the same at phase 2's shape: 24 layers, configs/phase2.py's batch of 8
-    torchrun      configs/tiny.py under a 1-process torchrun (NCCL), compiled: SIGTERM after 20 steps, resume to 40
+    torchrun      configs/tiny.py under a 1-process torchrun (NCCL), compiled: SIGTERM after step 20, resume 20 further
     growth        4 vs 8 layers at width 64 on data/pystdlib (study_growth.py): the crossover at a few budgets,
                   then scratch, the no-growth control and stack at 2 seeds at about twice the crossover, sized
                   from the speed the first crossover runs measure; OUT/growth/growth_study.json, study_growth's
@@ -304,8 +304,9 @@ else:
 
 # -----------------------------------------------------------------------------------------------
 # 3. torchrun: one process (NCCL on a GPU, gloo on the CPU), the tiny config compiled as the GPU recipe is;
-# SIGTERM to torchrun after step 20, as a scheduler sends it (torchrun passes it on); resume to step 40
-STOP_AT, END = (3, 8) if args.dry_run else (20, 40)
+# SIGTERM to torchrun after step 20, as a scheduler sends it (torchrun passes it on); resume 20 steps further.
+# The signal lands some steps after the one seen (toy steps take milliseconds), so the end counts from the stop.
+STOP_AT, MORE = (3, 5) if args.dry_run else (20, 20)
 
 
 def metrics(run_dir):
@@ -323,7 +324,7 @@ def torchrun(limit):
     shutil.rmtree(run_dir, ignore_errors=True)
     argv = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py", "configs/tiny.py"]
     argv += [f"--data_dir={data}", f"--out_dir={run_dir}", f"--device={device}", f"--compile={not args.dry_run}"]
-    argv += ["--log_interval=1", f"--lr_decay_iters={END}", "--warmup_iters=2"]
+    argv += ["--log_interval=1", f"--lr_decay_iters={2 * (STOP_AT + MORE)}", "--warmup_iters=2"]
     if args.dry_run:  # toy steps of 2 x 64 tokens, and no matmul-peak probe (a second per start)
         argv += ["--batch_size=2", "--block_size=64", "--val_tokens=2048", "--peak_flops=1e12"]
     proc = start("torchrun", argv + ["--max_iters=1000000"])
@@ -340,12 +341,13 @@ def torchrun(limit):
     if not stopped:
         raise StepFailed(f"SIGTERM saved nothing (exit {rc}): {log_tail(os.path.join(out, 'logs', 'torchrun.log'))}")
     k = int(stopped.group(1))
-    text = checked("torchrun_resume", argv + [f"--max_iters={END}", "--init_from=resume"], t_end - time.monotonic())
+    end = k + MORE
+    text = checked("torchrun_resume", argv + [f"--max_iters={end}", "--init_from=resume"], t_end - time.monotonic())
     steps = [e["iter"] for e in metrics(run_dir) if "loss" in e]
-    if steps != list(range(1, END + 1)) or "weights identical across 1 ranks" not in text:
-        raise StepFailed(f"the resume did not continue step by step to {END}: logged steps {steps}")
+    if steps != list(range(1, end + 1)) or "weights identical across 1 ranks" not in text:
+        raise StepFailed(f"the resume did not continue step by step from {k} to {end}: logged steps {steps}")
     tok_s = statistics.median(e["tok_per_s"] for e in metrics(run_dir) if "tok_per_s" in e)
-    return f"stopped by SIGTERM at step {k} (exit {rc}), resumed to {END}; {tok_s:,.0f} tok/s (median)"
+    return f"stopped by SIGTERM at step {k} (exit {rc}), resumed to {end}; {tok_s:,.0f} tok/s (median)"
 
 
 step("torchrun", torchrun)

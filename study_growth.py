@@ -1063,7 +1063,7 @@ def plot(args, results):
 
     if results["crossover"]:
         fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-        budgets = [float(b) for b in results["crossover"]]
+        budgets, budget = [float(b) for b in results["crossover"]], results["budget_flops"]
         seeds = set()
         for n in next(iter(results["crossover"].values())):
             losses = [[r["final_eval_loss"] for r in results["crossover"][b][n]] for b in results["crossover"]]
@@ -1074,20 +1074,21 @@ def plot(args, results):
             # the growth study's budget: its 8-layer scratch runs and the small model trained on (the control, whose
             # second phase is a new cosine: not one run from scratch, so drawn apart from the line)
             at_budget = results["runs"].get("scratch" if int(n) == results["settings"]["layers"] else "no_growth")
-            if at_budget:
+            if at_budget and budget is not None:
                 v = [s["final_eval_loss"] for s in at_budget["seeds"]]
                 label = "scratch" if int(n) == results["settings"]["layers"] else "the control (trained on)"
                 ax.scatter(
-                    [results["budget_flops"]] * len(v),
+                    [budget] * len(v),
                     v,
                     marker="s",
                     color=line[0].get_color(),
                     s=25,
                     label=f"{n} layers at the growth study's budget: {label}, {len(v)} seed{'s' * (len(v) > 1)}",
                 )
-        ax.axvline(results["budget_flops"], color="0.7", ls=":", lw=1)
+        if budget is not None:  # a --crossover_only study has no growth budget yet
+            ax.axvline(budget, color="0.7", ls=":", lw=1)
         ax.set_xscale("log")
-        ticks = sorted({*budgets, results["budget_flops"]})
+        ticks = sorted({*budgets, *([budget] if budget is not None else [])})
         ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])
         ax.set_xticks([], minor=True)
         ax.set_xlim(ticks[0] / 1.3, ticks[-1] * 1.3)

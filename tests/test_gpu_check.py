@@ -57,3 +57,16 @@ def test_a_crossover_only_json_takes_the_growth_runs_of_any_budget(pydocs_data, 
     # ...except by a --crossover_only pass, which adds crossover runs and keeps the budget the runs were made at
     args = study_growth.parse_args([*common, "--crossover_only"])
     assert study_growth.load_records(args, meta)["budget"] == 2e12
+
+
+def test_a_crossover_only_study_plots_without_a_growth_budget(pydocs_data, tmp_path):
+    """--crossover_only writes budget_flops None (gpu_check's growth step plots after each pass): the crossover plot
+    is drawn without the growth budget's marker, and with it once the growth runs have a budget."""
+    args = study_growth.parse_args(["--out_dir", str(tmp_path), "--data_dir", pydocs_data, "--dtype", "float32"])
+    for budget in (None, 2e12):
+        write_json(args, pydocs_data, budget, {})
+        results = json.load(open(os.path.join(args.out_dir, "growth_study.json")))
+        os.remove(os.path.join(args.out_dir, "growth_study.json"))
+        study_growth.plot(args, results)
+        assert os.path.getsize(tmp_path / "crossover.png") > 0
+        os.remove(tmp_path / "crossover.png")
