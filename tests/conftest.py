@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
@@ -59,6 +60,26 @@ def run_script(*args, check=True, env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def start(args, log, launcher=(sys.executable,)):
+    """One of the repository's scripts in the background, as a user starts one; its stderr goes to the file log
+    (tqdm writes a lot)."""
+    return subprocess.Popen(
+        [*launcher, *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "w"),
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def wait_until(condition, proc, what):
+    deadline = time.time() + 300  # a guard against a hang, not a speed test
+    while not condition():
+        assert proc.poll() is None, f"the process ended before {what}"
+        assert time.time() < deadline, f"no {what} within 300 s"
+        time.sleep(0.01)
 
 
 # tqdm's monitor thread, started by the first progress bar, keeps the sys.excepthook of its start for good: when a
@@ -178,3 +199,26 @@ def copy_run(run, dst):
     directory; returns dst."""
     shutil.copytree(run, dst, dirs_exist_ok=True)
     return dst
+
+
+@pytest.fixture
+def listed_data(tmp_path):
+    """A dataset whose meta.json lists its shards and their sizes, as prepare_data.py writes it: a train split of 9
+    steps of TINY (18 windows of 4 x 64 tokens, in two shards) and a val split, random tokens of a 300-token BPE."""
+    from data import write_meta, write_shard
+    from tokenizer import Tokenizer
+
+    doc = " ".join(f"word{i} and word{i * 7 % 101} again" for i in range(2000))  # enough pairs for 43 merges
+    tok = Tokenizer.train_bpe([doc], 300)
+    rng = np.random.default_rng(0)
+    shards = {"train_000000.bin": 3000, "train_000001.bin": 2000, "val_000000.bin": 1000}
+    for name, n in shards.items():
+        write_shard(str(tmp_path / name), rng.integers(0, 300, n).astype(np.uint16))
+    write_meta(
+        str(tmp_path),
+        tok,
+        shards={"train": ["train_000000.bin", "train_000001.bin"], "val": ["val_000000.bin"]},
+        shard_tokens={"train": [3000, 2000], "val": [1000]},
+        tokens={"train": 5000, "val": 1000},
+    )
+    return tmp_path

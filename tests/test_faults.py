@@ -218,24 +218,6 @@ def test_train_refuses_a_corrupt_shard_in_one_line(corrupt_data, tmp_path):
 # --- 5. the manifest: meta.json lists the shards and their token counts ---------------------------
 
 
-@pytest.fixture
-def listed_data(tmp_path):
-    """A dataset whose meta.json lists its shards and their sizes, as prepare_data.py writes it."""
-    tok = Tokenizer.train_bpe([DOC], 300)
-    rng = np.random.default_rng(0)
-    shards = {"train_000000.bin": 3000, "train_000001.bin": 2000, "val_000000.bin": 1000}
-    for name, n in shards.items():
-        write_shard(str(tmp_path / name), rng.integers(0, 300, n).astype(np.uint16))
-    write_meta(
-        str(tmp_path),
-        tok,
-        shards={"train": ["train_000000.bin", "train_000001.bin"], "val": ["val_000000.bin"]},
-        shard_tokens={"train": [3000, 2000], "val": [1000]},
-        tokens={"train": 5000, "val": 1000},
-    )
-    return tmp_path
-
-
 def edit_meta(data, **changes):
     meta = json.loads((data / "meta.json").read_text())
     (data / "meta.json").write_text(json.dumps({k: v for k, v in {**meta, **changes}.items() if v is not None}))

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import matplotlib
-import numpy as np
 import pytest
 import torch
 from conftest import ROOT, TINY, run_here, run_script
@@ -19,9 +18,7 @@ from conftest import ROOT, TINY, run_here, run_script
 import bench
 import eval_mc
 import study_growth
-from data import write_meta, write_shard
 from model import LLaMA, ModelConfig
-from tokenizer import Tokenizer
 
 MEMORY_DOCS = "docs/training.md#memory-what-fits-on-one-gpu"
 
@@ -94,30 +91,11 @@ def test_another_error_keeps_its_traceback(pydocs_data, tmp_path):
     assert "out of memory" not in proc.stderr
 
 
-@pytest.fixture
-def small_data(tmp_path):
-    """A dataset whose train split is 9 steps of TINY long (18 windows of 4 x 64 tokens, in two shards)."""
-    doc = " ".join(f"word{i} and word{i * 7 % 101} again" for i in range(2000))
-    tok = Tokenizer.train_bpe([doc], 300)
-    rng = np.random.default_rng(0)
-    shards = {"train_000000.bin": 3000, "train_000001.bin": 2000, "val_000000.bin": 1000}
-    for name, n in shards.items():
-        write_shard(str(tmp_path / name), rng.integers(0, 300, n).astype(np.uint16))
-    write_meta(
-        str(tmp_path),
-        tok,
-        shards={"train": ["train_000000.bin", "train_000001.bin"], "val": ["val_000000.bin"]},
-        shard_tokens={"train": [3000, 2000], "val": [1000]},
-        tokens={"train": 5000, "val": 1000},
-    )
-    return tmp_path
-
-
-def test_a_scaled_down_schedule_is_said_and_a_new_pass_over_the_data_is_logged_and_recorded(small_data, tmp_path):
+def test_a_scaled_down_schedule_is_said_and_a_new_pass_over_the_data_is_logged_and_recorded(listed_data, tmp_path):
     out = tmp_path / "out"
     proc = run_here(
         "train.py",
-        f"--data_dir={small_data}",
+        f"--data_dir={listed_data}",
         f"--out_dir={out}",
         *TINY,
         "--max_iters=12",
@@ -133,7 +111,7 @@ def test_a_scaled_down_schedule_is_said_and_a_new_pass_over_the_data_is_logged_a
     ) in proc.stderr
     # 18 windows a pass, 2 micro-steps a step: the 19th window, in step 10, is the first of the second pass
     lines = [line for line in proc.stderr.splitlines() if "over it begins" in line]
-    assert lines == [f"the train split of {small_data} ends: pass 2 over it begins (its tokens are seen again)"]
+    assert lines == [f"the train split of {listed_data} ends: pass 2 over it begins (its tokens are seen again)"]
     steps = [e for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
     assert [(e["iter"], e["epoch"]) for e in steps] == [(i, int(i >= 10)) for i in range(1, 13)]
 

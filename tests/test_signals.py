@@ -5,12 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, run_script
+from conftest import ROOT, TINY, run_script, start, wait_until
 
 N = 20  # steps of the reference runs; a stopped run is signalled at step 3, far before
 STEPS = [f"--lr_decay_iters={N}", "--eval_interval=1000", "--peak_flops=1e12"]  # no MFU probe: a second saved per start
@@ -19,25 +18,6 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 def train_args(data, out, *extra):
     return ["train.py", f"--data_dir={data}", f"--out_dir={out}", *TINY, *STEPS, *extra]
-
-
-def start(args, log, launcher=(sys.executable,)):
-    """A training run in the background, as a user starts one; its stderr goes to a file (tqdm writes a lot)."""
-    return subprocess.Popen(
-        [*launcher, *args],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=open(log, "w"),
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-
-
-def wait_until(condition, proc, what):
-    deadline = time.time() + 300  # a guard against a hang, not a speed test
-    while not condition():
-        assert proc.poll() is None, f"the run ended before {what}"
-        assert time.time() < deadline, f"no {what} within 300 s"
-        time.sleep(0.05)
 
 
 def metrics(out):

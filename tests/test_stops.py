@@ -9,35 +9,14 @@ import os
 import platform
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import ROOT, TINY, run_script
+from conftest import TINY, run_script, start, wait_until
 
 import checkpoint
 import prepare_data
-
-
-def start(log, *args):
-    """A script in the background, as a user starts one; its stderr goes to the file log."""
-    return subprocess.Popen(
-        [sys.executable, *args],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=open(log, "w"),
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-
-
-def wait_until(condition, proc, what):
-    deadline = time.time() + 300  # a guard against a hang, not a speed test
-    while not condition():
-        assert proc.poll() is None, f"the process ended before {what}"
-        assert time.time() < deadline, f"no {what} within 300 s"
-        time.sleep(0.01)
 
 
 def handles_stops(pid):
@@ -80,7 +59,7 @@ SCRIPTS = {  # what each would do if the signal came too late: the test would th
 def test_a_signal_while_a_script_imports_ends_it_in_one_line(script, tmp_path):
     log, work = tmp_path / "log", tmp_path / "work"
     work.mkdir()
-    proc = start(log, script, *(a.format(tmp=work) for a in SCRIPTS[script]))
+    proc = start([script, *(a.format(tmp=work) for a in SCRIPTS[script])], log)
     wait_until(lambda: handles_stops(proc.pid), proc, "the stop handler")  # installed first: torch imports after it
     proc.send_signal(signal.SIGINT)
     rc, err, lines = finish(proc, log)
@@ -91,7 +70,7 @@ def test_a_signal_while_a_script_imports_ends_it_in_one_line(script, tmp_path):
 
 def test_a_signal_while_bench_works_ends_it_in_one_line(tmp_path):
     log = tmp_path / "log"
-    proc = start(log, "bench.py", "configs/tiny.py", "--device=cpu", "--modes=fp32", "--steps=100000", "--warmup=1")
+    proc = start(["bench.py", "configs/tiny.py", "--device=cpu", "--modes=fp32", "--steps=100000", "--warmup=1"], log)
     # its first line (the model's size) comes once torch is imported and the model built
     wait_until(lambda: "parameters (" in log.read_text(), proc, "the benchmark")
     proc.send_signal(signal.SIGTERM)
@@ -118,19 +97,27 @@ def corpus(tmp_path_factory):
 def test_two_builds_on_one_out_dir_and_a_stop_in_the_middle(corpus, tmp_path):
     out = str(tmp_path / "data")
     command = ["prepare_data.py", "--sources", corpus, "--vocab_size", "300", "--shard_size", "20000", "--out_dir", out]
-    first = start(tmp_path / "log", *command)
+    first = start(command, tmp_path / "log")
     lock = tmp_path / "data.lock"
     wait_until(lambda: lock.exists() and f"pid {first.pid} " in lock.read_text(), first, "the first build's lock")
     first.send_signal(signal.SIGSTOP)  # paused, it holds the lock for as long as the others take, however busy the host
     # the same command, and another one: each refused at start, in one line, before it reads or writes anything
     refused = f"error: {out} is in use by another prepare_data.py (pid {first.pid} on {platform.node()}): "
     for i, args in enumerate([command, [*command[:3], "--vocab_size", "280", "--out_dir", out]]):
-        rc, err, lines = finish(start(tmp_path / f"log{i}", *args), tmp_path / f"log{i}")
+        rc, err, lines = finish(start(args, tmp_path / f"log{i}"), tmp_path / f"log{i}")
         assert rc == 1 and "Traceback" not in err, err[-2000:]
         assert lines == [refused + "wait for it to finish, or give this run another out_dir"]
     first.send_signal(signal.SIGCONT)
-    # the first build goes on; stopped after its first shard, it keeps its work and its out_dir is not created
-    wait_until(lambda: os.path.exists(os.path.join(out + ".partial", "train_000000.bin")), first, "a shard")
+
+    # the first build goes on; stopped after its first shard is recorded, it keeps its work and its out_dir is not
+    # created (waiting for the shard's file alone raced the record written just after it)
+    def recorded():
+        try:
+            return json.load(open(os.path.join(out + ".partial", "progress.json")))["writers"]["train"]["files"]
+        except (OSError, ValueError, KeyError):  # not yet written, or no shard in it yet
+            return False
+
+    wait_until(recorded, first, "a recorded shard")
     first.send_signal(signal.SIGTERM)
     rc, err, lines = finish(first, tmp_path / "log")
     assert rc == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
@@ -153,7 +140,7 @@ def test_two_builds_on_one_out_dir_and_a_stop_in_the_middle(corpus, tmp_path):
 def test_a_signal_to_the_study_stops_its_runs(pydocs_data, tmp_path):
     out = tmp_path / "study"
     command = ["study_growth.py", "--quick", "--seeds", "1", "--jobs", "1", "--dtype", "float32"]
-    proc = start(tmp_path / "log", *command, "--data_dir", pydocs_data, "--out_dir", str(out))
+    proc = start([*command, "--data_dir", pydocs_data, "--out_dir", str(out)], tmp_path / "log")
 
     def training():  # a train.py run of the study has taken a step
         return any('"loss"' in open(m).read() for m in glob.glob(str(out / "runs" / "*" / "metrics.jsonl")))
@@ -182,8 +169,8 @@ def test_a_second_signal_during_the_checkpoint_write_lets_it_finish(pydocs_data,
     # 4 x 512 with keep_last=3: a write of ~0.2 GB, long enough to be signalled in
     big = ["--n_layer=4", "--n_head=8", "--n_kv_head=8", "--n_embd=512", "--intermediate_size=1024", "--keep_last=3"]
     out, log = tmp_path / "out", tmp_path / "log"
-    proc = start(log, "train.py", f"--data_dir={pydocs_data}", f"--out_dir={out}", *TINY, *big,
-                 "--max_iters=1000000", "--eval_interval=1000000", "--peak_flops=1e12")  # fmt: skip
+    proc = start(["train.py", f"--data_dir={pydocs_data}", f"--out_dir={out}", *TINY, *big,
+                  "--max_iters=1000000", "--eval_interval=1000000", "--peak_flops=1e12"], log)  # fmt: skip
     metrics = out / "metrics.jsonl"
     wait_until(lambda: metrics.exists() and '"loss"' in metrics.read_text(), proc, "a step")
     proc.send_signal(first)  # saves at the end of this step...
@@ -315,7 +302,7 @@ def children(pid):
 def test_a_signal_to_gpu_check_stops_its_step_and_keeps_the_table(pydocs_data, tmp_path):
     out, work = tmp_path / "gc", tmp_path / "gcw"
     args = ["--dry_run", "--data_dir", pydocs_data, "--out", str(out), "--work", str(work)]
-    proc = start(tmp_path / "log", "gpu_check.py", *args)
+    proc = start(["gpu_check.py", *args], tmp_path / "log")
     wait_until(lambda: os.path.exists(out / "logs" / "cuda_tests.log") and children(proc.pid), proc, "the first step")
     (step,) = children(proc.pid)  # pytest, in a process group of its own: a terminal's Ctrl-C would not reach it
     proc.send_signal(signal.SIGTERM)
